@@ -1,0 +1,278 @@
+"""Cross-attention machinery: Custom-Diffusion trainable K/V and the token maps CA(v*, x_t) of eq. 1 and 7.
+
+One processor class, :class:`ClicCrossAttnProcessor`, is installed on the UNet's cross-attention layers
+(``attn2``); self-attention keeps diffusers' stock SDPA processor. The processor
+
+(a) optionally holds trainable fp32 copies of ``to_k``/``to_v`` (Custom Diffusion) and of ``to_q``/``to_out``
+    (the official CLiC code's ``train_q_out=True``), and
+(b) when a :class:`TokenMapCapture` is attached, records, differentiably, the attention probabilities of a few
+    token columns. Only those columns of the softmax are formed: ``p_j = exp(logit_j - logsumexp(logits))``;
+    the attention *output* always comes from ``scaled_dot_product_attention``.
+
+Maps flow back through the capture object owned by the caller (:func:`capture_token_maps`), never through a
+global store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCKS = ("down", "mid", "up")
+
+
+def _linear_copy(layer: nn.Linear) -> nn.Linear:
+    """An fp32 trainable copy of a frozen linear layer (trainable parameters stay fp32 under half-precision UNets)."""
+    copy = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                     device=layer.weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        copy.weight.copy_(layer.weight.float())
+        if layer.bias is not None:
+            copy.bias.copy_(layer.bias.float())
+    return copy
+
+
+def _apply(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layer`` in its own dtype and return the input's dtype."""
+    return layer(x.to(layer.weight.dtype)).to(x.dtype)
+
+
+class ClicCrossAttnProcessor(nn.Module):
+    """Cross-attention processor with optional trained K/V (and Q/out) and token-map capture.
+
+    Args:
+        attn: the diffusers ``Attention`` module the processor serves (its weights are copied, never changed).
+        train_kv: hold trainable copies of ``to_k`` and ``to_v`` (Custom Diffusion).
+        train_q_out: also hold trainable copies of ``to_q`` and ``to_out[0]`` (official CLiC code).
+        explicit_softmax: compute the output with an explicit softmax instead of SDPA (the reference path
+            used by ``clic bench``; results agree to float tolerance).
+    """
+
+    def __init__(self, attn=None, train_kv: bool = False, train_q_out: bool = False,
+                 explicit_softmax: bool = False):
+        super().__init__()
+        self.train_kv = train_kv
+        self.train_q_out = train_q_out
+        self.explicit_softmax = explicit_softmax
+        self.to_k = _linear_copy(attn.to_k) if train_kv else None
+        self.to_v = _linear_copy(attn.to_v) if train_kv else None
+        self.to_q = _linear_copy(attn.to_q) if train_q_out else None
+        self.to_out = _linear_copy(attn.to_out[0]) if train_q_out else None
+        self.name = ""
+        self.capture: TokenMapCapture | None = None
+
+    def trained_linears(self) -> dict[str, nn.Linear]:
+        return {k: m for k, m in (("to_k", self.to_k), ("to_v", self.to_v), ("to_q", self.to_q),
+                                  ("to_out.0", self.to_out)) if m is not None}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = _apply(self.to_q, hidden_states) if self.to_q is not None else attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if self.to_k is not None:
+            key, value = _apply(self.to_k, encoder_hidden_states), _apply(self.to_v, encoder_hidden_states)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        key, value = key.to(query.dtype), value.to(query.dtype)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+
+        if self.capture is not None:
+            self.capture.record(self.name, query, key, attn.scale)
+
+        if self.explicit_softmax:
+            scores = (query @ key.transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            out = scores.softmax(-1) @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+
+        out = _apply(self.to_out, out) if self.to_out is not None else attn.to_out[0](out)
+        out = attn.to_out[1](out)  # dropout
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+def cross_attention_layers(unet, blocks: Iterable[str] = ("up",), factor: int | None = None) -> list[str]:
+    """Names (keys of ``unet.attn_processors``) of the cross-attention layers in the given UNet blocks.
+
+    Args:
+        blocks: any of ``"down"``, ``"mid"``, ``"up"``; the paper's l_att uses the up (decoder) blocks.
+        factor: keep only layers whose feature map is the latent downsampled by this factor
+            (e.g. 4 for Break-A-Scene's 16x16 maps of a 64x64 latent).
+    """
+    blocks = tuple(blocks)
+    unknown = set(blocks) - set(BLOCKS)
+    if unknown:
+        raise ValueError(f"unknown UNet block(s) {sorted(unknown)}; use {BLOCKS}")
+    n_levels = len(unet.config.block_out_channels)
+    out = []
+    for name in unet.attn_processors:
+        if ".attn2." not in name:
+            continue
+        kind = name.split("_blocks.")[0] if "_blocks." in name else name.split(".")[0].replace("_block", "")
+        if kind not in blocks:
+            continue
+        if factor is not None:
+            if kind == "mid":
+                level = n_levels - 1
+            else:
+                index = int(name.split(".")[1])
+                level = index if kind == "down" else n_levels - 1 - index
+            if 2 ** level != factor:
+                continue
+        out.append(name)
+    return out
+
+
+def install_processors(unet, train_kv: bool = True, train_q_out: bool = False, layers: Sequence[str] | None = None,
+                       explicit_softmax: bool = False) -> dict[str, ClicCrossAttnProcessor]:
+    """Put a :class:`ClicCrossAttnProcessor` on every cross-attention layer; self-attention is left as it is.
+
+    ``layers`` limits which cross-attention layers get trainable copies (default: all 16 in SD1.x, as Custom
+    Diffusion); the others get a plain (non-trainable) processor so that maps can still be captured there.
+    Returns ``{layer name: processor}`` for the cross-attention layers.
+    """
+    trainable = set(layers) if layers is not None else None
+    modules = dict(unet.named_modules())
+    processors = dict(unet.attn_processors)
+    clic_procs = {}
+    for name in processors:
+        if ".attn2." not in name:
+            continue
+        attn = modules[name[: -len(".processor")]]
+        train = trainable is None or name in trainable
+        proc = ClicCrossAttnProcessor(attn, train_kv=train_kv and train, train_q_out=train_q_out and train,
+                                      explicit_softmax=explicit_softmax)
+        proc.name = name
+        processors[name] = clic_procs[name] = proc
+    unet.set_attn_processor(processors)
+    return clic_procs
+
+
+def clic_processors(unet) -> dict[str, ClicCrossAttnProcessor]:
+    return {n: p for n, p in unet.attn_processors.items() if isinstance(p, ClicCrossAttnProcessor)}
+
+
+@contextlib.contextmanager
+def swapped_processors(unet, processors: dict) -> Iterator[None]:
+    """Temporarily run ``unet`` with ``processors``; the previous processors are restored on exit."""
+    saved = dict(unet.attn_processors)
+    unet.set_attn_processor(dict(processors))
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+
+def _map_shape(n_pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a flattened feature map of ``n_pixels`` on a UNet level of a latent of size ``latent_hw``."""
+    h, w = latent_hw
+    for level in range(8):
+        if h * w == n_pixels:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    raise ValueError(f"cannot place a map of {n_pixels} pixels on a {latent_hw} latent")
+
+
+class TokenMapCapture:
+    """Collects CA(token, x_t): per layer, the softmax column of chosen tokens, averaged over heads,
+    resized (bilinear) to ``size`` and, on :meth:`maps`, averaged over layers.
+
+    Args:
+        token_index: LongTensor ``(batch, n_tokens)``, the positions of the tokens in each prompt of the batch
+            (prompts may differ, e.g. the context and RoI branches of a learning step).
+        latent_hw: spatial size of the UNet input latent (maps are placed on it by their pixel count).
+        size: output resolution of the maps (default: the latent size).
+    """
+
+    def __init__(self, token_index: torch.Tensor, latent_hw: tuple[int, int], size: tuple[int, int] | None = None):
+        self.token_index = token_index
+        self.latent_hw = tuple(latent_hw)
+        self.size = tuple(size) if size is not None else self.latent_hw
+        self._maps: dict[str, torch.Tensor] = {}
+
+    def record(self, name: str, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        # logits in fp32 even under a half-precision UNet: guidance and l_att need accurate small probabilities
+        logits = (query.float() @ key.float().transpose(-1, -2)) * scale           # (B, H, N, L)
+        index = self.token_index.to(logits.device)
+        if index.shape[0] != logits.shape[0]:                                      # one index row for all
+            index = index.expand(logits.shape[0], -1)
+        lse = logits.logsumexp(-1, keepdim=True)                                    # (B, H, N, 1)
+        columns = logits.gather(-1, index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1))
+        probs = (columns - lse).exp().mean(1)                                       # (B, N, T)
+        h, w = _map_shape(probs.shape[1], self.latent_hw)
+        maps = probs.transpose(1, 2).reshape(probs.shape[0], -1, h, w)            # (B, T, h, w)
+        if (h, w) != self.size:
+            maps = F.interpolate(maps, size=self.size, mode="bilinear", align_corners=False)
+        self._maps[name] = maps
+
+    @property
+    def layer_maps(self) -> dict[str, torch.Tensor]:
+        return dict(self._maps)
+
+    def maps(self) -> torch.Tensor:
+        """CA(token, x_t): ``(batch, n_tokens, *size)`` averaged over the captured layers."""
+        if not self._maps:
+            raise RuntimeError("no attention map was captured: was the UNet run inside capture_token_maps()?")
+        return torch.stack(list(self._maps.values())).mean(0)
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+@contextlib.contextmanager
+def capture_token_maps(unet, token_index: torch.Tensor, layers: Sequence[str], latent_hw: tuple[int, int],
+                       size: tuple[int, int] | None = None) -> Iterator[TokenMapCapture]:
+    """Attach a :class:`TokenMapCapture` to ``layers`` (which must carry :class:`ClicCrossAttnProcessor`)."""
+    procs = unet.attn_processors
+    capture = TokenMapCapture(token_index, latent_hw, size)
+    attached = []
+    try:
+        for name in layers:
+            proc = procs[name]
+            if not isinstance(proc, ClicCrossAttnProcessor):
+                raise TypeError(f"{name} has no ClicCrossAttnProcessor; call install_processors() first")
+            proc.capture = capture
+            attached.append(proc)
+        yield capture
+    finally:
+        for proc in attached:
+            proc.capture = None

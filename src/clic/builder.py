@@ -1,0 +1,191 @@
+"""Build Stable-Diffusion-layout pipelines offline, with random weights.
+
+No weights can be downloaded in our CI, so tests and benchmarks run on pipelines built here:
+
+- ``tiny``: a few M parameters, SD1 layout, 64 px images, seconds on a CPU (tests);
+- ``tiny-sd2``: the SD2 layout in small (linear projections, per-block head dims, v-prediction, "!" padding);
+- ``sd14-random``: the exact SD1.4 architecture (UNet 860 M, CLIP ViT-L/14 text encoder, VAE) for speed
+  and memory measurements, which do not depend on the weight values.
+
+Every pipeline uses the real CLIP BPE tokenizer (49408 tokens), rebuilt from the vocabulary that ships in
+the ``open-clip-torch`` PyPI package (installed with ``--no-deps``: only its data file is read, the package
+is never imported).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_VOCAB_SIZE = 49408
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points >= 256.
+
+    The insertion order (printable bytes first) is the order of the first 256 vocabulary entries.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def find_bpe_vocab() -> Path:
+    """Locate ``bpe_simple_vocab_16e6.txt.gz`` inside an installed PyPI package (without importing it)."""
+    for package in ("open_clip", "clip"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            path = Path(root) / _BPE_FILE
+            if path.is_file():
+                return path
+    raise ModelError(
+        f"the CLIP BPE vocabulary ({_BPE_FILE}) was not found; install it with "
+        "`pip install --no-deps open-clip-torch`"
+    )
+
+
+def build_clip_tokenizer(pad_token: str = EOS):
+    """The Stable Diffusion (CLIP ViT-L/14) tokenizer, built offline from the open-clip BPE merges.
+
+    Vocabulary order as in CLIP: 256 byte symbols, the same with ``</w>``, 48894 merges, then the
+    start and end tokens (ids 49406, 49407). SD1.x pads with the end token, SD2.x with "!".
+    """
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(find_bpe_vocab()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_VOCAB_SIZE - 2 * 256 - 2]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    assert len(vocab) == CLIP_VOCAB_SIZE
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architectures. SD1.4 numbers are the published configs of CompVis/stable-diffusion-v1-4.
+
+_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
+
+SPECS: dict[str, dict] = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
+        ),
+        vae=dict(
+            sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(32, 32, 64), norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        ),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=32, hidden_act="quick_gelu"),
+        scheduler=dict(prediction_type="epsilon"),
+        pad_token=EOS,
+    ),
+    "tiny-sd2": dict(
+        unet=dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=48, attention_head_dim=(8, 16), use_linear_projection=True, norm_num_groups=32,
+        ),
+        vae=dict(
+            sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(32, 32, 64), norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        ),
+        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=48, hidden_act="gelu"),
+        scheduler=dict(prediction_type="v_prediction"),
+        pad_token="!",
+    ),
+    "sd14-random": dict(
+        unet=dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        ),
+        vae=dict(
+            sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        ),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, hidden_act="quick_gelu"),
+        scheduler=dict(prediction_type="epsilon"),
+        pad_token=EOS,
+    ),
+}
+
+
+def build_pipeline(kind: str, seed: int = 0):
+    """A random-init ``StableDiffusionPipeline`` of one of :data:`SPECS` (seeded per component)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if kind not in SPECS:
+        raise ModelError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
+    spec = SPECS[kind]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec["vae"])
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, layer_norm_eps=1e-5,
+        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=1, **spec["text"],
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = PNDMScheduler(**_SCHEDULER, **spec["scheduler"])
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(spec["pad_token"]), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "fp32") -> Path:
+    """Write a random-init pipeline in the standard diffusers folder layout (safetensors weights)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out}: folder exists and is not empty")
+    pipe = build_pipeline(kind, seed=seed)
+    if dtype != "fp32":
+        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    tmp = out.with_name(out.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    n_unet = sum(p.numel() for p in pipe.unet.parameters())
+    log.info("wrote %s model to %s (UNet %.1f M parameters)", kind, out, n_unet / 1e6)
+    return out

@@ -1,0 +1,177 @@
+"""Image and mask I/O: reading any common format, the shared resize transform, PNG outputs and grids.
+
+The transform: centre-crop to a square, then resize to the model resolution (bicubic for images; masks are
+resized with the same crop, bilinear, then thresholded at ``threshold``: a non-binary mask means "in the
+RoI where the value is above the threshold"). A mask whose aspect ratio differs from its image's is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+from .fileio import atomic_path
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+    return ImageOps.exif_transpose(image)
+
+
+def _to_float(image: Image.Image) -> np.ndarray:
+    """HxWxC float in [0, 1] for 8-bit, 16-bit, grayscale, palette, RGBA (composited on white) images."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 or image.mode.startswith("I;16") else 255.0
+        arr = np.clip(arr / top, 0, 1)[..., None].repeat(3, -1)
+        return arr.astype(np.float32)
+    if image.mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float32), 0, 1)[..., None].repeat(3, -1)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _mask_values(image: Image.Image) -> np.ndarray:
+    """HxW float in [0, 1]: the alpha channel of an RGBA mask that uses it, else the luminance."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0
+        if alpha.min() < 1.0:
+            return alpha
+    return _to_float(image).mean(-1)
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def load_image(path, size: int) -> torch.Tensor:
+    """``(3, size, size)`` in [-1, 1]."""
+    image = _open(path)
+    arr = _to_float(image)
+    pil = Image.fromarray((arr * 255).round().astype(np.uint8)).crop(center_crop_box(image.width, image.height))
+    pil = pil.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def load_mask(path, size: int, image_size: tuple[int, int] | None = None, threshold: float = 0.5,
+              allow_full: bool = False) -> torch.Tensor:
+    """Binary ``(1, size, size)`` float mask, cropped and resized like its image.
+
+    ``image_size`` (w, h) of the image the mask belongs to: a mask of another aspect ratio is refused; one of
+    the same aspect ratio but another size is scaled to it first.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"mask threshold must be in (0, 1), got {threshold}")
+    image = _open(path)
+    values = _mask_values(image)
+    h, w = values.shape
+    if image_size is not None:
+        iw, ih = image_size
+        if abs(w / h - iw / ih) > 0.01:
+            raise InputError(f"{path}: mask is {w}x{h} but its image is {iw}x{ih} (different aspect ratio)")
+        if (w, h) != (iw, ih):
+            values = _resize_2d(values, (ih, iw))
+            h, w = ih, iw
+    left, top, right, bottom = center_crop_box(w, h)
+    values = _resize_2d(values[top:bottom, left:right], (size, size))
+    mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
+    check_mask(mask, path, allow_full=allow_full)
+    return mask
+
+
+def check_mask(mask: torch.Tensor, name="mask", allow_full: bool = False) -> None:
+    if mask.sum() == 0:
+        raise InputError(f"{name}: mask is empty (no pixel above the threshold)")
+    if not allow_full and bool((mask > 0.5).all()):
+        raise InputError(f"{name}: mask covers the whole image; it must mark a local region")
+
+
+def _resize_2d(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+
+
+def image_size(path) -> tuple[int, int]:
+    return _open(path).size
+
+
+def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (area-aware) resize of ``(..., H, W)`` masks to ``hw``; values stay in [0, 1]."""
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:]).float()
+    antialias = hw[0] < shape[-2]
+    out = F.interpolate(flat, size=hw, mode="bilinear", align_corners=False, antialias=antialias)
+    return out.reshape(*shape[:-2], *hw).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` in [-1, 1] (or ``(1, H, W)`` / ``(H, W)`` in [0, 1]) -> PIL."""
+    pixels = pixels.detach().float().cpu()
+    if pixels.ndim == 3 and pixels.shape[0] == 3:
+        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(arr)
+    arr = (pixels.reshape(pixels.shape[-2:]).clamp(0, 1) * 255).round().byte().numpy()
+    return Image.fromarray(arr, mode="L")
+
+
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, strength: float = 0.6) -> Image.Image:
+    """An attention map (any size, any range) over an image ``(3, H, W)`` in [-1, 1], red = high."""
+    base = to_pil(image).convert("RGB")
+    heat = heat.detach().float().cpu().reshape(1, 1, *heat.shape[-2:])
+    heat = F.interpolate(heat, size=(base.height, base.width), mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+    rgb = torch.stack([heat, 0.2 * heat, 1 - heat], -1).numpy()
+    out = (1 - strength) * np.asarray(base, dtype=np.float32) / 255 + strength * rgb
+    return Image.fromarray((out * 255).clip(0, 255).astype(np.uint8))
+
+
+def mask_overlay(image: torch.Tensor, mask: torch.Tensor, color=(255, 40, 40), strength: float = 0.5) -> Image.Image:
+    base = np.asarray(to_pil(image).convert("RGB"), dtype=np.float32)
+    m = F.interpolate(mask.detach().float().cpu().reshape(1, 1, *mask.shape[-2:]), size=base.shape[:2],
+                      mode="nearest")[0, 0].numpy()[..., None]
+    out = base * (1 - strength * m) + np.array(color, dtype=np.float32) * strength * m
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def grid(images: list[Image.Image], rows: int = 1, labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
+    """Images in a rows x cols grid (row-major), resized to a common cell size, optional labels above."""
+    from PIL import ImageDraw
+
+    cols = -(-len(images) // rows)
+    cell = cell or max(max(im.width, im.height) for im in images)
+    pad = 14 if labels else 0
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, r * (cell + pad) + pad))
+        if labels and i < len(labels):
+            draw.text((c * cell + 2, r * (cell + pad)), labels[i], fill="black")
+    return sheet
+
+
+def save_png(image: Image.Image, path) -> None:
+    """Write a PNG atomically (never half a file)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -1,0 +1,195 @@
+"""Load a Stable Diffusion backbone (hub id or local diffusers folder) and pick device and dtype.
+
+Sizes (resolution, latent size, channels, heads) always come from the loaded configs: SD1.x and SD2.x
+layouts, 512 or 768 px, epsilon or v-prediction all go through the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else cuda > mps > cpu."""
+    if name and name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _config_dict(config) -> dict:
+    items = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+    return {k: v for k, v in items.items() if not k.startswith("_") and k not in ("name_or_path", "transformers_version", "dtype", "torch_dtype")}
+
+
+@dataclass
+class Backbone:
+    """The frozen parts of a Stable Diffusion pipeline, plus what the rest of clic needs to know about them."""
+
+    model_id: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+    # -- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def is_inpainting(self) -> bool:
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels + 1
+
+    # -- identity of the base model -------------------------------------------------------------------------
+    def config_hash(self) -> str:
+        """Hash of the architecture (UNet, text encoder, VAE configs, vocabulary size). Equal for SD1.4 and 1.5."""
+        blob = json.dumps(
+            {"unet": _config_dict(self.unet.config), "text": _config_dict(self.text_encoder.config),
+             "vae": _config_dict(self.vae.config), "vocab": self.base_vocab_size},
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def weight_stats(self) -> list[float]:
+        """A few dtype-robust statistics of base weights that tell checkpoints of one architecture apart."""
+        name = next(n for n in self.unet.attn_processors if ".attn2." in n)
+        attn = dict(self.unet.named_modules())[name[: -len(".processor")]]
+        stats = []
+        for w in (attn.to_k.weight, attn.to_v.weight, self.text_encoder.get_input_embeddings().weight[:1000]):
+            w = w.detach().float()
+            stats += [w.mean().item(), w.std().item()]
+        return stats
+
+    @property
+    def base_vocab_size(self) -> int:
+        return int(self.extra.get("base_vocab_size", self.text_encoder.config.vocab_size))
+
+    # -- encoders -------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str] | str) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], ``(B, 3, H, W)`` -> scaled latents (posterior mean, deterministic)."""
+        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
+        return latents.float() * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+        pixels = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return pixels.float().clamp(-1, 1)
+
+    def training_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+
+def _is_local(model: str) -> bool:
+    return os.path.isdir(model) or model.startswith((".", "/", "~"))
+
+
+def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype = "fp32") -> Backbone:
+    """Load tokenizer, text encoder, VAE and UNet of a diffusers checkpoint; everything frozen, eval mode.
+
+    ``model`` is a hub id (looked up in the local cache first; offline, a miss is a one-line error) or a
+    local folder in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``, ``scheduler/``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    dtype = parse_dtype(dtype)
+    model = str(model)
+    local = _is_local(model)
+    if local:
+        root = Path(model).expanduser()
+        if not (root / "model_index.json").is_file() and not (root / "unet").is_dir():
+            raise ModelError(f"{model}: not a diffusers model folder (no model_index.json / unet/)")
+        source, kw = str(root), {}
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        source, kw = model, {"local_files_only": offline}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
+            scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    except ModelError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if local:
+            raise ModelError(f"{model}: cannot load the diffusers model folder ({str(exc).splitlines()[0]})") from exc
+        raise ModelError(
+            f"model {model!r} is not available offline (not in the Hugging Face cache and the hub cannot be "
+            "reached); pass a local diffusers folder with --model /path/to/model "
+            "(e.g. one made by `clic make-model tiny DIR`)"
+        ) from exc
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval().to(device)
+    log.info("loaded %s on %s (%s)", model, device, dtype)
+    return Backbone(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype,
+                    extra={"base_vocab_size": len(tokenizer)})
+
+
+def _resolve_file(source: str, relpath: str, kw: dict) -> str:
+    if os.path.isdir(source):
+        return os.path.join(source, relpath)
+    from huggingface_hub import hf_hub_download
+
+    folder, name = relpath.rsplit("/", 1)
+    return hf_hub_download(source, name, subfolder=folder, **kw)
