@@ -44,7 +44,7 @@ class ConceptTokenEmbedding(nn.Module):
 
 def concept_embedding(text_encoder) -> ConceptTokenEmbedding:
     """The text encoder's :class:`ConceptTokenEmbedding`, installed on first use."""
-    embeddings = text_encoder.text_model.embeddings
+    embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4 | 5
     if not isinstance(embeddings.token_embedding, ConceptTokenEmbedding):
         embeddings.token_embedding = ConceptTokenEmbedding(embeddings.token_embedding)
     return embeddings.token_embedding

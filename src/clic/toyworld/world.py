@@ -45,6 +45,8 @@ __all__ = [
     "sample_scenes",
     "is_heldout",
     "allowed_pairs",
+    "pattern_field",
+    "scene_seeds",
 ]
 
 # --------------------------------------------------------------------------
@@ -151,6 +153,7 @@ _PERIOD = {
     "bricks": 8.0,
 }
 
+_BG_GAP = 80.0  # min RGB distance between any background pixel and any object colour
 _GLASS = [(170, 215, 245), (250, 235, 150), (55, 70, 95)]
 _DOOR = ["brown", "black", "white", "red", "gray"]
 
@@ -505,6 +508,11 @@ def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _part_phrase(adjs: str, part: str) -> str:
+    """'a striped back' / 'an argyle top' / 'striped walls' (plural parts take no article)."""
+    return f"{adjs} {part}" if part.endswith("s") else f"{_a(adjs)} {adjs} {part}"
+
+
 def _rot(theta: float) -> np.ndarray:
     c, s = np.cos(theta), np.sin(theta)
     return np.array([[c, -s], [s, c]])
@@ -638,46 +646,48 @@ def render_scene(
         part_col["windows"] = glass[int(r_col.integers(len(glass)))]
 
     # ---- background ------------------------------------------------------
+    # Every background pixel keeps a colour distance > _BG_GAP from every part
+    # colour (and the pattern colour is chosen likewise), so object pixels
+    # always stand out from the background.
     obj_cols = np.array(list(part_col.values()), dtype=np.float64)
     bg_kind = ("plain", "gradient", "noise")[int(r_bg.integers(3))]
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
 
-    def bg_ok(c, need=85.0):
-        return np.min(np.linalg.norm(obj_cols - np.asarray(c, dtype=np.float64), axis=1)) > need
+    def min_dist(bg_img, cols):
+        px = bg_img[::2, ::2].reshape(-1, 1, 3)
+        return float(np.min(np.linalg.norm(px - np.asarray(cols, dtype=np.float64).reshape(1, -1, 3), axis=-1)))
 
-    def bg_colour():
-        for _ in range(200):
-            mode = r_bg.integers(3)
-            if mode == 0:
-                c = r_bg.integers(175, 256, size=3)
-            elif mode == 1:
-                c = r_bg.integers(20, 90, size=3)
-            else:
-                c = r_bg.integers(0, 256, size=3)
-            if bg_ok(c):
-                return c.astype(np.float64)
-        cands = [np.array(c, dtype=np.float64) for c in [(250, 250, 250), (10, 10, 10), (128, 128, 128), (240, 240, 120), (120, 200, 240)]]
-        return max(cands, key=lambda c: np.min(np.linalg.norm(obj_cols - c, axis=1)))
+    def make_bg(c0):
+        if bg_kind == "gradient":
+            c1 = np.clip(c0 + r_bg.normal(0, 50, size=3), 0, 255)
+            ang = r_bg.uniform(0, 2 * np.pi)
+            t = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) / np.sqrt(0.5) + 0.5
+            t = np.clip(t, 0, 1)[..., None]
+            return c0 * (1 - t) + c1 * t
+        if bg_kind == "noise":
+            coarse = r_bg.normal(0, 1, size=(size // 4 + 2, size // 4 + 2)).astype(np.float32)
+            coarse = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float64)
+            fine = r_bg.normal(0, 1, size=(size, size))
+            return np.clip(c0 + (7.0 * coarse + 3.0 * fine)[..., None], 0, 255)
+        return np.broadcast_to(c0, (size, size, 3)).astype(np.float64)
 
-    c0 = bg_colour()
-    bg = np.broadcast_to(c0, (size, size, 3)).copy()
-    if bg_kind == "gradient":
-        c1 = c0
-        for _ in range(50):
-            cand = np.clip(c0 + r_bg.normal(0, 45, size=3), 0, 255)
-            if bg_ok(cand):
-                c1 = cand
-                break
-        ang = r_bg.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-        t = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) / np.sqrt(0.5) + 0.5
-        t = np.clip(t, 0, 1)[..., None]
-        bg = c0 * (1 - t) + c1 * t
-    elif bg_kind == "noise":
-        noise = r_bg.normal(0, 1, size=(size // 4 + 2, size // 4 + 2, 1))
-        noise = np.asarray(Image.fromarray(((noise[..., 0] + 4) * 32).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR), dtype=np.float64)
-        noise = (noise / 32 - 4)[..., None]
-        fine = r_bg.normal(0, 1, size=(size, size, 1))
-        bg = np.clip(c0 + 7.0 * noise + 3.0 * fine, 0, 255)
+    bg = None
+    for _ in range(100):
+        mode = r_bg.integers(3)
+        if mode == 0:
+            c0 = r_bg.integers(175, 256, size=3)
+        elif mode == 1:
+            c0 = r_bg.integers(15, 90, size=3)
+        else:
+            c0 = r_bg.integers(0, 256, size=3)
+        cand = make_bg(c0.astype(np.float64))
+        if min_dist(cand, obj_cols) > _BG_GAP:
+            bg = cand
+            break
+    if bg is None:  # fall back to the farthest of a few plain colours
+        fallback = [(250, 250, 250), (8, 8, 8), (128, 128, 128), (240, 240, 110), (110, 200, 245), (200, 120, 240)]
+        c0 = max(fallback, key=lambda c: np.min(np.linalg.norm(obj_cols - np.asarray(c, dtype=np.float64), axis=1)))
+        bg = np.broadcast_to(np.asarray(c0, dtype=np.float64), (size, size, 3)).copy()
     bg_u8 = np.round(bg).astype(np.uint8)
 
     # ---- pattern colour and geometry ---------------------------------------
@@ -690,7 +700,7 @@ def render_scene(
         if pattern_colour is not None:
             pcol_name = pattern_colour
         else:
-            good = [n for n in names_c if _dist(COLOURS[n], pc) > 110 and bg_ok(COLOURS[n], 70)]
+            good = [n for n in names_c if _dist(COLOURS[n], pc) > 110 and min_dist(bg, [COLOURS[n]]) > _BG_GAP]
             if not good:
                 good = [n for n in names_c if _dist(COLOURS[n], pc) > 110] or names_c
             pcol_name = good[int(r_pat.integers(len(good)))]
@@ -748,8 +758,8 @@ def render_scene(
     detailed = caption
     if pat is not None:
         adj = PATTERN_ADJECTIVES[pat]
-        caption += f" with {_a(adj)} {adj} {ppart}"
-        detailed += f" with {_a(pcol_name)} {pcol_name} {adj} {ppart}"
+        caption += f" with {_part_phrase(adj, ppart)}"
+        detailed += f" with {_part_phrase(pcol_name + ' ' + adj, ppart)}"
 
     params = {
         "rotation_deg": float(np.rad2deg(theta)),
