@@ -198,7 +198,7 @@ def _extra_commands():
     ``register_cli(subparsers, add_model_options)``."""
     import importlib
 
-    for name in ("transfer", "generate"):
+    for name in ("transfer", "generate", "roi", "baselines", "bench", "benchmark", "demo", "ui"):
         try:
             module = importlib.import_module(f"clic.{name}")
         except ModuleNotFoundError as exc:

@@ -197,7 +197,8 @@ class LearnResult:
 
 def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: LearnConfig, out_path=None,
           log_path=None, resume: bool = False, progress: bool = True,
-          callback: Callable[[int, dict], None] | None = None) -> LearnResult:
+          callback: Callable[[int, dict], None] | None = None,
+          init_vectors: torch.Tensor | None = None) -> LearnResult:
     """Learn v* from source images and their RoI masks.
 
     Args:
@@ -208,6 +209,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         log_path: JSON-lines log of the loss terms per step.
         resume: continue from ``<out>.ckpt`` if it exists (same result as an uninterrupted run).
         callback: called as ``callback(step, record)`` after every step.
+        init_vectors: ``(n_tokens, dim)`` initial embeddings (e.g. w* starts from the learned v*, sec. 3.3);
+            default: the embedding of ``cfg.initializer``.
     """
     if len(images) != len(masks) or not images:
         raise InputError("give one mask per source image")
@@ -220,8 +223,9 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     prompt = cfg.context_prompt(n_tok)
 
     # 1. New tokens (initialised from the initializer word) and trainable cross-attention copies.
-    init = initializer_embedding(backbone, cfg.initializer)
-    token_ids = add_placeholders(backbone, tokens, init.expand(n_tok, -1).clone())
+    if init_vectors is None:
+        init_vectors = initializer_embedding(backbone, cfg.initializer).expand(n_tok, -1).clone()
+    token_ids = add_placeholders(backbone, tokens, init_vectors.reshape(n_tok, -1))
     embedding = concept_embedding(backbone.text_encoder)
     processors = install_processors(backbone.unet, train_kv=cfg.train != "token", train_q_out=cfg.train == "kv+q+out")
     attn_params = [p for proc in processors.values() for p in proc.parameters()]
