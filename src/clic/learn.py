@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .attention import capture_token_maps, cross_attention_layers, install_processors
+from .attention import capture_token_maps, clic_processors, cross_attention_layers, install_processors
 from .concept import Concept
 from .errors import InputError, TrainingError
 from .fileio import atomic_path
@@ -227,8 +227,13 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         init_vectors = initializer_embedding(backbone, cfg.initializer).expand(n_tok, -1).clone()
     token_ids = add_placeholders(backbone, tokens, init_vectors.reshape(n_tok, -1))
     embedding = concept_embedding(backbone.text_encoder)
-    processors = install_processors(backbone.unet, train_kv=cfg.train != "token", train_q_out=cfg.train == "kv+q+out")
-    attn_params = [p for proc in processors.values() for p in proc.parameters()]
+    if cfg.train == "token":
+        # keep whatever cross-attention weights are installed (e.g. a learned concept's, for w* in sec. 3.3)
+        processors = clic_processors(backbone.unet) or install_processors(backbone.unet, train_kv=False)
+        attn_params = []
+    else:
+        processors = install_processors(backbone.unet, train_kv=True, train_q_out=cfg.train == "kv+q+out")
+        attn_params = [p for proc in processors.values() for p in proc.parameters()]
     for p in attn_params:
         p.requires_grad_(True)
     embedding.new.requires_grad_(cfg.train_token)

@@ -282,7 +282,7 @@ def train_detector(
     n: int = 6000,
     seed: int = 0,
     out=None,
-    epochs: int = 7,
+    epochs: int = 10,
     batch_size: int = 128,
     lr: float = 3e-3,
     n_eval: int = 1500,
@@ -327,7 +327,7 @@ def train_detector(
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += loss.item() * len(idx)
             correct += int((logits.argmax(1) == ys[idx]).sum())
             seen += len(idx)
         if verbose:
@@ -382,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="where to write the .safetensors weights")
     ap.add_argument("--n", type=int, default=6000, help="training scenes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--n-eval", type=int, default=1500, help="evaluation scenes (unseen seeds)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
