@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random-init models built offline once per test session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from clic.builder import make_model
+
+    return str(make_model("tiny", tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_model_dir(tmp_path_factory):
+    from clic.builder import make_model
+
+    return str(make_model("tiny-sd2", tmp_path_factory.mktemp("models") / "tiny-sd2"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory):
+    """Same architecture as ``tiny``, other weights (seed): a concept of one must be refused by the other."""
+    from clic.builder import make_model
+
+    return str(make_model("tiny", tmp_path_factory.mktemp("models") / "tiny-other", seed=123))
+
+
+@pytest.fixture
+def backbone(tiny_model_dir):
+    from clic.models import load_backbone
+
+    return load_backbone(tiny_model_dir, device="cpu")
+
+
+def square_mask(size=64, box=(8, 24, 40, 56)):
+    """(1, size, size) mask with ones in rows box[0]:box[1], cols box[2]:box[3]."""
+    m = torch.zeros(1, size, size)
+    m[:, box[0]:box[1], box[2]:box[3]] = 1
+    return m
+
+
+def random_image(size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture
+def example_paths():
+    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    return os.path.join(root, "chair.png"), os.path.join(root, "chair_mask.png")
