@@ -144,7 +144,7 @@ def cross_attention_layers(unet, blocks: Iterable[str] = ("up",), factor: int | 
     for name in unet.attn_processors:
         if ".attn2." not in name:
             continue
-        kind = name.split("_blocks.")[0] if "_blocks." in name else name.split(".")[0].replace("_block", "")
+        kind = name.split(".")[0].split("_")[0]          # down_blocks | mid_block | up_blocks
         if kind not in blocks:
             continue
         if factor is not None:
