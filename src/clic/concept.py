@@ -27,7 +27,7 @@ from . import __version__
 from .attention import ClicCrossAttnProcessor, install_processors
 from .errors import ConceptFileError
 from .fileio import atomic_path
-from .tokens import add_placeholders
+from .tokens import add_placeholders, concept_embedding
 
 FORMAT = "clic-concept/1"
 EXPORT_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
@@ -114,14 +114,22 @@ class Concept:
             raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text encoder")
 
     def apply(self, backbone, name: str = "concept", explicit_softmax: bool = False) -> dict[str, ClicCrossAttnProcessor]:
-        """Add the concept's tokens and install its cross-attention weights on ``backbone.unet``.
+        """Add the concept's tokens (or refresh their embeddings if added before) and install its cross-attention
+        weights on ``backbone.unet``.
 
         Returns the installed processors; ``backbone.unet.attn_processors`` before the call is the base model.
         """
         self.check_base(backbone, name)
         parsed = [(_split_key(k), v) for k, v in self.attn_weights.items()]
         layers = sorted({layer for (layer, _, _), _ in parsed})
-        add_placeholders(backbone, self.tokens, self.embeddings.to(backbone.device))
+        emb = concept_embedding(backbone.text_encoder)
+        if self.tokens and all(t in emb.tokens for t in self.tokens):
+            # applied before in this process (learn(), an earlier apply()): same ids, new rows
+            with torch.no_grad():
+                for token, vector in zip(self.tokens, self.embeddings):
+                    emb.new[emb.tokens.index(token)] = vector.to(emb.new.device)
+        else:
+            add_placeholders(backbone, self.tokens, self.embeddings.to(backbone.device))
         procs = install_processors(backbone.unet, train_kv=bool(layers), train_q_out=self.trains_q_out,
                                    layers=layers, explicit_softmax=explicit_softmax)
         for (layer, sub, param), value in parsed:
