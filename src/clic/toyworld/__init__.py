@@ -28,16 +28,27 @@ from .world import (
     sample_scenes,
     scene_seeds,
 )
-from .grid import contact_sheet, part_mask_image, write_contact_sheet
 
-_LAZY = {"PatternDetector", "train_detector", "evaluate_detector", "region_window", "LABELS", "DEFAULT_WEIGHTS"}
+# Imported on first use: the detector needs torch, and keeping grid out of the
+# eager imports lets ``python -m clic.toyworld.grid`` run without a warning.
+_LAZY = {
+    "PatternDetector": "detector",
+    "train_detector": "detector",
+    "evaluate_detector": "detector",
+    "region_window": "detector",
+    "LABELS": "detector",
+    "DEFAULT_WEIGHTS": "detector",
+    "contact_sheet": "grid",
+    "part_mask_image": "grid",
+    "write_contact_sheet": "grid",
+}
 
 
-def __getattr__(name):  # lazy import of the torch-based detector
+def __getattr__(name):
     if name in _LAZY:
-        from . import detector
+        import importlib
 
-        return getattr(detector, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -58,8 +69,5 @@ __all__ = [
     "render_scene",
     "sample_scenes",
     "scene_seeds",
-    "contact_sheet",
-    "part_mask_image",
-    "write_contact_sheet",
     *sorted(_LAZY),
 ]

@@ -312,11 +312,12 @@ def _house(rng: np.random.Generator) -> Parts:
     walls = _rect(-ww, 0.0, ww, wh)
     over = rng.uniform(0.06, 0.2)
     rh = rng.uniform(0.6, 0.95)
+    f = rng.uniform(0.06, 0.1)  # fascia: a short vertical edge at the eaves
     if rng.random() < 0.6:  # gable
-        roof = np.array([[-ww - over, 0.06], [0.0, -rh], [ww + over, 0.06]])
+        roof = np.array([[-ww - over, 0.06], [-ww - over, 0.06 - f], [0.0, -rh], [ww + over, 0.06 - f], [ww + over, 0.06]])
     else:  # hip roof (flat top)
         top = rng.uniform(0.2, 0.45) * ww
-        roof = _trap(-rh * 0.8, top, 0.06, ww + over)
+        roof = np.array([[-ww - over, 0.06], [-ww - over, 0.06 - f], [-top, -rh * 0.8], [top, -rh * 0.8], [ww + over, 0.06 - f], [ww + over, 0.06]])
     dw = rng.uniform(0.16, 0.24)
     dh = rng.uniform(0.5, 0.65) * wh
     s = rng.uniform(0.16, 0.22)  # window half size
