@@ -1,0 +1,180 @@
+"""In-context concept learning: trainable set, determinism, resume, mechanism of l_att, recipes."""
+
+import json
+
+import pytest
+import torch
+from conftest import random_image, square_mask
+
+from clic.errors import InputError, TrainingError
+from clic.learn import learn, make_config
+from clic.maps import token_attention_maps
+from clic.models import load_backbone
+
+
+def _run(model_dir, steps=3, out=None, **kw):
+    backbone = load_backbone(model_dir, device="cpu")
+    cfg = make_config(**{"steps": steps, "object_class": "chair", **kw})
+    return backbone, learn(backbone, [random_image()], [square_mask()], cfg, out_path=out, progress=False)
+
+
+def test_exactly_the_intended_parameters_train(tiny_model_dir):
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    base_unet = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
+    base_text = {k: v.clone() for k, v in backbone.text_encoder.state_dict().items()}
+    seen = {}
+
+    def on_step(step, record):
+        if step == 1:
+            seen["unet"] = sorted(n for n, p in backbone.unet.named_parameters() if p.requires_grad)
+            seen["text"] = sorted(n for n, p in backbone.text_encoder.named_parameters() if p.requires_grad)
+            seen["vae"] = [n for n, p in backbone.vae.named_parameters() if p.requires_grad]
+
+    cfg = make_config(steps=3, object_class="chair", lr=1e-3)
+    result = learn(backbone, [random_image()], [square_mask()], cfg, progress=False, callback=on_step)
+    # requires_grad: the token row and the 2 x 7 cross-attention K/V copies, nothing else
+    assert seen["text"] == ["embeddings.token_embedding.new"]
+    assert seen["vae"] == []
+    assert len(seen["unet"]) == 14 and all(".attn2.processor.to_" in n for n in seen["unet"])
+    assert {n.rsplit(".", 2)[-2] for n in seen["unet"]} == {"to_k", "to_v"}
+    # the frozen weights (the whole embedding table included) are bit-identical after training
+    for k, v in backbone.text_encoder.state_dict().items():
+        if k in base_text:
+            assert torch.equal(v, base_text[k]), k
+    for k, v in backbone.unet.state_dict().items():
+        if k in base_unet:
+            assert torch.equal(v, base_unet[k]), k
+    # and the trained ones moved
+    procs = result.processors
+    name = next(iter(procs))
+    base_k = base_unet[name.replace(".processor", ".to_k.weight")]
+    assert not torch.equal(procs[name].to_k.weight, base_k)
+    init = backbone.text_encoder.get_input_embeddings().base.weight[backbone.tokenizer.convert_tokens_to_ids("pattern")]
+    assert not torch.equal(result.concept.embeddings[0], init)
+
+
+def test_kv_q_out_trains_four_matrices(tiny_model_dir):
+    _, result = _run(tiny_model_dir, steps=1, train="kv+q+out")
+    subs = {k.rsplit(".", 2)[-2] if not k.endswith("to_out.0.weight") else "to_out" for k in result.concept.attn_weights}
+    assert {"to_k", "to_v", "to_q", "0"} <= subs | {"0"}
+    assert any(".to_out.0.bias" in k for k in result.concept.attn_weights)
+
+
+def test_same_seed_same_concept(tiny_model_dir):
+    _, a = _run(tiny_model_dir, seed=3)
+    _, b = _run(tiny_model_dir, seed=3)
+    _, c = _run(tiny_model_dir, seed=4)
+    assert torch.equal(a.concept.embeddings, b.concept.embeddings)
+    assert all(torch.equal(a.concept.attn_weights[k], b.concept.attn_weights[k]) for k in a.concept.attn_weights)
+    assert not torch.equal(a.concept.embeddings, c.concept.embeddings)
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(tiny_model_dir, tmp_path):
+    kw = dict(steps=6, checkpoint_every=2, lr=1e-3, seed=1)
+    _, full = _run(tiny_model_dir, out=tmp_path / "full.safetensors", **kw)
+
+    out = tmp_path / "killed.safetensors"
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+
+    def kill(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn(backbone, [random_image()], [square_mask()], make_config(object_class="chair", **kw), out_path=out,
+              log_path=tmp_path / "log.jsonl", progress=False, callback=kill)
+    assert not out.exists() and (tmp_path / "killed.safetensors.ckpt").exists()
+
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    resumed = learn(backbone, [random_image()], [square_mask()], make_config(object_class="chair", **kw), out_path=out,
+                    log_path=tmp_path / "log.jsonl", resume=True, progress=False)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(resumed.concept.embeddings, full.concept.embeddings, rtol=0, atol=0)
+    for k, v in full.concept.attn_weights.items():
+        torch.testing.assert_close(resumed.concept.attn_weights[k], v, rtol=0, atol=0)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert out.exists() and not (tmp_path / "killed.safetensors.ckpt").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import clic.learn
+
+    calls = []
+    real = clic.learn.context_loss
+
+    def nan_at_step_4(*args, **kw):
+        calls.append(1)
+        value = real(*args, **kw)
+        return value * float("nan") if len(calls) == 4 else value
+
+    monkeypatch.setattr(clic.learn, "context_loss", nan_at_step_4)
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(TrainingError, match="loss became nan at step 4; the last good checkpoint is"):
+        _run(tiny_model_dir, steps=10, out=out, checkpoint_every=2)
+    assert not out.exists()
+    assert (tmp_path / "c.safetensors.ckpt").exists()
+
+
+def _iou_top(m, mask):
+    k = int(mask.sum())
+    top = torch.zeros(m.numel())
+    top[m.flatten().topk(k).indices] = 1
+    return float((top * mask.flatten()).sum() / ((top + mask.flatten()) > 0).sum())
+
+
+def test_attention_loss_alone_moves_v_star_attention_onto_the_mask(tiny_model_dir):
+    """Mechanism of eq. 1: with l_att only, the IoU of CA(v*) with the mask rises well above its start."""
+    image, mask = random_image(), square_mask()
+    small = (torch.nn.functional.interpolate(mask[None], size=(16, 16), mode="bilinear")[0, 0] > 0.5).float()
+    ious = []
+    for steps, lr in ((1, 1e-12), (60, 3e-3)):
+        backbone = load_backbone(tiny_model_dir, device="cpu")
+        cfg = make_config(steps=steps, lr=lr, use_con=False, use_roi=False, object_class="chair", flip_p=0.0)
+        result = learn(backbone, [image], [mask], cfg, progress=False)
+        maps = token_attention_maps(backbone, backbone.encode_image(image[None]), cfg.context_prompt(), ["<v*>"])
+        ious.append(_iou_top(maps[0], small))
+        if steps > 1:
+            l_att = [r["l_att"] for r in result.history]
+            assert sum(l_att[-10:]) / 10 < 0.8 * sum(l_att[:5]) / 5
+    assert ious[1] > ious[0] + 0.3 and ious[1] > 0.5, ious
+
+
+def test_several_masks_on_one_image_give_one_token_each(tiny_model_dir):
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    masks = torch.cat([square_mask(box=(4, 20, 4, 28)), square_mask(box=(36, 60, 30, 60))])
+    cfg = make_config(steps=2, object_class="necklace")
+    result = learn(backbone, [random_image()], [masks], cfg, progress=False)
+    assert result.concept.tokens == ["<v1*>", "<v2*>"]
+    assert result.concept.embeddings.shape[0] == 2
+    assert result.concept.meta["prompt"] == "a necklace with <v1*> and <v2*> style"
+
+
+@pytest.mark.parametrize("recipe", ["official", "custom-diffusion"])
+def test_recipes_run(tiny_model_dir, recipe):
+    _, result = _run(tiny_model_dir, steps=2, recipe=recipe)
+    cfg = result.concept.meta["config"]
+    if recipe == "official":
+        assert cfg["alpha"] == 0.25 and cfg["train"] == "kv+q+out" and cfg["roi_input"] == "pixels"
+    else:
+        assert cfg["alpha"] == 1.0 and not cfg["use_att"] and not cfg["use_roi"]
+        assert result.history[-1]["l_att"] == 0.0
+
+
+def test_sd2_layout_v_prediction(tiny_sd2_model_dir):
+    backbone, result = _run(tiny_sd2_model_dir, steps=2)
+    assert backbone.prediction_type == "v_prediction"
+    assert result.concept.embeddings.shape == (1, 48)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_bad_config_is_refused(tiny_model_dir):
+    with pytest.raises(InputError, match="does not contain the placeholder"):
+        _run(tiny_model_dir, prompt="a chair with ornaments")
+    with pytest.raises(InputError, match="all losses"):
+        _run(tiny_model_dir, use_con=False, use_att=False, use_roi=False)
+    with pytest.raises(InputError, match="single token"):
+        _run(tiny_model_dir, initializer="ktn")
+    with pytest.raises(InputError, match="already in the tokenizer"):
+        _run(tiny_model_dir, placeholder="chair", prompt="a chair with chair style")
