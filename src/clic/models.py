@@ -129,6 +129,21 @@ class Backbone:
         pixels = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         return pixels.float().clamp(-1, 1)
 
+    def sampling_scheduler(self, kind: str = "ddim", **overrides):
+        """A diffusers scheduler for sampling, built from the model's scheduler config.
+
+        ``clip_sample`` is False unless the config says otherwise: SD checkpoints ship a PNDM config without
+        that key, DDIM's default is True, and diffusers' pipelines force it to False at load time; doing the
+        same keeps our samples equal to stock pipelines'.
+        """
+        from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+        classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+        if kind not in classes:
+            raise ModelError(f"unknown scheduler {kind!r}; choose one of {', '.join(classes)}")
+        config = {"clip_sample": False, **self.scheduler_config, **overrides}
+        return classes[kind].from_config(config)
+
     def training_scheduler(self):
         from diffusers import DDPMScheduler
 
