@@ -99,6 +99,10 @@ def cmd_learn(args) -> None:
         raise InputError(f"got {len(images)} images and {len(masks)} masks: give one mask per image, "
                          "or several masks for a single image (one concept each)")
     cfg = make_config(args.recipe or "paper", **dataclass_values(args, LearnConfig))
+    cfg.check(len(groups[0]))
+    for image_path, group in zip(images, groups):   # fail fast, before the model loads
+        for mask_path in group:
+            load_mask(mask_path, 256, image_size(image_path), cfg.mask_threshold)
     backbone = load_backbone(args.model or DEFAULT_MODEL, args.device, args.dtype)
     size = backbone.resolution
     pixel_list, mask_list = [], []
@@ -209,11 +213,29 @@ def _extra_commands():
             yield module.register_cli
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """No weight-loading progress bars or library chatter on stderr: errors stay one line."""
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        for lib in (dlog, tlog):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _quiet_libraries(args.verbose)
     try:
         args.func(args)
     except ClicError as exc:
