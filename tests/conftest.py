@@ -55,5 +55,5 @@ def random_image(size=64, seed=0):
 
 @pytest.fixture
 def example_paths():
-    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    root = os.path.join(os.path.dirname(__file__), "..", "src", "clic", "assets", "examples")
     return os.path.join(root, "chair.png"), os.path.join(root, "chair_mask.png")
