@@ -151,15 +151,33 @@ def test_several_masks_on_one_image_give_one_token_each(tiny_model_dir):
     assert result.concept.meta["prompt"] == "a necklace with <v1*> and <v2*> style"
 
 
-@pytest.mark.parametrize("recipe", ["official", "custom-diffusion"])
+def test_token_warmup_trains_only_the_token_first(tiny_model_dir):
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    snapshots = {}
+
+    def on_step(step, record):
+        procs = [p for p in backbone.unet.attn_processors.values() if hasattr(p, "trained_linears")]
+        snapshots[step] = procs[0].to_k.weight.detach().clone()
+
+    cfg = make_config(steps=4, object_class="chair", token_warmup_steps=2, lr=1e-3)
+    learn(backbone, [random_image()], [square_mask()], cfg, progress=False, callback=on_step)
+    assert torch.equal(snapshots[1], snapshots[2])          # phase 1: K/V frozen
+    assert not torch.equal(snapshots[2], snapshots[3])      # phase 2: K/V train
+
+
+@pytest.mark.parametrize("recipe", ["official", "custom-diffusion", "break-a-scene"])
 def test_recipes_run(tiny_model_dir, recipe):
-    _, result = _run(tiny_model_dir, steps=2, recipe=recipe)
+    extra = {"attn_factor": 2, "token_warmup_steps": 1} if recipe == "break-a-scene" else {}
+    _, result = _run(tiny_model_dir, steps=2, recipe=recipe, **extra)
     cfg = result.concept.meta["config"]
     if recipe == "official":
         assert cfg["alpha"] == 0.25 and cfg["train"] == "kv+q+out" and cfg["roi_input"] == "pixels"
-    else:
+    elif recipe == "custom-diffusion":
         assert cfg["alpha"] == 1.0 and not cfg["use_att"] and not cfg["use_roi"]
         assert result.history[-1]["l_att"] == 0.0
+    else:
+        assert cfg["alpha"] == 0.0 and cfg["attn_norm"] == "max" and cfg["lambda_att"] == 0.01
+        assert result.concept.meta["prompt"] == "a photo of <v*>"
 
 
 def test_sd2_layout_v_prediction(tiny_sd2_model_dir):

@@ -67,6 +67,8 @@ class LearnConfig:
                             "or token (only the embedding)", choices=("kv", "kv+q+out", "token"))
     train_token: bool = _opt(True, "train the placeholder embedding")
     attn_blocks: tuple[str, ...] = _opt(("up",), "UNet blocks whose cross-attention maps form CA(v*, x_t) (paper: up)")
+    attn_factor: int | None = _opt(None, "use only cross-attention layers at this downsampling of the latent "
+                                         "(e.g. 4: Break-A-Scene's 16x16 maps of a 64x64 latent); default: all")
     attn_norm: str = _opt("none", "rescale CA before l_att: none (paper), minmax (official code), max (Break-A-Scene)",
                           choices=("none", "minmax", "max"))
     context_form: str = _opt("paper", "l_con form: paper (||M_soft (e_hat - e)||^2) or official "
@@ -75,14 +77,16 @@ class LearnConfig:
                                     "with a mid-grey background, VAE-encoded, then noised)", choices=("latent", "pixels"))
     roi_weighting: str = _opt("none", "RoI error weighting: none (paper) or mask (official code)",
                               choices=("none", "mask"))
+    token_warmup_steps: int = _opt(0, "first train only the token for this many steps (Break-A-Scene's phase 1)")
+    token_warmup_lr: float = _opt(5e-4, "token learning rate during the token-only warm-up (Break-A-Scene: 5e-4)")
     flip_p: float = _opt(0.5, "probability of a horizontal flip of image and mask per step (official code: 0.5; "
                               "the paper does not say)")
     mask_threshold: float = _opt(0.5, "non-binary masks are thresholded at this value")
     seed: int = _opt(0, "random seed (timesteps, noise, flips): same seed, same concept on CPU")
     checkpoint_every: int = _opt(100, "save a resumable checkpoint every N steps (0: never)")
-    recipe: str = _opt("paper", "preset: paper, official (the published CLiC script) or custom-diffusion "
-                                "(the paper's baseline); explicit options override it",
-                       choices=("paper", "official", "custom-diffusion"))
+    recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
+                                "custom-diffusion and break-a-scene; explicit options override it",
+                       choices=("paper", "official", "custom-diffusion", "break-a-scene"))
 
     def check(self, n_tokens: int = 1) -> None:
         if self.steps < 1:
@@ -97,6 +101,8 @@ class LearnConfig:
             raise InputError("all losses are switched off")
         if not 0 <= self.flip_p <= 1:
             raise InputError(f"--flip-p must be in [0, 1], got {self.flip_p}")
+        if self.token_warmup_steps and not self.train_token:
+            raise InputError("--token-warmup-steps needs the token to train")
         if self.train == "token" and not self.train_token:
             raise InputError("nothing to train: --train token with the token frozen")
         for token in self.tokens(n_tokens):
@@ -124,6 +130,12 @@ RECIPES: dict[str, dict] = {
                      roi_input="pixels", roi_weighting="mask", flip_p=0.5),
     # The paper's Custom Diffusion baseline: unmasked diffusion loss (alpha = 1), "an OBJECT with <v*> style".
     "custom-diffusion": dict(alpha=1.0, use_att=False, use_roi=False, context_form="paper", train="kv"),
+    # Break-A-Scene as the paper ran it: token + cross-attention K/V; masked loss (alpha = 0: M (e_hat - e), plain
+    # mean, not area-normalised); attention loss on the 16x16 (latent / 4) down and up maps divided by their max,
+    # weight 0.01; phase 1 = 400 steps token only at 5e-4, phase 2 = 400 steps at 2e-6. No prior preservation.
+    "break-a-scene": dict(alpha=0.0, context_form="paper", use_roi=False, attn_blocks=("down", "up"), attn_factor=4,
+                          attn_norm="max", lambda_att=0.01, token_warmup_steps=400, token_warmup_lr=5e-4, lr=2e-6,
+                          steps=800, train="kv", prompt="a photo of <v*>", flip_p=0.0),
 }
 
 
@@ -245,6 +257,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         groups.append({"params": attn_params, "lr": cfg.lr})
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
 
     # 2. Everything constant is computed once: latents (and their flips), resized masks, token ids.
     scheduler = backbone.training_scheduler()
@@ -268,7 +282,9 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     ctx_pos = token_positions(ctx_ids, token_ids, prompt)                            # (1, T)
     roi_pos = torch.cat([token_positions(roi_ids[j:j + 1], [token_ids[j]], cfg.roi_prompt)
                          for j in range(n_tok)])                                     # (T, 1): row j holds v_j
-    layers = cross_attention_layers(backbone.unet, cfg.attn_blocks)
+    layers = cross_attention_layers(backbone.unet, cfg.attn_blocks, cfg.attn_factor)
+    if cfg.use_att and not layers:
+        raise InputError(f"no cross-attention layer in blocks {cfg.attn_blocks} at factor {cfg.attn_factor}")
     need_ctx = cfg.use_con or cfg.use_att
     text_ids = torch.cat(([ctx_ids] if need_ctx else []) + ([roi_ids] if cfg.use_roi else []))
     # which token each batch row is mapped for: context row -> all tokens; RoI row j -> its own token
@@ -306,6 +322,14 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     last_good = None
     try:
         for step in range(start + 1, cfg.steps + 1):
+            warm = step <= cfg.token_warmup_steps
+            if cfg.token_warmup_steps and step in (start + 1, cfg.token_warmup_steps + 1):
+                # Break-A-Scene phase 1: only the token, at its own lr; then everything at the normal lrs
+                for group in optimizer.param_groups:
+                    is_token = group["params"][0] is embedding.new
+                    group["lr"] = (cfg.token_warmup_lr if warm else group["initial_lr"]) if is_token else group["initial_lr"]
+                for p in attn_params:
+                    p.requires_grad_(not warm)
             k = int(torch.randint(len(images), (1,), generator=generator))
             flip = cfg.flip_p > 0 and float(torch.rand(1, generator=generator)) < cfg.flip_p
             t = torch.randint(0, num_t, (1,), generator=generator)
