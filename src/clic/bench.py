@@ -85,9 +85,16 @@ def register_cli(sub, add_model_options) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the reference path (official code's computation: explicit softmax everywhere, "
+                        "fp32, no caching, whole-UNet gradients) and report the speed-up")
 
     def run(args):
         result = bench_learning(args.model, args.steps, args.warmup, args.device, args.dtype)
+        if args.reference:
+            ref = bench_learning(args.model, args.steps, args.warmup, args.device, "fp32", reference_path=True)
+            result = {"fast": result, "reference": ref,
+                      "speedup": round(ref["step_median_s"] / result["step_median_s"], 2)}
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

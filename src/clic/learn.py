@@ -84,6 +84,9 @@ class LearnConfig:
     mask_threshold: float = _opt(0.5, "non-binary masks are thresholded at this value")
     seed: int = _opt(0, "random seed (timesteps, noise, flips): same seed, same concept on CPU")
     checkpoint_every: int = _opt(100, "save a resumable checkpoint every N steps (0: never)")
+    reference_path: bool = _opt(False, "benchmark only: compute like the official code (explicit softmax in every "
+                                       "attention layer, VAE/text re-encoded every step, context and RoI as separate "
+                                       "UNet passes, gradients for the whole UNet); same losses, slower")
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
                                 "custom-diffusion and break-a-scene; explicit options override it",
                        choices=("paper", "official", "custom-diffusion", "break-a-scene"))
@@ -244,7 +247,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         processors = clic_processors(backbone.unet) or install_processors(backbone.unet, train_kv=False)
         attn_params = []
     else:
-        processors = install_processors(backbone.unet, train_kv=True, train_q_out=cfg.train == "kv+q+out")
+        processors = install_processors(backbone.unet, train_kv=True, train_q_out=cfg.train == "kv+q+out",
+                                        explicit_softmax=cfg.reference_path)
         attn_params = [p for proc in processors.values() for p in proc.parameters()]
     for p in attn_params:
         p.requires_grad_(True)
@@ -259,6 +263,15 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     optimizer = opt_cls(groups, weight_decay=cfg.weight_decay)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
+
+    if cfg.reference_path:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        explicit = {n: (p if ".attn2." in n else AttnProcessor()) for n, p in backbone.unet.attn_processors.items()}
+        backbone.unet.set_attn_processor(explicit)
+        base_params = [p for n, p in backbone.unet.named_parameters() if ".processor." not in n]
+        for p in base_params:
+            p.requires_grad_(True)   # gradients computed for the whole UNet (then discarded), as the official code
 
     # 2. Everything constant is computed once: latents (and their flips), resized masks, token ids.
     scheduler = backbone.training_scheduler()
@@ -335,6 +348,9 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             t = torch.randint(0, num_t, (1,), generator=generator)
             eps = torch.randn(latents[k:k + 1].shape, generator=generator).to(device)
             x0 = (latents_flip if flip else latents)[k:k + 1]
+            if cfg.reference_path:  # no caching: encode the (flipped) source every step
+                with torch.no_grad():
+                    x0 = backbone.encode_image(pixels[k:k + 1].flip(-1) if flip else pixels[k:k + 1])
             m_lat = masks_lat[k:k + 1].flip(-1) if flip else masks_lat[k:k + 1]       # (1, T, h, w)
             u_lat = union_lat[k:k + 1].flip(-1) if flip else union_lat[k:k + 1]
             t = t.to(device)
@@ -351,8 +367,19 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             x_in = torch.cat(batch).to(unet_dtype)
             text = constant_text if constant_text is not None else backbone.encode_text(text_ids)
 
-            with capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw) as capture:
-                pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
+            if cfg.reference_path:
+                text = backbone.encode_text(text_ids)  # no caching of text embeddings either
+            if not cfg.reference_path:
+                with capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw) as capture:
+                    pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
+            else:  # one UNet pass per branch, the maps from the first (context) pass
+                preds = []
+                for i in range(x_in.shape[0]):
+                    with capture_token_maps(backbone.unet, pos_rows[i:i + 1], layers if (cfg.use_att and i == 0) else [],
+                                            hw) as cap_i:
+                        preds.append(backbone.unet(x_in[i:i + 1], t, text[i:i + 1].to(unet_dtype)).sample.float())
+                    capture = cap_i if i == 0 else capture
+                pred = torch.cat(preds)
 
             zero = torch.zeros((), device=device)
             l_con = context_loss(pred[:1], target, soft_mask(u_lat, cfg.alpha), cfg.context_form) if cfg.use_con else zero
@@ -377,6 +404,9 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.reference_path:
+                for p in base_params:
+                    p.grad = None
 
             record = {"step": step, "t": int(t), "loss": loss.item(), "l_con": l_con.item(), "l_att": l_att.item(),
                       "l_roi": l_roi.item()}
@@ -398,6 +428,10 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
 
     for p in params:
         p.requires_grad_(False)
+    if cfg.reference_path:
+        for p in base_params:
+            p.requires_grad_(False)
+            p.grad = None
     concept = Concept.from_training(
         backbone, tokens, embedding.new[-n_tok:], processors, method=cfg.recipe, prompt=prompt,
         roi_prompt=cfg.roi_prompt, object_class=cfg.object_class, initializer=cfg.initializer,
