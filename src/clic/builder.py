@@ -5,7 +5,10 @@ No weights can be downloaded in our CI, so tests and benchmarks run on pipelines
 - ``tiny``: a few M parameters, SD1 layout, 64 px images, seconds on a CPU (tests);
 - ``tiny-sd2``: the SD2 layout in small (linear projections, per-block head dims, v-prediction, "!" padding);
 - ``sd14-random``: the exact SD1.4 architecture (UNet 860 M, CLIP ViT-L/14 text encoder, VAE) for speed
-  and memory measurements, which do not depend on the weight values.
+  and memory measurements, which do not depend on the weight values;
+- ``tiny-inpaint`` and ``sd-inpaint-random``: the same as ``tiny`` and ``sd14-random`` in the Stable Diffusion
+  *inpainting* layout (``StableDiffusionInpaintPipeline``, a 9-channel UNet input: latent, mask, masked-image
+  latent), the base of the RealFill baseline (:mod:`clic.baselines.realfill`).
 
 Every pipeline uses the real CLIP BPE tokenizer (49408 tokens), rebuilt from the vocabulary that ships in
 the ``open-clip-torch`` PyPI package (installed with ``--no-deps``: only its data file is read, the package
@@ -150,9 +153,23 @@ SPECS: dict[str, dict] = {
 }
 
 
+def _inpainting(kind: str) -> dict:
+    """The spec of ``kind`` in the SD inpainting layout: UNet input = [x_t (4), mask (1), masked-image latent (4)]."""
+    spec = dict(SPECS[kind])
+    spec["unet"] = {**spec["unet"], "in_channels": 2 * spec["vae"]["latent_channels"] + 1}
+    spec["inpainting"] = True
+    return spec
+
+
+SPECS["tiny-inpaint"] = _inpainting("tiny")
+SPECS["sd-inpaint-random"] = _inpainting("sd14-random")  # SD1.x-inpainting architecture (runwayml / SD1.5)
+
+
 def build_pipeline(kind: str, seed: int = 0):
-    """A random-init ``StableDiffusionPipeline`` of one of :data:`SPECS` (seeded per component)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A random-init ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for the inpainting kinds) of one
+    of :data:`SPECS` (seeded per component)."""
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if kind not in SPECS:
@@ -169,7 +186,8 @@ def build_pipeline(kind: str, seed: int = 0):
     )
     text_encoder = CLIPTextModel(text_config)
     scheduler = PNDMScheduler(**_SCHEDULER, **spec["scheduler"])
-    return StableDiffusionPipeline(
+    pipeline_cls = StableDiffusionInpaintPipeline if spec.get("inpainting") else StableDiffusionPipeline
+    return pipeline_cls(
         vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(spec["pad_token"]), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
