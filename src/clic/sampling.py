@@ -1,0 +1,291 @@
+"""Building blocks of the denoising loops of :mod:`clic.transfer` and :mod:`clic.generate`.
+
+The loops themselves live next to their feature and read top to bottom in the diffusers-pipeline style; this
+module holds what both need: the shared sampling options (:class:`SamplingConfig`), the scheduler, prompt
+encoding, seeded initial noise, one classifier-free-guided UNet step, and :func:`concept_applied`, which
+installs a concept for the duration of a call and hands back the base model's processors too (two-stage
+generation swaps between them).
+
+Randomness: every image has its own CPU ``torch.Generator`` seeded with its seed (as diffusers recommends), so
+an image depends on its seed only, not on the device, the batch it ran in, or the other seeds.
+
+``python -m clic.sampling MODEL_DIR`` times transfer and generation (see :func:`time_sampling`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import ClicCrossAttnProcessor, capture_token_maps
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: ``--scheduler`` names -> diffusers classes (first-order or multistep: one UNet call per step).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+}
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field whose help text becomes its ``--option``'s help (:func:`clic.cli.add_dataclass_options`)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SamplingConfig:
+    """Options every sampling command shares (transfer and generation)."""
+
+    steps: int = opt(50, "denoising steps of the schedule (paper and official code: 50)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale (official code: 7.5; <= 1 switches CFG off)")
+    scheduler: str = opt("ddim", "sampler: ddim (paper and official code), ddpm, euler, euler-ancestral, dpm-solver",
+                         choices=tuple(SCHEDULERS))
+    ddim_eta: float = opt(0.0, "DDIM's eta: 0 = deterministic DDIM (diffusers' default), 1 = as stochastic as DDPM "
+                               "(official transfer script); ignored by the other schedulers")
+    seeds: tuple[int, ...] = opt((0,), "one image per seed")
+    num: int | None = opt(None, "number of images, seeds S, S+1, ... counted from the first --seeds value")
+    negative_prompt: str = opt("", "prompt of the unconditional CFG branch")
+    batch_size: int = opt(1, "images per UNet batch (results do not depend on it beyond float rounding)")
+
+    def seed_list(self) -> list[int]:
+        if self.num is None:
+            return [int(s) for s in self.seeds]
+        if len(self.seeds) > 1:
+            raise InputError("give either several --seeds or --num, not both")
+        return [int(self.seeds[0]) + k for k in range(self.num)]
+
+    def check_sampling(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.steps}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.ddim_eta < 0:
+            raise InputError(f"--ddim-eta must be >= 0, got {self.ddim_eta}")
+        if self.num is not None and self.num < 1:
+            raise InputError(f"--num must be >= 1, got {self.num}")
+        if not self.seeds:
+            raise InputError("give at least one seed")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.seed_list()
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+# ------------------------------------------------------------------------------------------------ scheduler
+
+
+def make_scheduler(backbone, cfg: SamplingConfig):
+    """A fresh scheduler (``from_config`` of the model's) with ``cfg.steps`` timesteps set on the backbone's device.
+
+    v-prediction models (SD2) need nothing else: the config carries ``prediction_type`` and ``step`` uses it.
+    """
+    import diffusers
+
+    scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(backbone.scheduler_config)
+    scheduler.set_timesteps(cfg.steps, device=backbone.device)
+    if len(scheduler.timesteps) != cfg.steps:  # e.g. PNDM's doubled step; refused rather than mis-indexed
+        raise InputError(f"scheduler {cfg.scheduler} makes {len(scheduler.timesteps)} timesteps for {cfg.steps} steps")
+    return scheduler
+
+
+def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
+    """Extra arguments of ``scheduler.step`` (diffusers' ``prepare_extra_step_kwargs``): DDIM's eta and the
+    per-image generators of stochastic samplers."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generators if len(generators) > 1 else generators[0]
+    return out
+
+
+def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(backbone, generators: list[torch.Generator], batch: int | None = None) -> torch.Tensor:
+    """Gaussian ``(B, C, h, w)`` fp32 noise, row k from ``generators[k]`` (drawn on the CPU: same on every device)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n = batch or len(generators)
+    shape = (n, backbone.latent_channels, backbone.latent_size, backbone.latent_size)
+    return randn_tensor(shape, generator=generators if len(generators) > 1 else generators[0],
+                        device=backbone.device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def check_prompt(prompt: str, tokens: Sequence[str]) -> list[str]:
+    """The concept tokens that occur in ``prompt``; an :class:`InputError` if there is none."""
+    found = [t for t in tokens if t in prompt]
+    if not found:
+        raise InputError(f"prompt {prompt!r} does not contain the concept's token "
+                         f"{' or '.join(tokens)}")
+    return found
+
+
+@torch.no_grad()
+def encode_prompt(backbone, prompt: str, negative_prompt: str, batch: int, cfg: bool) -> torch.Tensor:
+    """Text embeddings for the UNet: ``(2B, L, D)``, [unconditional x B; conditional x B], with CFG, else ``(B, L, D)``.
+
+    Same order and tokenisation (padded to the model length) as diffusers' pipelines.
+    """
+    cond = backbone.encode_text(backbone.tokenize(prompt)).to(backbone.unet.dtype).expand(batch, -1, -1)
+    if not cfg:
+        return cond
+    uncond = backbone.encode_text(backbone.tokenize(negative_prompt)).to(backbone.unet.dtype).expand(batch, -1, -1)
+    return torch.cat([uncond, cond])
+
+
+def token_index(backbone, prompt: str, tokens: Sequence[str]) -> torch.Tensor:
+    """``(1, T)`` positions of ``tokens`` in the tokenized ``prompt`` (found by tokenizing)."""
+    from .tokens import token_positions
+
+    ids = backbone.tokenize(prompt)
+    return token_positions(ids, backbone.tokenizer.convert_tokens_to_ids(list(tokens)), prompt)
+
+
+# ------------------------------------------------------------------------------------------------ one step
+
+
+def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                  guidance_scale: float, capture_layers: Sequence[str] = (), index: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The classifier-free-guided model output for ``latents (B, C, h, w)`` at timestep ``t``.
+
+    With ``capture_layers``, also CA(token, x_t) of the conditional rows, ``(B, T, h, w)`` fp32 (the tokens at
+    ``index``). Runs under whatever grad mode the caller set.
+    """
+    cfg = text.shape[0] == 2 * latents.shape[0]
+    x_in = torch.cat([latents] * 2) if cfg else latents
+    x_in = scheduler.scale_model_input(x_in, t).to(backbone.unet.dtype)
+    capture = None
+    with contextlib.ExitStack() as stack:
+        if capture_layers:
+            capture = stack.enter_context(capture_token_maps(backbone.unet, index, capture_layers,
+                                                             tuple(latents.shape[-2:])))
+        out = backbone.unet(x_in, t, encoder_hidden_states=text).sample.float()
+    maps = capture.maps()[-latents.shape[0]:].float() if capture is not None else None  # conditional rows
+    if cfg:
+        uncond, cond = out.chunk(2)
+        out = uncond + guidance_scale * (cond - uncond)
+    return out, maps
+
+
+# ------------------------------------------------------------------------------------------------ concept
+
+
+def base_processors(processors: dict) -> dict:
+    """The base model's processors: our processors with trained copies become plain ones (base weights, still able
+    to capture maps); any other processor (the stock ones of a fresh backbone) is kept."""
+    out = {}
+    for name, proc in processors.items():
+        if isinstance(proc, ClicCrossAttnProcessor) and proc.trained_linears():
+            plain = ClicCrossAttnProcessor(explicit_softmax=proc.explicit_softmax)
+            plain.name = name
+            proc = plain
+        out[name] = proc
+    return out
+
+
+@contextlib.contextmanager
+def concept_applied(backbone, concept) -> Iterator[tuple[dict, dict]]:
+    """Apply ``concept`` to ``backbone`` for the body; yields ``(base processors, concept processors)``.
+
+    The UNet's processors are restored on exit (the placeholder tokens stay in the tokenizer: re-applying the
+    same concept later only refreshes their embeddings).
+    """
+    unet = backbone.unet
+    saved = dict(unet.attn_processors)
+    base = base_processors(saved)
+    try:
+        concept.apply(backbone)
+        yield base, dict(unet.attn_processors)
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def chunks(items: Sequence, size: int) -> Iterator[list]:
+    for k in range(0, len(items), size):
+        yield list(items[k:k + size])
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_sampling(model_dir: str, steps: int = 50, guided: int = 30, t_start: int = 0, device: str = "cpu",
+                  repeats: int = 1) -> dict:
+    """Wall-clock seconds of one transfer (``steps`` steps, the first ``guided`` with attention guidance, starting at
+    ``t_start``), the same transfer without guidance, and one generation (``steps`` steps, t_s = 5), on a concept
+    learned for 2 steps on ``model_dir``. Best of ``repeats``."""
+    import time
+
+    from .generate import GenerateConfig, generate
+    from .learn import learn, make_config
+    from .models import load_backbone
+    from .transfer import TransferConfig, transfer
+
+    backbone = load_backbone(model_dir, device=device)
+    res = backbone.resolution
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, res, res, generator=g) * 2 - 1
+    mask = torch.zeros(1, res, res)
+    mask[:, res // 4: res // 2, res // 2: 7 * res // 8] = 1
+    concept = learn(backbone, [image], [mask], make_config(steps=2, object_class="chair"), progress=False).concept
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    guided_cfg = TransferConfig(steps=steps, t_start=t_start, guidance_range=(0, guided), eta=1.0)
+    plain_cfg = TransferConfig(steps=steps, t_start=t_start, eta=0.0)
+    gen_cfg = GenerateConfig(steps=steps, base_steps=5, batch_size=1)
+    return {
+        "device": str(backbone.device), "model": model_dir, "steps": steps, "guided_steps": guided,
+        "t_start": t_start,
+        "transfer_guided_s": best(lambda: transfer(backbone, concept, image, mask, guided_cfg, progress=False)),
+        "transfer_unguided_s": best(lambda: transfer(backbone, concept, image, mask, plain_cfg, progress=False)),
+        "generate_s": best(lambda: generate(backbone, concept, gen_cfg, progress=False)),
+    }
+
+
+if __name__ == "__main__":  # python -m clic.sampling MODEL_DIR [--device cpu] [--t-start 0]
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="time transfer and generation (one image each)")
+    parser.add_argument("model_dir")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guided", type=int, default=30)
+    parser.add_argument("--t-start", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1)
+    a = parser.parse_args()
+    print(json.dumps(time_sampling(a.model_dir, a.steps, a.guided, a.t_start, a.device, a.repeats), indent=2))

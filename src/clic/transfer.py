@@ -1,0 +1,459 @@
+"""Concept transfer (paper sec. 3.2): edit a target image so that its masked region shows the learned concept v*.
+
+Per image (one per seed), with x_tg the VAE latent of the target, encoded once, and eps one Gaussian draw:
+
+    x_start  = noised(x_tg, t_start)                                   the target noised to the start step
+    for each step i = start .. N-1 (timestep t_i):
+        x'_t  = M_tg * x_t + (1 - M_tg) * noised(x_tg, t_i)            blend, eq. 6 (inside the blending range)
+        x''_t = x'_t - eta * grad ||CA(v*, x'_t) - M_tg||^2             attention_guidance_step, eq. 7 (guided range)
+        x_{t-1} = scheduler.step(CFG eps_theta(x''_t, c, t_i), t_i, x''_t)
+    x_0'     = M_tg * x_0 + (1 - M_tg) * x_tg                           eq. 6 at t = 0 (paper: blend at every step)
+    image    = alpha * decode(x_0') + (1 - alpha) * target             pixel composite, alpha = feathered M_tg
+
+with noised(x, t) = scheduler.add_noise(x, eps, t), the same eps at every step (as diffusers' inpainting
+pipeline), so outside the mask the latent follows exactly the target's forward-noising path.
+
+The start of the edit can be given in the three ways in use (exactly one, or none for the default):
+
+- ``t_start`` (paper): the first t_start of the N steps are skipped ("we add T - t_start levels of noise to
+  x_tg", 5 <= t_start <= 15 with T = 50). Default 15 of 50: the strongest edit of the paper's range, and the
+  value the official script uses (15 replaced steps).
+- ``replace_steps`` K (official code): at the steps i < K the latent is overwritten by the noised target. Steps
+  i < K - 1 are then wasted (their output is overwritten), so this is t_start = K - 1, run without the wasted
+  UNet calls; K = 0 starts from pure noise.
+- ``strength`` (diffusers img2img): t_start = N - int(N * strength); identical to
+  ``StableDiffusionImg2ImgPipeline`` with blending, guidance and composite off (see the tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import BLOCKS, cross_attention_layers
+from .errors import InputError
+from .imaging import check_mask, resize_mask
+from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, encode_prompt, generators_for,
+                       initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs, token_index)
+
+log = logging.getLogger(__name__)
+
+PAPER_T_START = 15  # of 50 steps: the upper end of the paper's 5 <= t_start <= 15
+
+
+@dataclass
+class TransferConfig(SamplingConfig):
+    """Options of concept transfer; defaults follow the paper (sec. 3.2), ``recipe="official"`` the published script."""
+
+    prompt: str | None = opt(None, "prompt with the concept's token (default: the concept's training prompt, "
+                                   "e.g. 'a chair with <v*> style')")
+    t_start: int | None = opt(None, "START, paper form: skip the first T_START of the --steps steps, i.e. noise the "
+                                    "target to step T_START and denoise from there (paper: 5..15 of 50). This is "
+                                    "the default: 15 of 50 (scaled with --steps), the strongest edit of the paper's "
+                                    "range and the official script's 15 replaced steps")
+    replace_steps: int | None = opt(None, "START, official-code form: the first K steps have their latent replaced "
+                                          "by the noised target (official: 15 or 20 of 50); same result as "
+                                          "--t-start K-1 without the K-1 wasted UNet calls; K = 0: pure noise")
+    strength: float | None = opt(None, "START, diffusers img2img form: the fraction of the schedule that is "
+                                       "denoised, t_start = steps - int(steps * strength)")
+    blend: bool = opt(True, "blended latent editing (eq. 6): outside M_tg keep the noised target at every step")
+    blend_until: int | None = opt(None, "blend only the latents entering steps i < N (official code: 46, i.e. up "
+                                        "to step 45 of 50, the last steps unblended); default: every step and the "
+                                        "final latent (paper)")
+    blend_mask: str = opt("any", "M_tg at latent resolution for eq. 6: any (a latent cell is edited if any of its "
+                                 "pixels is in the mask), area (soft: the covered fraction), half (fraction >= 0.5)",
+                          choices=("any", "area", "half"))
+    eta: float = opt(1.0, "eta, step size of the cross-attention guidance (eq. 7) on ||CA(v*, x_t) - M_tg||^2 "
+                          "summed over the map's pixels; 0 switches the guidance off. The paper gives no value; "
+                          "with --guidance-optimizer adam it is Adam's learning rate (official: 0.01)")
+    guidance_range: tuple[int, ...] = opt((0, 30), "FROM TO: the steps FROM <= i < TO of the schedule get the "
+                                                   "guidance step (official code: the first 30 of 50); clipped to "
+                                                   "the steps that run")
+    guidance_target: str = opt("mask", "map CA(v*) is pulled toward: mask (M_tg, paper eq. 7) or ones (an all-ones "
+                                       "map, official code)", choices=("mask", "ones"))
+    guidance_optimizer: str = opt("sgd", "sgd: x - eta * grad (paper eq. 7); adam: one fresh Adam step of learning "
+                                         "rate eta per guided step (official code)", choices=("sgd", "adam"))
+    attn_blocks: tuple[str, ...] = opt(("up",), "UNet blocks whose cross-attention maps form CA(v*, x_t) (paper: up)")
+    composite: bool = opt(True, "paste the result into the target in pixel space: farther than --feather pixels "
+                                "outside M_tg the pixels are the target's exactly (not in the official code)")
+    feather: int | None = opt(None, "width in pixels of the composite's soft edge outside M_tg (default: "
+                                    "resolution / 64, i.e. 8 px at 512 px; 0: hard edge)")
+    mask_threshold: float = opt(0.5, "a non-binary target mask is thresholded at this value")
+    recipe: str = opt("paper", "preset: paper, or official (the published transfer script: --replace-steps 15 "
+                               "--blend-until 46 --ddim-eta 1 --guidance-target ones --guidance-optimizer adam "
+                               "--eta 0.01 --no-composite); explicit options override it",
+                      choices=("paper", "official"))
+
+    # -- the start of the edit ------------------------------------------------------------------------------
+    def start_step(self) -> int:
+        """Index of the first denoising step that runs (the paper's t_start), from whichever start option is set."""
+        given = [f"--{n.replace('_', '-')}" for n in START_OPTIONS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InputError(f"give one start option, not {' and '.join(given)}")
+        n = self.steps
+        if self.strength is not None:
+            denoised = min(int(n * self.strength), n)
+            if not 0 < self.strength <= 1 or denoised < 1:
+                raise InputError(f"--strength {self.strength} is outside the {n}-step schedule: it must be in (0, 1] "
+                                 f"and denoise at least one step (>= {1 / n:.3g})")
+            return n - denoised
+        if self.replace_steps is not None:
+            if not 0 <= self.replace_steps <= n:
+                raise InputError(f"--replace-steps {self.replace_steps} is outside the {n}-step schedule (0..{n})")
+            return max(self.replace_steps - 1, 0)
+        t_start = self.t_start if self.t_start is not None else round(PAPER_T_START * n / 50)
+        if not 0 <= t_start < n:
+            raise InputError(f"--t-start {t_start} is outside the {n}-step schedule (0..{n - 1})")
+        return t_start
+
+    @property
+    def starts_from_noise(self) -> bool:
+        return self.replace_steps == 0
+
+    def guided(self, i: int) -> bool:
+        return self.eta > 0 and self.guidance_range[0] <= i < self.guidance_range[1]
+
+    def blended(self, i: int) -> bool:
+        """Whether the latent entering step i (i = steps: the final latent) is blended by eq. 6."""
+        return self.blend and (self.blend_until is None or i < self.blend_until)
+
+    def check(self) -> None:
+        self.check_sampling()
+        if self.eta < 0:
+            raise InputError(f"--eta must be >= 0 (0 switches the guidance off), got {self.eta}")
+        if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+            raise InputError(f"--guidance-range takes FROM TO with 0 <= FROM <= TO, got {self.guidance_range}")
+        if self.blend_until is not None and self.blend_until < 0:
+            raise InputError(f"--blend-until must be >= 0, got {self.blend_until}")
+        if self.feather is not None and self.feather < 0:
+            raise InputError(f"--feather must be >= 0, got {self.feather}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise InputError(f"--mask-threshold must be in (0, 1), got {self.mask_threshold}")
+        unknown = set(self.attn_blocks) - set(BLOCKS)
+        if unknown or not self.attn_blocks:
+            raise InputError(f"--attn-blocks takes some of {', '.join(BLOCKS)}, got {self.attn_blocks}")
+        self.start_step()
+
+
+START_OPTIONS = ("t_start", "replace_steps", "strength")
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "official": dict(replace_steps=15, blend_until=46, ddim_eta=1.0, guidance_target="ones",
+                     guidance_optimizer="adam", eta=0.01, composite=False),
+}
+
+
+def make_config(recipe: str = "paper", **overrides) -> TransferConfig:
+    """A :class:`TransferConfig` from a recipe and explicit overrides (None values are ignored). An explicit start
+    option replaces the recipe's."""
+    if recipe not in RECIPES:
+        raise InputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    names = {f.name for f in fields(TransferConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise InputError(f"unknown option(s) {sorted(unknown)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    base = dict(RECIPES[recipe])
+    if any(k in overrides for k in START_OPTIONS):
+        base = {k: v for k, v in base.items() if k not in START_OPTIONS}
+    return replace(TransferConfig(), **{**base, **overrides, "recipe": recipe})
+
+
+# ---------------------------------------------------------------------------------------------- the equations
+
+
+def blend(x_t: torch.Tensor, x_target_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: x'_t = M_tg * x_t + (1 - M_tg) * (x_tg + noise(t)); ``x_target_t`` is the target noised to t."""
+    return mask * x_t + (1 - mask) * x_target_t
+
+
+def guidance_loss(ca: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+    """||CA(v*, x_t) - M||^2 per image: ``ca (B, T, h, w)`` vs ``target_map (1, 1, h, w)`` -> ``(B,)`` (sum over
+    tokens and pixels; a sum, not a mean, so each image's gradient does not depend on the batch or map size)."""
+    return ((ca.float() - target_map.float()) ** 2).flatten(1).sum(1)
+
+
+def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: torch.Tensor,
+                            index: torch.Tensor, layers: list[str], target_map: torch.Tensor, eta: float,
+                            optimizer: str = "sgd") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 7: x''_t = x'_t - eta * grad_x ||CA(v*, x'_t) - M||^2, one UNet forward and backward on the conditional
+    branch only.
+
+    The latent, the maps (logits formed in fp32 by the capture) and the loss are fp32 also under a half-precision
+    UNet; only the UNet's own layers run in its dtype. ``optimizer="adam"`` takes one step of a fresh Adam of
+    learning rate ``eta`` instead (official code; about ``eta * sign(grad)``).
+
+    Returns ``(x''_t, CA(v*, x'_t) (B, T, h, w), loss per image (B,))``.
+    """
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        _, ca = predict_noise(backbone, scheduler, x, t, text_cond, 1.0, layers, index)
+        loss = guidance_loss(ca, target_map)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    if optimizer == "sgd":
+        guided = x.detach() - eta * grad
+    elif optimizer == "adam":
+        param = torch.nn.Parameter(x.detach().clone())
+        param.grad = grad
+        torch.optim.Adam([param], lr=eta).step()
+        guided = param.detach()
+    else:
+        raise ValueError(f"unknown guidance optimizer {optimizer!r} (sgd | adam)")
+    return guided, ca.detach(), loss.detach()
+
+
+def latent_mask(mask: torch.Tensor, hw: tuple[int, int], mode: str = "any") -> torch.Tensor:
+    """M_tg ``(1, R, R)`` at latent resolution ``(1, 1, h, w)`` for eq. 6 (see ``TransferConfig.blend_mask``)."""
+    m = mask.float().reshape(1, 1, *mask.shape[-2:])
+    if mode == "any":
+        return F.adaptive_max_pool2d(m, hw)
+    area = F.adaptive_avg_pool2d(m, hw)
+    if mode == "area":
+        return area
+    if mode == "half":
+        return (area >= 0.5).float()
+    raise ValueError(f"unknown latent mask mode {mode!r} (any | area | half)")
+
+
+def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Alpha ``(1, 1, R, R)`` of the pixel composite: 1 on M_tg, falling linearly to 0 over ``radius`` pixels
+    outside it (chessboard distance), exactly 0 farther away."""
+    m = mask.float().reshape(1, 1, *mask.shape[-2:])
+    if radius <= 0:
+        return m
+    # a pixel at distance d from the mask lies in the k-dilations for k >= d: (radius - d) of k = 0 .. radius-1
+    dilations = [F.max_pool2d(m, 2 * k + 1, stride=1, padding=k) for k in range(radius)]
+    return torch.stack(dilations).mean(0)
+
+
+def composite(decoded: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha * decoded + (1 - alpha) * target``: where alpha is 0 the result is the target, bit for bit."""
+    return alpha * decoded + (1 - alpha) * target
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+
+
+@dataclass
+class TransferResult:
+    """Outputs of :func:`transfer`; N images (one per seed), R the model resolution, h x w the latent size."""
+
+    images: torch.Tensor        # (N, 3, R, R) in [-1, 1]: the results (composited unless cfg.composite is off)
+    decoded: torch.Tensor       # (N, 3, R, R): VAE decoding of the final latents, before the composite
+    latents: torch.Tensor       # (N, C, h, w): final latents
+    target: torch.Tensor        # (3, R, R): the target image
+    mask: torch.Tensor          # (1, R, R): binary M_tg
+    blend_mask: torch.Tensor    # (1, 1, h, w): M_tg used by eq. 6
+    alpha: torch.Tensor         # (1, 1, R, R): the composite's feathered mask
+    attention: torch.Tensor     # (S, N, T, h, w): CA(v*, x''_t) of the conditional branch at each step that ran
+    guidance_loss: torch.Tensor  # (S, N): ||CA(v*, x'_t) - M||^2 before each guided step (nan where unguided)
+    steps: list[int]            # the S step indices that ran (start .. steps-1)
+    timesteps: list[int]        # their timesteps
+    guided_steps: list[int]     # the step indices that got the guidance step
+    seeds: list[int]
+    prompt: str
+    tokens: list[str]           # the concept tokens whose maps are in ``attention``
+
+
+def _prepare_inputs(backbone, target: torch.Tensor, mask: torch.Tensor, threshold: float):
+    size = backbone.resolution
+    target = torch.as_tensor(target).float()
+    if target.shape != (3, size, size):
+        raise InputError(f"target must be a (3, {size}, {size}) image in [-1, 1] (clic.imaging.load_image), got "
+                         f"{tuple(target.shape)}")
+    mask = torch.as_tensor(mask).float()
+    if mask.ndim >= 2 and mask.numel() == mask.shape[-2] * mask.shape[-1]:     # (H, W), (1, H, W), (1, 1, H, W)
+        mask = mask.reshape(1, *mask.shape[-2:])
+    if mask.ndim != 3 or mask.shape[-2:] != target.shape[-2:]:
+        raise InputError(f"target mask {tuple(mask.shape)} and target {tuple(target.shape)} differ in size")
+    mask = (mask > threshold).float()
+    check_mask(mask, "target mask")
+    return target.to(backbone.device), mask.to(backbone.device)
+
+
+@torch.no_grad()
+def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: TransferConfig | None = None,
+             progress: bool = True, callback: Callable[[dict], None] | None = None) -> TransferResult:
+    """Transfer ``concept`` into the region ``mask`` of ``target`` (paper sec. 3.2); one result per seed.
+
+    Args:
+        backbone: the base model the concept was learned on (:func:`clic.models.load_backbone`); the concept is
+            applied for the call and the UNet's processors are restored afterwards.
+        concept: a :class:`clic.concept.Concept`.
+        target: I_tg, ``(3, R, R)`` in [-1, 1] at the model resolution R.
+        mask: M_tg, ``(1, R, R)`` or ``(R, R)``, thresholded at ``cfg.mask_threshold``.
+        callback: called after every denoising step with a dict: ``step``, ``timestep``, ``seeds``, ``latents``
+            (after the step), ``blended`` (x'_t, or None), ``target_noised`` (noised(x_tg, t), or None), ``guided``
+            (x''_t, or None), ``maps`` (CA(v*, x''_t), ``(B, T, h, w)``), ``guidance_loss``.
+    """
+    cfg = cfg or TransferConfig()
+
+    # 1. Check inputs (before any model work)
+    cfg.check()
+    start, n_steps = cfg.start_step(), cfg.steps
+    seeds = cfg.seed_list()
+    prompt = cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", "")
+    tokens = check_prompt(prompt, concept.tokens)
+    target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
+
+    with concept_applied(backbone, concept):
+        # 2. Encode the prompt; find v* by tokenizing
+        text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
+        index = token_index(backbone, prompt, tokens)
+        layers = cross_attention_layers(backbone.unet, cfg.attn_blocks)
+
+        # 3. Encode the target once; M_tg at latent resolution (blending) and at map resolution (guidance)
+        x_tg = backbone.encode_image(target[None])                                  # (1, C, h, w)
+        hw = tuple(x_tg.shape[-2:])
+        m_blend = latent_mask(mask, hw, cfg.blend_mask)
+        target_map = resize_mask(mask[None], hw) if cfg.guidance_target == "mask" else torch.ones(1, 1, *hw)
+        target_map = target_map.to(backbone.device)
+
+        # 4. Denoise, a batch of seeds at a time
+        latents, maps, losses = [], [], []
+        for batch_seeds in chunks(seeds, cfg.batch_size):
+            lat, m, loss, timesteps = _denoise(backbone, cfg, batch_seeds, x_tg, m_blend, target_map, text, index,
+                                               layers, start, progress, callback)
+            latents.append(lat)
+            maps.append(m)
+            losses.append(loss)
+        latents = torch.cat(latents)
+
+        # 5. Decode; paste into the target in pixel space
+        decoded = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
+                             for k in range(0, len(latents), cfg.batch_size)])
+        radius = cfg.feather if cfg.feather is not None else backbone.resolution // 64
+        alpha = feather_mask(mask, radius)
+        images = composite(decoded, target[None], alpha) if cfg.composite else decoded
+
+    steps = list(range(start, n_steps))
+    return TransferResult(
+        images=images.cpu(), decoded=decoded.cpu(), latents=latents.cpu(), target=target.cpu(), mask=mask.cpu(),
+        blend_mask=m_blend.cpu(), alpha=alpha.cpu(), attention=torch.cat(maps, 1), guidance_loss=torch.cat(losses, 1),
+        steps=steps, timesteps=[int(t) for t in timesteps], guided_steps=[i for i in steps if cfg.guided(i)],
+        seeds=seeds, prompt=prompt, tokens=tokens,
+    )
+
+
+def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor, m_blend: torch.Tensor,
+             target_map: torch.Tensor, text: torch.Tensor, index: torch.Tensor, layers: list[str], start: int,
+             progress: bool, callback) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step. Returns final latents, the
+    maps ``(S, B, T, h, w)`` and guidance losses ``(S, B)`` per step, and the timesteps that ran."""
+    batch = len(seeds)
+    scheduler = make_scheduler(backbone, cfg)                  # fresh per batch: multistep samplers keep state
+    timesteps = scheduler.timesteps
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)                       # sigma-indexed samplers (as diffusers img2img)
+    generators = generators_for(seeds)
+    extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
+    text = text.repeat_interleave(batch, 0)                    # [uncond x B; cond x B] or [cond x B]
+    text_cond = text[-batch:]
+    x_tg = x_tg.expand(batch, -1, -1, -1)
+
+    # 6. Prepare latents: the target noised to the start step (or pure noise, official --replace-steps 0)
+    noise = initial_noise(backbone, generators)
+    if cfg.starts_from_noise:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        x = scheduler.add_noise(x_tg, noise, timesteps[start:start + 1].expand(batch))
+
+    # 7. Denoising loop
+    maps, losses = [], []
+    bar = progress_bar(len(timesteps) - start, f"transfer (seed {seeds[0]}{'...' if batch > 1 else ''})", progress)
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
+        blended = target_noised = guided = loss = None
+        if cfg.blended(i):
+            target_noised = scheduler.add_noise(x_tg, noise, t.expand(batch))
+            x = blended = blend(x, target_noised, m_blend)
+        if cfg.guided(i):
+            x, _, loss = attention_guidance_step(backbone, scheduler, x, t, text_cond, index, layers, target_map,
+                                                 cfg.eta, cfg.guidance_optimizer)
+            guided = x
+        noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
+        x = scheduler.step(noise_pred, t, x, **extra).prev_sample.float()
+        maps.append(ca.cpu())
+        losses.append(loss.cpu() if loss is not None else torch.full((batch,), float("nan")))
+        bar.update(1)
+        if callback is not None:
+            callback({"step": i, "timestep": int(t), "seeds": seeds, "latents": x, "blended": blended,
+                      "target_noised": target_noised, "guided": guided, "maps": ca, "guidance_loss": loss})
+    bar.close()
+    if cfg.blended(len(timesteps)):
+        x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
+    return x, torch.stack(maps), torch.stack(losses), timesteps[start:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cmd_transfer(args) -> None:
+    from .cli import dataclass_values
+    from .concept import Concept
+    from .imaging import grid, heat_overlay, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
+    from .models import load_backbone
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    cfg = make_config(args.recipe or "paper", **dataclass_values(args, TransferConfig))
+    cfg.check()
+    concept = Concept.load(args.concept)
+    backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
+    concept.check_base(backbone, args.concept)
+    check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
+    size = backbone.resolution
+    target = load_image(args.target, size)
+    mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
+    source = load_image(args.source, size) if args.source else None
+
+    result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
+
+    # everything is computed: now write (each file atomically)
+    files: dict[str, object] = {}
+    tiles, labels = ([to_pil(source)], ["source"]) if source is not None else ([], [])
+    tiles += [mask_overlay(result.target, result.mask), to_pil(result.target)]
+    labels += ["mask", "target"]
+    for k, seed in enumerate(result.seeds):
+        image = to_pil(result.images[k])
+        files[f"seed{seed}.png"] = image
+        tiles.append(image)
+        labels.append(f"seed {seed}")
+        if args.save_attention:
+            heat = heat_overlay(result.images[k], result.attention[:, k].mean((0, 1)))
+            files[f"attention_seed{seed}.png"] = heat
+            tiles.append(heat)
+            labels.append(f"CA({result.tokens[0]})")
+    files["grid.png"] = grid(tiles, labels=labels, cell=max(128, size))
+    for name, image in files.items():
+        save_png(image, out_dir / name)
+    print("\n".join(str(out_dir / name) for name in files))
+
+
+def register_cli(subparsers, add_model_options) -> None:
+    from .cli import add_dataclass_options
+
+    p = subparsers.add_parser(
+        "transfer", help="transfer a learned concept into a region of a target image (paper sec. 3.2)",
+        description="Blended latent editing (eq. 6) with cross-attention guidance (eq. 7), then a pixel composite. "
+                    "The start of the edit is --t-start (paper), --replace-steps (official code) or --strength "
+                    "(img2img); by default t_start = 15 of 50 steps.")
+    p.add_argument("concept", help="concept file (.safetensors) made by `clic learn`")
+    p.add_argument("--target", required=True, help="target image I_tg (any common format)")
+    p.add_argument("--mask", required=True, help="target mask M_tg (white = region to edit), same aspect ratio")
+    p.add_argument("--source", default=None, help="source image, only shown in the grid")
+    p.add_argument("--out", required=True, help="output folder: seed<S>.png per seed, grid.png "
+                                                "(source | mask | target | results), attention_seed<S>.png")
+    p.add_argument("--save-attention", action="store_true", help="also write v*'s attention map over each result "
+                                                                 "(averaged over the steps)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_options(p)
+    add_dataclass_options(p, TransferConfig)
+    p.set_defaults(func=cmd_transfer)
