@@ -131,14 +131,19 @@ RECIPES: dict[str, dict] = {
     "official": dict(alpha=0.25, lambda_con=0.5, lambda_att=0.25, lambda_roi=0.25, optimizer="adamw",
                      weight_decay=0.1, grad_clip=1.0, train="kv+q+out", attn_norm="minmax", context_form="official",
                      roi_input="pixels", roi_weighting="mask", flip_p=0.5),
-    # The paper's Custom Diffusion baseline: unmasked diffusion loss (alpha = 1), "an OBJECT with <v*> style".
-    "custom-diffusion": dict(alpha=1.0, use_att=False, use_roi=False, context_form="paper", train="kv"),
+    # The paper's Custom Diffusion baseline: unmasked diffusion loss (alpha = 1), "an OBJECT with <v*> style" (the
+    # same template as P_s). Published recipe: AdamW (weight decay 1e-2), grad clip 1, h-flip; its 250 steps at batch
+    # 2 are 500 samples: here 500 steps at batch 1 (lr 1e-5 = its --scale_lr value at batch 1). See baselines/README.
+    "custom-diffusion": dict(alpha=1.0, use_att=False, use_roi=False, context_form="paper", train="kv",
+                             optimizer="adamw", weight_decay=1e-2, grad_clip=1.0, flip_p=0.5),
     # Break-A-Scene as the paper ran it: token + cross-attention K/V; masked loss (alpha = 0: M (e_hat - e), plain
     # mean, not area-normalised); attention loss on the 16x16 (latent / 4) down and up maps divided by their max,
     # weight 0.01; phase 1 = 400 steps token only at 5e-4, phase 2 = 400 steps at 2e-6. No prior preservation.
+    # As google/break-a-scene: AdamW (weight decay 1e-2), grad clip 1, h-flip of image and mask with p = 0.5.
     "break-a-scene": dict(alpha=0.0, context_form="paper", use_roi=False, attn_blocks=("down", "up"), attn_factor=4,
                           attn_norm="max", lambda_att=0.01, token_warmup_steps=400, token_warmup_lr=5e-4, lr=2e-6,
-                          steps=800, train="kv", prompt="a photo of <v*>", flip_p=0.0),
+                          steps=800, train="kv", prompt="a photo of <v*>", flip_p=0.5, optimizer="adamw",
+                          weight_decay=1e-2, grad_clip=1.0),
 }
 
 
