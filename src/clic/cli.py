@@ -85,9 +85,9 @@ def cmd_make_model(args) -> None:
 def cmd_learn(args) -> None:
     import torch
 
+    from .baselines import default_model, learn_concept, learn_config, learn_values
     from .imaging import image_size, load_image, load_mask
-    from .learn import LearnConfig, learn, make_config
-    from .models import DEFAULT_MODEL, load_backbone
+    from .models import load_backbone
 
     out = _check_out(args.out, ".safetensors")
     images, masks = list(args.image), list(args.mask)
@@ -98,12 +98,12 @@ def cmd_learn(args) -> None:
     else:
         raise InputError(f"got {len(images)} images and {len(masks)} masks: give one mask per image, "
                          "or several masks for a single image (one concept each)")
-    cfg = make_config(args.recipe or "paper", **dataclass_values(args, LearnConfig))
+    cfg = learn_config(args.method, args.recipe, **learn_values(args))    # --method: clic or a baseline
     cfg.check(len(groups[0]))
     for image_path, group in zip(images, groups):   # fail fast, before the model loads
         for mask_path in group:
             load_mask(mask_path, 256, image_size(image_path), cfg.mask_threshold)
-    backbone = load_backbone(args.model or DEFAULT_MODEL, args.device, args.dtype)
+    backbone = load_backbone(args.model or default_model(args.method), args.device, args.dtype)
     size = backbone.resolution
     pixel_list, mask_list = [], []
     for image_path, group in zip(images, groups):
@@ -111,15 +111,15 @@ def cmd_learn(args) -> None:
         mask_list.append(torch.cat([load_mask(m, size, image_size(image_path), cfg.mask_threshold) for m in group]))
     cfg.check(mask_list[0].shape[0])
     log_path = args.log or str(out.with_suffix(".log.jsonl"))
-    result = learn(backbone, pixel_list, mask_list, cfg, out_path=out, log_path=log_path, resume=args.resume,
-                   progress=not args.quiet)
+    result = learn_concept(backbone, pixel_list, mask_list, cfg, out_path=out, log_path=log_path, resume=args.resume,
+                           progress=not args.quiet)
     if args.save_maps:
         from .maps import save_learning_preview
 
         save_learning_preview(backbone, result, pixel_list, mask_list, args.save_maps, seed=cfg.seed)
     final = result.history[-1]
-    print(f"{out}  tokens={' '.join(result.concept.tokens)}  l_con={final['l_con']:.4f} "
-          f"l_att={final['l_att']:.4f} l_roi={final['l_roi']:.4f}")
+    losses = " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("l_"))
+    print(f"{out}  tokens={' '.join(result.concept.tokens)}  {losses}")
 
 
 def cmd_export(args) -> None:
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
     add_dataclass_options(p, LearnConfig)
+    from .baselines import add_learn_options
+
+    add_learn_options(p)                                # --method and RealFill's own options
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("make-model", help="write a random-init pipeline (tiny, tiny-sd2, sd14-random) in the "
