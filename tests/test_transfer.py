@@ -121,6 +121,17 @@ def test_guidance_raises_v_star_attention_inside_the_mask(backbone, concept):
     assert torch.isfinite(guided.guidance_loss[: len(steps)]).all() and torch.isnan(plain.guidance_loss).all()
 
 
+def test_guidance_is_fp32_under_a_half_precision_unet(tiny_model_dir, backbone, concept):
+    half = load_backbone(tiny_model_dir, device="cpu", dtype="bf16")
+    assert half.unet.dtype == torch.bfloat16
+    cfg, seen = _cfg(steps=3, t_start=0, eta=100.0), []
+    result = transfer(half, concept, random_image(seed=1), square_mask(), cfg, progress=False, callback=seen.append)
+    assert seen[0]["guided"].dtype == torch.float32 and seen[0]["maps"].dtype == torch.float32
+    assert (seen[0]["guided"] - seen[0]["blended"]).abs().max() > 1e-3
+    full = transfer(backbone, concept, random_image(seed=1), square_mask(), cfg, progress=False)
+    torch.testing.assert_close(result.guidance_loss[0], full.guidance_loss[0], rtol=1e-3, atol=0)
+
+
 def test_official_variant_adam_step_toward_all_ones(backbone, concept):
     seen = []
     cfg = make_config("official", steps=STEPS, replace_steps=3, seeds=(1,))
@@ -144,17 +155,21 @@ def test_start_options_agree(backbone, concept):
     assert make_config("official", t_start=3).replace_steps is None              # explicit start wins
 
 
-def test_matches_stock_img2img_pipeline(tiny_model_dir, backbone, concept, tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+@pytest.mark.parametrize("scheduler, cls", [("ddim", "DDIMScheduler"),
+                                            ("euler-ancestral", "EulerAncestralDiscreteScheduler")])
+def test_matches_stock_img2img_pipeline(tiny_model_dir, backbone, concept, tmp_path, scheduler, cls):
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     target = random_image(seed=3)
-    cfg = TransferConfig(steps=STEPS, strength=0.6, blend=False, eta=0.0, composite=False, seeds=(4,))
+    cfg = TransferConfig(steps=STEPS, strength=0.6, blend=False, eta=0.0, composite=False, seeds=(4,),
+                         scheduler=scheduler)
     ours = transfer(backbone, concept, target, square_mask(), cfg, progress=False)
 
     export_diffusers(concept, backbone, tmp_path / "export")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
                                                           requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)   # stochastic: same draws
     load_exported(pipe, tmp_path / "export")
     pipe.set_progress_bar_config(disable=True)
     # the target's latent is passed in (a 4-channel image is used as is): both start from the same x_tg

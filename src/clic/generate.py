@@ -24,6 +24,8 @@ from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, en
 
 log = logging.getLogger(__name__)
 
+PAPER_T_S = 5  # of 50 steps (sec. 4.1)
+
 
 @dataclass
 class GenerateConfig(SamplingConfig):
@@ -34,15 +36,19 @@ class GenerateConfig(SamplingConfig):
                       "prompt of the concept stage; {object} becomes OBJECT with its article ('a chair'), {token} "
                       "the concept's token(s)")
     base_prompt: str = opt("a photo of {object}", "prompt of the base stage (paper: 'a photo of an OBJECT')")
-    base_steps: int = opt(5, "t_s: the first t_s steps run the base UNet with the base prompt (paper: 5); "
-                             "0: plain generation with the concept")
+    base_steps: int | None = opt(None, "t_s: the first t_s steps run the base UNet with the base prompt; 0: plain "
+                                       "generation with the concept (default: the paper's 5 of 50, scaled with "
+                                       "--steps)")
     batch_size: int = opt(4, "images per UNet batch (results do not depend on it beyond float rounding)")
+
+    @property
+    def t_s(self) -> int:
+        return self.base_steps if self.base_steps is not None else round(PAPER_T_S * self.steps / 50)
 
     def check(self) -> None:
         self.check_sampling()
-        if not 0 <= self.base_steps <= self.steps:
-            raise InputError(f"--base-steps {self.base_steps} is outside the {self.steps}-step schedule "
-                             f"(0..{self.steps})")
+        if not 0 <= self.t_s <= self.steps:
+            raise InputError(f"--base-steps {self.t_s} is outside the {self.steps}-step schedule (0..{self.steps})")
 
 
 def with_article(obj: str) -> str:
@@ -100,8 +106,8 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
             x = initial_noise(backbone, generators) * scheduler.init_noise_sigma
             # 4. Denoising loop: the base stage with the concept's processors swapped out, then the concept stage
             bar = progress_bar(cfg.steps, f"generate (seed {batch_seeds[0]}{'...' if batch > 1 else ''})", progress)
-            base_steps = range(cfg.base_steps)
-            concept_steps = range(cfg.base_steps, cfg.steps)
+            base_steps = range(cfg.t_s)
+            concept_steps = range(cfg.t_s, cfg.steps)
             if base_steps:
                 with swapped_processors(backbone.unet, base_procs):
                     x = _denoise(backbone, scheduler, x, base_steps, base_text, cfg, extra, bar,
@@ -115,7 +121,7 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
         # 5. Decode
         images = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
                             for k in range(0, len(latents), cfg.batch_size)])
-    return GenerateResult(images.cpu(), latents.cpu(), seeds, prompt, base_prompt, cfg.base_steps)
+    return GenerateResult(images.cpu(), latents.cpu(), seeds, prompt, base_prompt, cfg.t_s)
 
 
 def _denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Tensor, cfg: GenerateConfig,

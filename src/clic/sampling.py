@@ -9,7 +9,7 @@ generation swaps between them).
 Randomness: every image has its own CPU ``torch.Generator`` seeded with its seed (as diffusers recommends), so
 an image depends on its seed only, not on the device, the batch it ran in, or the other seeds.
 
-``python -m clic.sampling MODEL_DIR`` times transfer and generation (see :func:`time_sampling`).
+``python -m clic.sampling [tiny | MODEL_DIR]`` times transfer and generation (see :func:`time_sampling`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -234,19 +235,25 @@ def progress_bar(total: int, desc: str, enabled: bool):
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def time_sampling(model_dir: str, steps: int = 50, guided: int = 30, t_start: int = 0, device: str = "cpu",
-                  repeats: int = 1) -> dict:
-    """Wall-clock seconds of one transfer (``steps`` steps, the first ``guided`` with attention guidance, starting at
-    ``t_start``), the same transfer without guidance, and one generation (``steps`` steps, t_s = 5), on a concept
-    learned for 2 steps on ``model_dir``. Best of ``repeats``."""
+def time_sampling(model: str = "tiny", steps: int = 50, guided: int = 30, t_start: int = 0, device: str = "cpu",
+                  dtype: str = "fp32", repeats: int = 1) -> dict:
+    """Wall-clock seconds of one transfer (``steps`` steps from ``t_start``, the first ``guided`` with the attention
+    guidance step), the same transfer without guidance, and one two-stage generation (``steps`` steps, t_s = 5 of
+    50, scaled), each for one image, with a concept learned for 2 steps. ``model``: a diffusers folder, or a kind
+    of :func:`clic.builder.make_model` (built in a temporary folder). Best of ``repeats`` (the three runs take
+    turns, so that a busy machine slows them alike)."""
+    import tempfile
     import time
 
+    from .builder import SPECS, make_model
     from .generate import GenerateConfig, generate
     from .learn import learn, make_config
     from .models import load_backbone
     from .transfer import TransferConfig, transfer
 
-    backbone = load_backbone(model_dir, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(make_model(model, Path(tmp) / model)) if model in SPECS else model
+        backbone = load_backbone(model_dir, device=device, dtype=dtype)
     res = backbone.resolution
     g = torch.Generator().manual_seed(0)
     image = torch.rand(3, res, res, generator=g) * 2 - 1
@@ -254,38 +261,41 @@ def time_sampling(model_dir: str, steps: int = 50, guided: int = 30, t_start: in
     mask[:, res // 4: res // 2, res // 2: 7 * res // 8] = 1
     concept = learn(backbone, [image], [mask], make_config(steps=2, object_class="chair"), progress=False).concept
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
+    runs = {
+        "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+            steps=steps, t_start=t_start, guidance_range=(0, guided), eta=1.0), progress=False),
+        "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+            steps=steps, t_start=t_start, eta=0.0), progress=False),
+        "generate_s": lambda: generate(backbone, concept, GenerateConfig(steps=steps, batch_size=1),
+                                       progress=False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
             start = time.perf_counter()
-            fn()
+            run()
             if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    guided_cfg = TransferConfig(steps=steps, t_start=t_start, guidance_range=(0, guided), eta=1.0)
-    plain_cfg = TransferConfig(steps=steps, t_start=t_start, eta=0.0)
-    gen_cfg = GenerateConfig(steps=steps, base_steps=5, batch_size=1)
-    return {
-        "device": str(backbone.device), "model": model_dir, "steps": steps, "guided_steps": guided,
-        "t_start": t_start,
-        "transfer_guided_s": best(lambda: transfer(backbone, concept, image, mask, guided_cfg, progress=False)),
-        "transfer_unguided_s": best(lambda: transfer(backbone, concept, image, mask, plain_cfg, progress=False)),
-        "generate_s": best(lambda: generate(backbone, concept, gen_cfg, progress=False)),
-    }
+            times[name].append(time.perf_counter() - start)
+    return {"model": model, "device": str(backbone.device), "dtype": str(backbone.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "steps": steps, "guided_steps": guided, "t_start": t_start,
+            "repeats": repeats, **{name: round(min(t), 3) for name, t in times.items()}}
 
 
-if __name__ == "__main__":  # python -m clic.sampling MODEL_DIR [--device cpu] [--t-start 0]
+if __name__ == "__main__":  # python -m clic.sampling [tiny | MODEL_DIR] [--repeats 3] [--threads 1]
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="time transfer and generation (one image each)")
-    parser.add_argument("model_dir")
+    parser.add_argument("model", nargs="?", default="tiny", help="a diffusers folder or a make-model kind")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guided", type=int, default=30)
     parser.add_argument("--t-start", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = parser.parse_args()
-    print(json.dumps(time_sampling(a.model_dir, a.steps, a.guided, a.t_start, a.device, a.repeats), indent=2))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(json.dumps(time_sampling(a.model, a.steps, a.guided, a.t_start, a.device, a.dtype, a.repeats), indent=2))

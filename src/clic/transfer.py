@@ -315,7 +315,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
         target_map = resize_mask(mask[None], hw) if cfg.guidance_target == "mask" else torch.ones(1, 1, *hw)
         target_map = target_map.to(backbone.device)
 
-        # 4. Denoise, a batch of seeds at a time
+        # 4. Denoise, a batch of seeds at a time (4a, 4b in _denoise)
         latents, maps, losses = [], [], []
         for batch_seeds in chunks(seeds, cfg.batch_size):
             lat, m, loss, timesteps = _denoise(backbone, cfg, batch_seeds, x_tg, m_blend, target_map, text, index,
@@ -357,14 +357,14 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
     text_cond = text[-batch:]
     x_tg = x_tg.expand(batch, -1, -1, -1)
 
-    # 6. Prepare latents: the target noised to the start step (or pure noise, official --replace-steps 0)
+    # 4a. Prepare latents: the target noised to the start step (or pure noise, official --replace-steps 0)
     noise = initial_noise(backbone, generators)
     if cfg.starts_from_noise:
         x = noise * scheduler.init_noise_sigma
     else:
         x = scheduler.add_noise(x_tg, noise, timesteps[start:start + 1].expand(batch))
 
-    # 7. Denoising loop
+    # 4b. Denoising loop
     maps, losses = [], []
     bar = progress_bar(len(timesteps) - start, f"transfer (seed {seeds[0]}{'...' if batch > 1 else ''})", progress)
     for i in range(start, len(timesteps)):
