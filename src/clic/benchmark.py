@@ -1,7 +1,772 @@
-"""``clic benchmark`` (the runner comes in the next commit); registers ``clic evaluate`` (:mod:`clic.metrics`)."""
+"""``clic benchmark MANIFEST --out DIR``: the paper's comparison (sec. 4.2) and ablations (sec. 4.3) as one cached,
+shardable run.
+
+The manifest (YAML or JSON; paths relative to its folder)::
+
+    model: CompVis/stable-diffusion-v1-4            # base model of clic / custom-diffusion / break-a-scene
+    inpaint_model: stable-diffusion-v1-5/stable-diffusion-inpainting   # RealFill's (only if it is run)
+    dtype: fp32
+    learn: {steps: 500}                              # overrides for every method's learning config
+    transfer: {seeds: [0, 1]}                        # overrides for every method's transfer config
+    encoder: openai/clip-vit-base-patch32            # image encoder of the fidelity metric (optional)
+    metrics: [psnr, ssim, lpips, fidelity, localisation]
+    cases:
+      - {id: chair, source: chair.png, source_mask: chair_mask.png, target: stool.png, target_mask: stool_mask.png,
+         object_class: chair, prompt: "a chair with <v*> style"}         # prompt: optional P_s
+    methods:                                         # default: the paper's four
+      - clic
+      - custom-diffusion
+      - {name: clic-lr2x, method: clic, learn: {lr: 2.0e-5}, transfer: {eta: 2.0}}
+    ablations:
+      losses: true                                   # clic-no-con, clic-no-att, clic-no-roi (fig. 8)
+      eta: [0, 0.5, 2]                               # clic-eta=0, ... (fig. 9; they share clic's concept)
+
+The whole manifest is checked first (files, masks, methods, every config, duplicate ids): any problem is one error
+and nothing runs. Then each (case, method) is a run: learn (key = hash of the source files, the resolved method
+config, the model's files and the clic version) and transfer (key = learn key + transfer config + target files).
+Both are cached under ``DIR/cache``, so a rerun only computes what changed. Outputs (the main process, after all
+processes are done): ``results.csv`` (quality per case, method and seed; deterministic), ``costs.csv`` (wall time
+and peak memory per phase), ``results.md`` (mean and 95% t-interval per method), ``grid.png`` (rows: cases;
+columns: source, target, each method; also ``grids/<case>.png``).
+
+Sharding: every process takes the cases ``i`` with ``i % num_processes == process_index`` (accelerate's
+:class:`~accelerate.PartialState`), then waits for the others; the main process merges from the cache::
+
+    accelerate launch --multi_gpu --num_processes 4 -m clic benchmark M.yaml --out DIR        # one GPU each
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m clic benchmark M.yaml --out DIR       # CPU processes
+    clic benchmark M.yaml --out DIR --merge-only                                              # merge again
+
+Metrics are pluggable: :data:`METRICS` maps a name to a function of a :class:`Sample` (add e.g. a pattern
+detector's presence score from :mod:`clic.toyworld` there).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import ClicError, InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("clic", "custom-diffusion", "break-a-scene", "realfill")
+CASE_KEYS = ("id", "source", "source_mask", "target", "target_mask", "object_class", "prompt")
+REQUIRED_CASE_KEYS = ("id", "source", "source_mask", "target", "target_mask", "object_class")
+MANIFEST_KEYS = ("model", "inpaint_model", "dtype", "device", "learn", "transfer", "encoder", "metrics", "cases",
+                 "methods", "ablations", "name")
+ABLATION_LOSSES = {"clic-no-con": {"use_con": False}, "clic-no-att": {"use_att": False},
+                   "clic-no-roi": {"use_roi": False}}
+
+
+class BenchmarkError(InputError):
+    """A bad manifest (nothing was run), or runs that failed (reported after the others finished)."""
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Case:
+    id: str
+    source: Path
+    source_mask: Path
+    target: Path
+    target_mask: Path
+    object_class: str
+    prompt: str | None = None
+
+
+@dataclass
+class Variant:
+    """A column of the comparison: a method with its own overrides (``clic-no-att``: clic with use_att off)."""
+
+    name: str
+    method: str
+    learn: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    case: Case
+    variant: Variant
+    model: str
+    learn_cfg: object
+    transfer_cfg: object
+    learn_key: str = ""
+    transfer_key: str = ""
+
+
+@dataclass
+class Manifest:
+    path: Path
+    name: str
+    model: str
+    inpaint_model: str
+    dtype: str
+    device: str | None
+    encoder: str | None
+    metrics: list[str]
+    cases: list[Case]
+    variants: list[Variant]
+    runs: list[Run]
+
+
+def _read(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: manifest not found")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise BenchmarkError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                             f"({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{path}: the manifest must be a mapping with 'cases' (and 'methods')")
+    return data
+
+
+def _model_ref(value: str, root: Path) -> str:
+    """A local folder (relative to the manifest) or a hub id."""
+    local = root / value
+    if local.exists() or value.startswith((".", "/", "~")):
+        return str(local.expanduser().resolve() if not value.startswith("~") else Path(value).expanduser())
+    return value
+
+
+def _variants(data: dict, problems: list[str]) -> list[Variant]:
+    from .baselines import METHODS
+
+    variants = []
+    for entry in data.get("methods") or list(DEFAULT_METHODS):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            problems.append(f"methods: {entry!r} is neither a method name nor a mapping with 'name'")
+            continue
+        unknown = set(entry) - {"name", "method", "learn", "transfer"}
+        if unknown:
+            problems.append(f"method {entry['name']!r}: unknown key(s) {sorted(unknown)}")
+        method = entry.get("method", entry["name"])
+        if method not in METHODS:
+            problems.append(f"method {entry['name']!r}: unknown method {method!r} (one of {', '.join(METHODS)})")
+            continue
+        variants.append(Variant(str(entry["name"]), method, dict(entry.get("learn") or {}),
+                                dict(entry.get("transfer") or {})))
+    ablations = data.get("ablations") or {}
+    if not isinstance(ablations, dict) or set(ablations) - {"losses", "eta"}:
+        problems.append("ablations: a mapping with 'losses' (true/false) and/or 'eta' (a list of step sizes)")
+        ablations = {}
+    base = next((v for v in variants if v.name == "clic"), Variant("clic", "clic"))
+    if ablations.get("losses"):
+        for name, switch in ABLATION_LOSSES.items():
+            variants.append(Variant(name, "clic", {**base.learn, **switch}, dict(base.transfer)))
+    for eta in ablations.get("eta") or []:
+        if not isinstance(eta, (int, float)):
+            problems.append(f"ablations: eta {eta!r} is not a number")
+            continue
+        variants.append(Variant(f"clic-eta={eta:g}", "clic", dict(base.learn), {**base.transfer, "eta": float(eta)}))
+    seen = set()
+    for v in variants:
+        if v.name in seen:
+            problems.append(f"methods: duplicate name {v.name!r}")
+        seen.add(v.name)
+    return variants
+
+
+def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
+    from .imaging import image_size, load_mask
+
+    cases, seen = [], set()
+    entries = data.get("cases")
+    if not isinstance(entries, list) or not entries:
+        problems.append("cases: a non-empty list is required")
+        return []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"case #{k + 1}: not a mapping")
+            continue
+        cid = str(entry.get("id", f"#{k + 1}"))
+        missing = [key for key in REQUIRED_CASE_KEYS if not entry.get(key)]
+        unknown = sorted(set(entry) - set(CASE_KEYS))
+        if missing:
+            problems.append(f"case {cid!r}: missing {', '.join(missing)}")
+        if unknown:
+            problems.append(f"case {cid!r}: unknown key(s) {unknown}")
+        if "id" in entry:
+            if cid in seen:
+                problems.append(f"case {cid!r}: duplicate id")
+            if not cid.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                problems.append(f"case {cid!r}: ids may only use letters, digits, '-', '_' and '.'")
+            seen.add(cid)
+        if missing:
+            continue
+        paths = {key: root / str(entry[key]) for key in ("source", "source_mask", "target", "target_mask")}
+        ok = True
+        for image_key, mask_key in (("source", "source_mask"), ("target", "target_mask")):
+            try:
+                size = image_size(paths[image_key])
+                load_mask(paths[mask_key], 64, size)
+            except ClicError as exc:
+                problems.append(f"case {cid!r}: {exc}")
+                ok = False
+        if ok:
+            cases.append(Case(cid, paths["source"], paths["source_mask"], paths["target"], paths["target_mask"],
+                              str(entry["object_class"]), entry.get("prompt")))
+    return cases
+
+
+def _learn_overrides(case: Case, variant: Variant, common: dict) -> dict:
+    values = {**common, **variant.learn, "object_class": case.object_class}
+    # P_s of the case is the context prompt of the methods that have one (CLiC and Custom Diffusion); Break-A-Scene
+    # and RealFill keep their recipes' "a photo of <v*>"
+    if case.prompt and variant.method in ("clic", "custom-diffusion") and "prompt" not in variant.learn:
+        values["prompt"] = case.prompt
+    return values
+
+
+def load_manifest(path, device: str | None = None, dtype: str | None = None) -> Manifest:
+    """Read and check a manifest; every problem is gathered into one :class:`BenchmarkError` (nothing runs)."""
+    from .baselines import learn_config, transfer_config
+    from .baselines.realfill import DEFAULT_INPAINT_MODEL
+    from .models import DEFAULT_MODEL, DTYPES
+
+    path = Path(path)
+    data = _read(path)
+    root = path.parent
+    problems: list[str] = []
+    unknown = sorted(set(data) - set(MANIFEST_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {unknown} (known: {', '.join(MANIFEST_KEYS)})")
+    metrics = list(data.get("metrics") or METRIC_GROUPS)
+    for m in metrics:
+        if m not in METRIC_GROUPS:
+            problems.append(f"metrics: unknown metric {m!r} (one of {', '.join(METRIC_GROUPS)})")
+    common_learn, common_transfer = dict(data.get("learn") or {}), dict(data.get("transfer") or {})
+    dtype = dtype or data.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        problems.append(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = _model_ref(str(data.get("model", DEFAULT_MODEL)), root)
+    inpaint_model = _model_ref(str(data.get("inpaint_model", DEFAULT_INPAINT_MODEL)), root)
+    variants = _variants(data, problems)
+    cases = _cases(data, root, problems)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    for name, ref in (("model", model), ("inpaint_model", inpaint_model)):
+        if not any((v.method == "realfill") == (name == "inpaint_model") for v in variants):
+            continue                                        # not used by any method of this manifest
+        if os.path.isabs(ref):
+            if not (Path(ref) / "model_index.json").is_file() and not (Path(ref) / "unet").is_dir():
+                problems.append(f"{name}: {ref} is not a diffusers model folder")
+        elif offline and model_fingerprint(ref).startswith("hub:"):
+            problems.append(f"{name}: {ref!r} is not in the local Hugging Face cache (offline)")
+    runs = []
+    for case in cases:
+        for variant in variants:
+            where = f"case {case.id!r}, method {variant.name!r}"
+            try:
+                lcfg = learn_config(variant.method, None, **_learn_overrides(case, variant, common_learn))
+                lcfg.check(1)
+                tcfg = transfer_config(variant.method, None, **{**common_transfer, **variant.transfer})
+                tcfg.check()
+            except (ClicError, TypeError) as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            runs.append(Run(case, variant, inpaint_model if variant.method == "realfill" else model, lcfg, tcfg))
+    if problems:
+        raise BenchmarkError(f"{path}: {len(problems)} problem(s), nothing was run: " + "; ".join(problems))
+    encoder = data.get("encoder")
+    if encoder:
+        encoder = _model_ref(str(encoder), root)
+    manifest = Manifest(path, str(data.get("name", path.stem)), model, inpaint_model, dtype,
+                        device or data.get("device"), encoder, metrics, cases, variants, runs)
+    _assign_keys(manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- cache keys
+
+
+def _file_hash(path: Path, _memo: dict = {}) -> str:  # noqa: B006 (a per-process memo)
+    key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    if key not in _memo:
+        _memo[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _memo[key]
+
+
+def model_fingerprint(model: str, _memo: dict = {}) -> str:  # noqa: B006
+    """Identity of a model's files without reading all of them: configs and tokenizer files whole, each weight file
+    by its size and its first and last MiB. Hub ids use their cached snapshot (offline), else the id itself."""
+    if model in _memo:
+        return _memo[model]
+    root = Path(model)
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the id is all we know
+            _memo[model] = f"hub:{model}"
+            return _memo[model]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(root)).encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            if f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".onnx") and size > 2**21:
+                h.update(fh.read(2**20))
+                fh.seek(size - 2**20)
+                h.update(fh.read(2**20))
+            else:
+                h.update(fh.read())
+    _memo[model] = h.hexdigest()[:20]
+    return _memo[model]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _assign_keys(manifest: Manifest) -> None:
+    for run in manifest.runs:
+        case = run.case
+        run.learn_key = _digest({
+            "version": __version__, "method": run.variant.method, "config": asdict(run.learn_cfg),
+            "source": _file_hash(case.source), "source_mask": _file_hash(case.source_mask),
+            "model": model_fingerprint(run.model), "dtype": manifest.dtype})
+        run.transfer_key = _digest({
+            "learn": run.learn_key, "config": asdict(run.transfer_cfg), "target": _file_hash(case.target),
+            "target_mask": _file_hash(case.target_mask)})
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class Cache:
+    """``DIR/cache/concepts/<learn key>.safetensors (+ .json)`` and ``DIR/cache/transfers/<transfer key>/`` with
+    ``seed<S>.png``, ``attention.safetensors`` and ``info.json`` (written last: a transfer is complete when it
+    exists)."""
+
+    def __init__(self, out_dir: Path):
+        self.root = Path(out_dir) / "cache"
+
+    def concept(self, key: str) -> Path:
+        return self.root / "concepts" / f"{key}.safetensors"
+
+    def concept_info(self, key: str) -> Path:
+        return self.root / "concepts" / f"{key}.json"
+
+    def transfer_dir(self, key: str) -> Path:
+        return self.root / "transfers" / key
+
+    def transfer_done(self, key: str) -> bool:
+        return (self.transfer_dir(key) / "info.json").is_file()
+
+    def concept_done(self, key: str) -> bool:
+        return self.concept(key).is_file() and self.concept_info(key).is_file()
+
+
+def _write_json(path: Path, obj) -> None:
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
+
+
+def _inputs(case: Case, size: int):
+    from .imaging import image_size, load_image, load_mask
+
+    return (load_image(case.source, size), load_mask(case.source_mask, size, image_size(case.source)),
+            load_image(case.target, size), load_mask(case.target_mask, size, image_size(case.target)))
+
+
+def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, device, progress: bool,
+                   process_index: int = 0) -> None:
+    """Learn (unless cached) the concept shared by ``runs`` and run their missing transfers, on a fresh backbone."""
+    from safetensors.torch import save_file
+
+    from .baselines import learn_concept, transfer_concept
+    from .concept import Concept
+    from .fileio import atomic_path
+    from .imaging import save_png, to_pil
+    from .metrics import measure
+    from .models import load_backbone
+
+    first = runs[0]
+    todo = [r for r in runs if not cache.transfer_done(r.transfer_key)]
+    if not todo and cache.concept_done(first.learn_key):
+        return
+    backbone = load_backbone(first.model, device, manifest.dtype)
+    source, source_mask, target, target_mask = _inputs(first.case, backbone.resolution)
+    if cache.concept_done(first.learn_key):
+        concept = Concept.load(cache.concept(first.learn_key))
+    else:
+        log.info("%s / %s: learning (%s)", first.case.id, first.variant.method, first.learn_key)
+        with measure(backbone.device) as cost:
+            result = learn_concept(backbone, [source], [source_mask], first.learn_cfg, progress=progress)
+        concept = result.concept
+        concept.save(cache.concept(first.learn_key))
+        _write_json(cache.concept_info(first.learn_key), {
+            "case": first.case.id, "method": first.variant.method, "cost": asdict(cost),
+            "device": str(backbone.device), "process": process_index, "final_losses": result.history[-1] if result.history else {}})
+    for run in todo:
+        log.info("%s / %s: transfer (%s)", run.case.id, run.variant.name, run.transfer_key)
+        with measure(backbone.device) as cost:
+            res = transfer_concept(backbone, concept, target, target_mask, run.transfer_cfg, progress=progress)
+        folder = cache.transfer_dir(run.transfer_key)
+        for k, seed in enumerate(res.seeds):
+            save_png(to_pil(res.images[k]), folder / f"seed{seed}.png")
+        maps = {f"seed{seed}": res.attention[:, k, 0].float().mean(0).contiguous() for k, seed in enumerate(res.seeds)}
+        with atomic_path(folder / "attention.safetensors") as tmp:
+            save_file(maps, tmp, metadata={"format": "pt"})
+        _write_json(folder / "info.json", {
+            "case": run.case.id, "method": run.variant.name, "seeds": list(res.seeds), "prompt": res.prompt,
+            "cost": asdict(cost), "device": str(backbone.device), "process": process_index,
+            "learn_key": run.learn_key})
+
+
+def _groups(runs: list[Run]) -> list[list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.learn_key, []).append(run)
+    return list(groups.values())
+
+
+def execute(manifest: Manifest, out_dir, process_index: int = 0, num_processes: int = 1, device=None,
+            progress: bool = True) -> list[str]:
+    """Run this process's share of the cases; returns the failures (``"case / method: error"``)."""
+    cache = Cache(Path(out_dir))
+    mine = {c.id for i, c in enumerate(manifest.cases) if i % num_processes == process_index}
+    failures = []
+    for group in _groups([r for r in manifest.runs if r.case.id in mine]):
+        try:
+            _execute_group(group, manifest, cache, device, progress, process_index)
+        except (ClicError, RuntimeError, OSError, ValueError) as exc:
+            names = ", ".join(r.variant.name for r in group)
+            log.error("%s / %s failed: %s", group[0].case.id, names, exc)
+            failures.append(f"{group[0].case.id} / {names}: {exc}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Sample:
+    """One result to score: images ``(3, R, R)`` in [-1, 1], masks ``(1, R, R)``, v*'s attention map ``(h, w)``."""
+
+    case: Case
+    variant: Variant
+    seed: int
+    result: torch.Tensor
+    target: torch.Tensor
+    target_mask: torch.Tensor
+    source: torch.Tensor
+    source_mask: torch.Tensor
+    attention: torch.Tensor | None
+    context: dict
+
+
+def _m_preservation(s: Sample) -> dict:
+    from .metrics import psnr, ssim
+
+    return {"psnr": psnr(s.result, s.target, s.target_mask), "ssim": ssim(s.result, s.target, s.target_mask)}
+
+
+def _m_lpips(s: Sample) -> dict:
+    from .metrics import lpips_distance
+
+    value, note = lpips_distance(s.result, s.target, s.target_mask)
+    if note:
+        s.context["notes"].add(note)
+    return {"lpips": value}
+
+
+def _m_fidelity(s: Sample) -> dict:
+    from .metrics import concept_fidelity
+
+    encoder = s.context.get("encoder")
+    if encoder is None:
+        s.context["notes"].add(s.context.get("encoder_note") or
+                               "fidelity skipped: no 'encoder' in the manifest (a CLIP or DINO path or hub id)")
+        return {"fidelity": None}
+    return {"fidelity": concept_fidelity(encoder, s.source, s.source_mask, s.result, s.target_mask)}
+
+
+def _m_localisation(s: Sample) -> dict:
+    from .metrics import attention_localisation
+
+    if s.attention is None:
+        return {"attn_iou": None, "attn_mass": None}
+    return attention_localisation(s.attention, s.target_mask)
+
+
+#: metric group name -> (columns, function of a Sample returning {column: value or None}). Add a group here (e.g. a
+#: toyworld PatternDetector's presence score) and name it in a manifest's ``metrics``.
+METRIC_GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Sample], dict]]] = {
+    "psnr": (("psnr", "ssim"), _m_preservation),
+    "ssim": (("psnr", "ssim"), _m_preservation),
+    "lpips": (("lpips",), _m_lpips),
+    "fidelity": (("fidelity",), _m_fidelity),
+    "localisation": (("attn_iou", "attn_mass"), _m_localisation),
+}
+LOWER_IS_BETTER = {"lpips"}
+
+
+def _columns(metrics: list[str]) -> list[str]:
+    cols = []
+    for m in metrics:
+        cols += [c for c in METRIC_GROUPS[m][0] if c not in cols]
+    return cols
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, ".6g")
+    return str(value)
+
+
+def _t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for n samples (n - 1 degrees of freedom)."""
+    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+             2.042]
+    return table[n - 2] if n - 2 < len(table) else 1.960
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the 95% t-interval of the mean; None without finite values; low = high = mean for one."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    n, mean = len(vals), sum(vals) / len(vals)
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = _t95(n) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+
+@dataclass
+class Report:
+    results_csv: Path
+    costs_csv: Path
+    table: Path
+    grid: Path
+    missing: list[str]
+
+
+def merge(manifest: Manifest, out_dir, device=None) -> Report:
+    """Score every cached result and write results.csv, costs.csv, results.md and the grids (main process)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from .imaging import grid, image_size, load_image, mask_overlay, save_png, to_pil
+    from .metrics import ImageEncoder
+
+    out, cache = Path(out_dir), Cache(Path(out_dir))
+    context: dict = {"notes": set()}
+    if "fidelity" in manifest.metrics and manifest.encoder:
+        try:
+            context["encoder"] = ImageEncoder.load(manifest.encoder, device or "cpu")
+        except ClicError as exc:
+            context["encoder_note"] = f"fidelity skipped: {exc}"
+    columns = _columns(manifest.metrics)
+    rows, costs, missing = [], [], []
+    tiles: dict[str, list] = {c.id: [] for c in manifest.cases}
+    sizes: dict[str, int] = {}
+    for run in manifest.runs:
+        case, folder = run.case, cache.transfer_dir(run.transfer_key)
+        if not cache.transfer_done(run.transfer_key):
+            missing.append(f"{case.id} / {run.variant.name}")
+            tiles[case.id].append((run.variant.name, None))
+            continue
+        info = json.loads((folder / "info.json").read_text())
+        maps = load_file(str(folder / "attention.safetensors"))
+        learn_info = json.loads(cache.concept_info(run.learn_key).read_text()) \
+            if cache.concept_info(run.learn_key).is_file() else {}
+        costs.append({"case": case.id, "method": run.variant.name,
+                      "learn_s": learn_info.get("cost", {}).get("wall_s"),
+                      "learn_peak_gib": learn_info.get("cost", {}).get("peak_gib"),
+                      "transfer_s": info["cost"]["wall_s"], "transfer_peak_gib": info["cost"]["peak_gib"],
+                      "memory": info["cost"]["memory"], "device": info["device"], "process": info.get("process", 0)})
+        for k, seed in enumerate(info["seeds"]):
+            result_path = folder / f"seed{seed}.png"
+            size = image_size(result_path)[0]
+            sizes[case.id] = size
+            source, source_mask, target, target_mask = _inputs(case, size)
+            sample = Sample(case, run.variant, seed, load_image(result_path, size), target, target_mask, source,
+                            source_mask, maps.get(f"seed{seed}"), context)
+            row = {"case": case.id, "method": run.variant.name, "base": run.variant.method, "seed": seed}
+            for score in dict.fromkeys(METRIC_GROUPS[m][1] for m in manifest.metrics):   # each function once
+                row.update(score(sample))
+            rows.append(row)
+            if k == 0:
+                tiles[case.id].append((run.variant.name, Image.open(result_path).convert("RGB")))
+
+    # results.csv (quality, deterministic) and costs.csv
+    header = ["case", "method", "base", "seed"] + columns
+    results_csv, costs_csv = out / "results.csv", out / "costs.csv"
+    _write_csv(results_csv, header, rows)
+    _write_csv(costs_csv, ["case", "method", "learn_s", "learn_peak_gib", "transfer_s", "transfer_peak_gib",
+                           "memory", "device", "process"], costs)
+
+    # results.md: mean and 95% interval per method
+    table = out / "results.md"
+    table.write_text(_markdown(manifest, columns, rows, costs, missing, sorted(context["notes"])))
+
+    # grid: rows = cases; columns = source, target, each method (first seed)
+    all_tiles, labels = [], []
+    for case in manifest.cases:
+        size = sizes.get(case.id, 256)
+        source, source_mask, target, target_mask = _inputs(case, size)
+        row_tiles = [mask_overlay(source, source_mask), mask_overlay(target, target_mask)]
+        row_labels = [f"{case.id}: source", "target"]
+        for name, image in tiles[case.id]:
+            row_tiles.append(image if image is not None else to_pil(torch.zeros(1, size, size)))
+            row_labels.append(name if image is not None else f"{name} (missing)")
+        save_png(grid(row_tiles, rows=1, labels=row_labels, cell=max(128, size)), out / "grids" / f"{case.id}.png")
+        all_tiles += row_tiles
+        labels += row_labels
+    grid_path = out / "grid.png"
+    cell = max(128, max(sizes.values(), default=128))
+    save_png(grid(all_tiles, rows=len(manifest.cases), labels=labels, cell=cell), grid_path)
+    return Report(results_csv, costs_csv, table, grid_path, missing)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
+    from .fileio import atomic_path
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_fmt(row.get(h)) for h in header])
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(buf.getvalue())
+
+
+def _markdown(manifest: Manifest, columns: list[str], rows: list[dict], costs: list[dict], missing: list[str],
+              notes: list[str]) -> str:
+    def cell(values, digits=3):
+        values = [v for v in values if v is not None]
+        if any(v == float("inf") for v in values):       # e.g. PSNR where the result equals the target
+            return "inf"
+        stats = mean_ci(values)
+        if stats is None:
+            return "–"
+        mean, lo, hi = stats
+        return f"{mean:.{digits}f}" if lo == hi else f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return f"{sum(values) / len(values):.1f}" if values else "–"
+
+    arrows = {c: ("↓" if c in LOWER_IS_BETTER else "↑") for c in columns}
+    head = ["method", "n"] + [f"{c} {arrows[c]}" for c in columns] + ["learn s", "transfer s", "peak GiB"]
+    lines = [f"# Benchmark: {manifest.name}", "",
+             f"{len(manifest.cases)} case(s); model {manifest.model}"
+             + (f", inpainting model {manifest.inpaint_model}" if any(v.method == 'realfill'
+                                                                      for v in manifest.variants) else "")
+             + f"; {manifest.dtype}. Quality: mean [95% t-interval] over (case, seed) samples (inf: the result "
+               "equals the target outside the mask, as the pixel composite makes it). Cost: mean wall seconds per "
+               "learning (one per concept: variants sharing a concept share its cost) and per transfer, largest "
+               "peak memory (costs.csv has every run).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant in manifest.variants:
+        mine = [r for r in rows if r["method"] == variant.name]
+        cost = [c for c in costs if c["method"] == variant.name]
+        peaks = [c[k] for c in cost for k in ("learn_peak_gib", "transfer_peak_gib") if c.get(k) is not None]
+        values = [cell([r.get(c) for r in mine], 2 if c == "psnr" else 3) for c in columns]
+        lines.append("| " + " | ".join([variant.name, str(len(mine))] + values + [
+            mean([c.get("learn_s") for c in cost]),
+            mean([c.get("transfer_s") for c in cost]),
+            f"{max(peaks):.2f}" if peaks else "–"]) + " |")
+    lines += ["", "Preservation (psnr, ssim, lpips) is measured outside the target mask; fidelity is the cosine "
+                  "similarity of the source and edited regions in the image encoder; attn_iou / attn_mass locate "
+                  "v*'s attention (mean over the denoising steps) in the target mask (see clic.metrics)."]
+    if notes or missing:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [f"- missing (failed or not run): {m}"
+                                                                      for m in missing]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def run_benchmark(manifest_path, out_dir, device=None, dtype=None, progress: bool = True,
+                  merge_only: bool = False) -> Report | None:
+    """Check the manifest, run this process's share, wait for the others; the main process merges and returns the
+    :class:`Report` (other processes return None). Raises :class:`BenchmarkError` if runs failed."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    manifest = load_manifest(manifest_path, device, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import datetime
+
+    # CPU processes (no GPU, or ACCELERATE_USE_CPU=1) meet over gloo; long runs: a generous barrier timeout
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=datetime.timedelta(days=7))
+    device = manifest.device or (str(state.device) if state.num_processes > 1 else None)
+    failures = [] if merge_only else execute(manifest, out, state.process_index, state.num_processes, device,
+                                             progress)
+    if state.num_processes > 1:
+        _write_json(out / "shards" / f"process{state.process_index}.json", {"failures": failures})
+    state.wait_for_everyone()
+    report = None
+    if state.is_main_process:
+        _write_json(out / "plan.json", [{"case": r.case.id, "method": r.variant.name, "learn_key": r.learn_key,
+                                         "transfer_key": r.transfer_key} for r in manifest.runs])
+        report = merge(manifest, out, device)
+    state.wait_for_everyone()
+    failed = failures or (report.missing if report is not None and not merge_only else [])
+    if failed:
+        raise BenchmarkError(f"{len(failed)} run(s) failed: " + "; ".join(failed)
+                             + f" (the other results are in {out})")
+    return report
+
+
+def cmd_benchmark(args) -> None:
+    report = run_benchmark(args.manifest, args.out, args.device, args.dtype, progress=not args.quiet,
+                           merge_only=args.merge_only)
+    if report is not None:
+        print("\n".join(str(p) for p in (report.results_csv, report.costs_csv, report.table, report.grid)))
 
 
 def register_cli(subparsers, add_model_options) -> None:
     from .metrics import register_cli as register_evaluate
 
+    p = subparsers.add_parser(
+        "benchmark", help="run the comparison of methods and ablations listed in a manifest (cached, shardable)",
+        description="Learns and transfers every (case, method) of MANIFEST (YAML or JSON; see clic.benchmark), "
+                    "caching concepts and results under OUT/cache, then writes OUT/results.csv, costs.csv, "
+                    "results.md and grid.png. Shard with `accelerate launch --multi_gpu --num_processes N -m clic "
+                    "benchmark ...` (CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m clic benchmark ...`).")
+    p.add_argument("manifest", help="the manifest (.yaml, .yml or .json)")
+    p.add_argument("--out", required=True, help="output folder (reused: cached runs are not recomputed)")
+    p.add_argument("--device", default=None, help="device of every process (default: accelerate's per process)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="overrides the manifest's dtype")
+    p.add_argument("--merge-only", action="store_true", help="only score the cached results and write the outputs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_benchmark)
     register_evaluate(subparsers, add_model_options)
