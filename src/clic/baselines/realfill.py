@@ -28,7 +28,7 @@ Recipe (defaults) vs. RealFill's published one (thuanz123/realfill, diffusers re
                            here (paper's adaptation)               RealFill
 =========================  ======================================  ==========================================
 base model                 SD1.x inpainting (paper: SD1.4 family)  SD2-inpainting
-trained                    token v* + cross-attention K/V          LoRA (rank 8/16) on UNet attention + text enc.
+trained                    token v* + cross-attention K/V          LoRA (rank 8) on UNet attention + text enc.
 learning rate              1e-5 (K/V and token; Custom Diffusion's  2e-4 UNet LoRA, 4e-5 text-encoder LoRA
                            lr for full K/V matrices)
 optimizer                  AdamW, wd 1e-2, grad clip 1             same
