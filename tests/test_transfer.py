@@ -21,6 +21,15 @@ from clic.transfer import TransferConfig, feather_mask, make_config, transfer
 STEPS = 10
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads; one thread also keeps a busy machine usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def concept_path(tiny_model_dir, tmp_path_factory):
     backbone = load_backbone(tiny_model_dir, device="cpu")
@@ -246,6 +255,23 @@ def test_cli_writes_results_grid_and_attention(concept_path, files, tmp_path):
     far = np.ones((64, 64), bool)
     far[8 - 2:24 + 2, 40 - 2:56 + 2] = False
     assert np.array_equal(result[far], target[far])
+
+
+def test_cli_result_has_the_targets_own_size(concept_path, tmp_path):
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)                  # 96 x 64: cropped to 64 x 64
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:50] = 255
+    out = tmp_path / "out"
+    assert main(["transfer", str(concept_path), "--target", _png(tmp_path / "t.png", target), "--mask",
+                 _png(tmp_path / "m.png", mask), "--out", str(out), "--steps", "3", "--t-start", "1", "--eta", "0",
+                 "--feather", "2", "-q"]) == 0
+    result = np.asarray(Image.open(out / "seed0.png"))
+    assert result.shape == target.shape
+    far = np.ones((64, 96), bool)
+    far[20 - 2:40 + 2, 30 - 2:50 + 2] = False                                   # outside the crop too
+    assert np.array_equal(result[far], target[far])
+    assert np.abs(result[20:40, 30:50].astype(int) - target[20:40, 30:50]).mean() > 1
 
 
 @pytest.mark.parametrize("args, culprit", [

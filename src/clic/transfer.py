@@ -11,7 +11,9 @@ Per image (one per seed), with x_tg the VAE latent of the target, encoded once, 
     image    = alpha * decode(x_0') + (1 - alpha) * target             pixel composite, alpha = feathered M_tg
 
 with noised(x, t) = scheduler.add_noise(x, eps, t), the same eps at every step (as diffusers' inpainting
-pipeline), so outside the mask the latent follows exactly the target's forward-noising path.
+pipeline), so outside the mask the latent follows exactly the target's forward-noising path. The model sees a
+centre crop of the target resized to its resolution; the CLI pastes the result back into the target at its own
+size (:func:`paste_back`), so every pixel outside the feathered mask is the target file's.
 
 The start of the edit can be given in the three ways in use (exactly one, or none for the default):
 
@@ -237,6 +239,43 @@ def composite(decoded: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor) 
     return alpha * decoded + (1 - alpha) * target
 
 
+def paste_back(decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """The pixel composite at the target's own size: ``decoded (N, 3, R, R)`` (the model's view, a centre crop
+    resized to R) is scaled back onto its crop of ``original (3, H, W)`` and blended in with the feathered full-size
+    ``mask (1, H, W)`` (``radius`` in full-size pixels). Outside the feathered mask, and outside the crop, the
+    pixels are the original's, bit for bit. Returns ``(N, 3, H, W)``."""
+    from .imaging import center_crop_box
+
+    height, width = original.shape[-2:]
+    left, top, right, bottom = center_crop_box(width, height)
+    side = right - left
+    crop = decoded.float()
+    if side != crop.shape[-1]:
+        crop = F.interpolate(crop, size=(side, side), mode="bicubic", align_corners=False).clamp(-1, 1)
+    alpha = torch.zeros(1, 1, height, width)
+    alpha[..., top:bottom, left:right] = 1                         # the model never saw the rest
+    alpha = alpha * feather_mask(mask, radius)
+    edited = original[None].float().repeat(len(decoded), 1, 1, 1)
+    edited[..., top:bottom, left:right] = crop
+    return composite(edited, original[None].float(), alpha)
+
+
+def load_original(target_path, mask_path, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target ``(3, H, W)`` in [-1, 1] and its binary mask ``(1, H, W)`` at the target's own size, read as
+    :func:`clic.imaging.load_image` / ``load_mask`` read them (same modes, alpha and threshold), without the crop."""
+    import numpy as np
+
+    from .imaging import _mask_values, _open, _resize_2d, _to_float
+
+    image = _open(target_path)
+    pixels = np.round(_to_float(image) * 255).astype(np.float32) / 127.5 - 1.0
+    values = _mask_values(_open(mask_path))
+    if values.shape != (image.height, image.width):
+        values = _resize_2d(values, (image.height, image.width))
+    mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), mask
+
+
 # ---------------------------------------------------------------------------------------------- transfer
 
 
@@ -415,6 +454,13 @@ def cmd_transfer(args) -> None:
     source = load_image(args.source, size) if args.source else None
 
     result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
+    images = result.images
+    if cfg.composite and args.full_size:
+        original, original_mask = load_original(args.target, args.mask, cfg.mask_threshold)
+        if original.shape[-2:] != images.shape[-2:]:
+            side = min(original.shape[-2:])
+            radius = cfg.feather if cfg.feather is not None else size // 64
+            images = paste_back(result.decoded, original, original_mask, round(radius * side / size))
 
     # everything is computed: now write (each file atomically)
     files: dict[str, object] = {}
@@ -422,9 +468,8 @@ def cmd_transfer(args) -> None:
     tiles += [mask_overlay(result.target, result.mask), to_pil(result.target)]
     labels += ["mask", "target"]
     for k, seed in enumerate(result.seeds):
-        image = to_pil(result.images[k])
-        files[f"seed{seed}.png"] = image
-        tiles.append(image)
+        files[f"seed{seed}.png"] = to_pil(images[k])
+        tiles.append(to_pil(result.images[k]))
         labels.append(f"seed {seed}")
         if args.save_attention:
             heat = heat_overlay(result.images[k], result.attention[:, k].mean((0, 1)))
@@ -438,6 +483,8 @@ def cmd_transfer(args) -> None:
 
 
 def register_cli(subparsers, add_model_options) -> None:
+    import argparse
+
     from .cli import add_dataclass_options
 
     p = subparsers.add_parser(
@@ -449,8 +496,13 @@ def register_cli(subparsers, add_model_options) -> None:
     p.add_argument("--target", required=True, help="target image I_tg (any common format)")
     p.add_argument("--mask", required=True, help="target mask M_tg (white = region to edit), same aspect ratio")
     p.add_argument("--source", default=None, help="source image, only shown in the grid")
-    p.add_argument("--out", required=True, help="output folder: seed<S>.png per seed, grid.png "
-                                                "(source | mask | target | results), attention_seed<S>.png")
+    p.add_argument("--out", required=True, help="output folder: seed<S>.png per seed (the edited target), grid.png "
+                                                "(source | mask | target | results, model resolution), "
+                                                "attention_seed<S>.png")
+    p.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=True,
+                   help="write each result at the target's own size: the model's centre crop is scaled back and "
+                        "composited into the original, whose pixels are kept exactly outside the feathered mask "
+                        "(default: on; --no-full-size: the model resolution)")
     p.add_argument("--save-attention", action="store_true", help="also write v*'s attention map over each result "
                                                                  "(averaged over the steps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
