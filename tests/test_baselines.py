@@ -10,7 +10,7 @@ from clic.baselines import realfill
 from clic.cli import main
 from clic.concept import Concept
 from clic.errors import InputError, ModelError
-from clic.losses import context_loss, soft_mask
+from clic.losses import attention_loss, context_loss, soft_mask
 from clic.models import load_backbone
 
 
@@ -92,6 +92,9 @@ def test_loss_forms_against_hand_values():
     assert float(context_loss(pred, eps, soft_mask(mask, 1.0))) == pytest.approx((1 + 4 + 4 + 9) / 4)
     # Break-A-Scene: prediction and target multiplied by the mask, mean over all elements (not area-normalised)
     assert float(context_loss(pred, eps, soft_mask(mask, 0.0))) == pytest.approx((1 + 9) / 4)
+    # Break-A-Scene's attention loss: the map divided by its max, MSE to the mask
+    ca = torch.tensor([[[0.2, 0.4], [0.1, 0.0]]])                      # / 0.4 -> 0.5, 1, 0.25, 0
+    assert float(attention_loss(ca, mask[0], "max")) == pytest.approx(((0.5 - 1) ** 2 + 1 + 0.25**2 + 1) / 4)
     # RealFill: mean(W * (eps_hat - eps)^2), W broadcast over channels, not area-normalised
     pred2, eps2 = torch.cat([pred, 2 * pred], 1), torch.cat([eps, eps], 1)  # channel 2 errors: 4, 16, 25, 49
     assert float(realfill.realfill_loss(pred2, eps2, mask)) == pytest.approx((1 + 9 + 4 + 49) / 8)

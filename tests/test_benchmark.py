@@ -116,6 +116,16 @@ def test_rerun_hits_the_cache_and_only_new_work_runs(one_process_run, manifest_d
     assert len(rows) == 7 and sum(",clic-eta=0,clic," in r for r in rows) == 2
     assert rows[:3] == before.splitlines()[:3]
 
+    # a metric plugged in later scores the cached results (merge only: nothing runs)
+    monkeypatch.setitem(benchmark.METRIC_GROUPS, "redness", None)      # removed again after the test
+    benchmark.register_metric("redness", ("red",), lambda s: {"red": float(s.result[0][s.target_mask[0] > 0].mean())})
+    data["metrics"] = ["psnr", "redness"]
+    (manifest_dir / "plugged.yaml").write_text(yaml.safe_dump(data))
+    plugged = benchmark.run_benchmark(manifest_dir / "plugged.yaml", out, progress=False, merge_only=True)
+    assert calls == {"learn": 0, "transfer": 2}
+    lines = plugged.results_csv.read_text().splitlines()
+    assert lines[0] == "case,method,base,seed,psnr,ssim,red" and -1 <= float(lines[1].split(",")[-1]) <= 1
+
 
 def _free_port():
     with socket.socket() as s:

@@ -36,8 +36,9 @@ Sharding: every process takes the cases ``i`` with ``i % num_processes == proces
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m clic benchmark M.yaml --out DIR       # CPU processes
     clic benchmark M.yaml --out DIR --merge-only                                              # merge again
 
-Metrics are pluggable: :data:`METRICS` maps a name to a function of a :class:`Sample` (add e.g. a pattern
-detector's presence score from :mod:`clic.toyworld` there).
+Metrics are pluggable: :func:`register_metric` adds a named group of columns computed from a :class:`Sample` (e.g. a
+pattern detector's presence score from :mod:`clic.toyworld`); name it in the manifest's ``metrics``. Note that the
+manifest is checked against the metrics registered when it is loaded.
 """
 
 from __future__ import annotations
@@ -524,6 +525,15 @@ METRIC_GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Sample], dict]]] = {
     "localisation": (("attn_iou", "attn_mass"), _m_localisation),
 }
 LOWER_IS_BETTER = {"lpips"}
+
+
+def register_metric(name: str, columns: tuple[str, ...], score: Callable[[Sample], dict],
+                    lower_is_better: tuple[str, ...] = ()) -> None:
+    """Make ``name`` usable in a manifest's ``metrics``: ``score(sample)`` returns ``{column: value or None}`` for
+    ``columns``; ``sample.context`` is shared by all samples of a merge (cache a loaded model there; add strings to
+    ``sample.context["notes"]`` to explain skipped values)."""
+    METRIC_GROUPS[name] = (tuple(columns), score)
+    LOWER_IS_BETTER.update(lower_is_better)
 
 
 def _columns(metrics: list[str]) -> list[str]:
