@@ -172,6 +172,7 @@ def test_bad_manifests_fail_before_any_training(manifest_dir, tmp_path, monkeypa
         (dict(case0={"id": "vase"}), "case 'vase': duplicate id"),
         (dict(methods=["clic", {"name": "x", "method": "clic", "learn": {"alpha": 3}}]), "--alpha must be in [0, 1]"),
         (dict(metrics=["psnr", "fid"]), "unknown metric 'fid'"),
+        (dict(transfer={"etaa": 1.0}), "transfer: 'etaa' is not an option of any method's transfer config"),
     ]
     for k, (changes, message) in enumerate(cases):
         path = _bad(manifest_dir, f"bad{k}.json" if k % 2 else f"bad{k}.yaml", **changes)

@@ -6,8 +6,8 @@ The manifest (YAML or JSON; paths relative to its folder)::
     model: CompVis/stable-diffusion-v1-4            # base model of clic / custom-diffusion / break-a-scene
     inpaint_model: stable-diffusion-v1-5/stable-diffusion-inpainting   # RealFill's (only if it is run)
     dtype: fp32
-    learn: {steps: 500}                              # overrides for every method's learning config
-    transfer: {seeds: [0, 1]}                        # overrides for every method's transfer config
+    learn: {steps: 500}                              # options for every method whose learning config has them
+    transfer: {seeds: [0, 1], t_start: 15}           # same for transfer (t_start: not RealFill's inpainting)
     encoder: openai/clip-vit-base-patch32            # image encoder of the fidelity metric (optional)
     metrics: [psnr, ssim, lpips, fidelity, localisation]
     cases:
@@ -230,8 +230,30 @@ def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
     return cases
 
 
+def _option_names(method: str, phase: str) -> set[str]:
+    """Fields of ``method``'s learning or transfer config."""
+    from dataclasses import fields
+
+    from .baselines import InpaintConfig, RealFillConfig
+    from .learn import LearnConfig
+    from .transfer import TransferConfig
+
+    if phase == "learn":
+        cls = RealFillConfig if method == "realfill" else LearnConfig
+    else:
+        cls = InpaintConfig if method == "realfill" else TransferConfig
+    return {f.name for f in fields(cls)} - {"recipe"}
+
+
+def _common(common: dict, method: str, phase: str) -> dict:
+    """The manifest-wide ``learn`` / ``transfer`` options that ``method``'s config has (``eta`` does not apply to
+    RealFill's inpainting, ``batch_size`` of learning only to RealFill); a method's own options are strict."""
+    names = _option_names(method, phase)
+    return {k: v for k, v in common.items() if k in names}
+
+
 def _learn_overrides(case: Case, variant: Variant, common: dict) -> dict:
-    values = {**common, **variant.learn, "object_class": case.object_class}
+    values = {**_common(common, variant.method, "learn"), **variant.learn, "object_class": case.object_class}
     # P_s of the case is the context prompt of the methods that have one (CLiC and Custom Diffusion); Break-A-Scene
     # and RealFill keep their recipes' "a photo of <v*>"
     if case.prompt and variant.method in ("clic", "custom-diffusion") and "prompt" not in variant.learn:
@@ -264,6 +286,10 @@ def load_manifest(path, device: str | None = None, dtype: str | None = None) -> 
     inpaint_model = _model_ref(str(data.get("inpaint_model", DEFAULT_INPAINT_MODEL)), root)
     variants = _variants(data, problems)
     cases = _cases(data, root, problems)
+    for phase, common in (("learn", common_learn), ("transfer", common_transfer)):
+        usable = set().union(*(_option_names(v.method, phase) for v in variants))
+        for key in sorted(set(common) - usable) if variants else []:
+            problems.append(f"{phase}: {key!r} is not an option of any method's {phase} config")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     for name, ref in (("model", model), ("inpaint_model", inpaint_model)):
         if not any((v.method == "realfill") == (name == "inpaint_model") for v in variants):
@@ -280,7 +306,8 @@ def load_manifest(path, device: str | None = None, dtype: str | None = None) -> 
             try:
                 lcfg = learn_config(variant.method, None, **_learn_overrides(case, variant, common_learn))
                 lcfg.check(1)
-                tcfg = transfer_config(variant.method, None, **{**common_transfer, **variant.transfer})
+                tcfg = transfer_config(variant.method, None, **{**_common(common_transfer, variant.method, "transfer"),
+                                                                **variant.transfer})
                 tcfg.check()
             except (ClicError, TypeError) as exc:
                 problems.append(f"{where}: {exc}")
