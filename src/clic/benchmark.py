@@ -384,7 +384,8 @@ def _assign_keys(manifest: Manifest) -> None:
 
 
 class Cache:
-    """``DIR/cache/concepts/<learn key>.safetensors (+ .json)`` and ``DIR/cache/transfers/<transfer key>/`` with
+    """``DIR/cache/concepts/<learn key>.safetensors`` (+ ``.json`` info, ``.log.jsonl`` losses, ``.ckpt`` while
+    learning) and ``DIR/cache/transfers/<transfer key>/`` with
     ``seed<S>.png``, ``attention.safetensors`` and ``info.json`` (written last: a transfer is complete when it
     exists)."""
 
@@ -396,6 +397,9 @@ class Cache:
 
     def concept_info(self, key: str) -> Path:
         return self.root / "concepts" / f"{key}.json"
+
+    def concept_log(self, key: str) -> Path:
+        return self.root / "concepts" / f"{key}.log.jsonl"
 
     def transfer_dir(self, key: str) -> Path:
         return self.root / "transfers" / key
@@ -443,13 +447,16 @@ def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, device, pr
         concept = Concept.load(cache.concept(first.learn_key))
     else:
         log.info("%s / %s: learning (%s)", first.case.id, first.variant.method, first.learn_key)
+        # checkpoints next to the concept: a killed benchmark resumes its learning runs (cost: the resumed part)
         with measure(backbone.device) as cost:
-            result = learn_concept(backbone, [source], [source_mask], first.learn_cfg, progress=progress)
+            result = learn_concept(backbone, [source], [source_mask], first.learn_cfg,
+                                   out_path=cache.concept(first.learn_key), log_path=cache.concept_log(first.learn_key),
+                                   resume=True, progress=progress)
         concept = result.concept
-        concept.save(cache.concept(first.learn_key))
         _write_json(cache.concept_info(first.learn_key), {
             "case": first.case.id, "method": first.variant.method, "cost": asdict(cost),
-            "device": str(backbone.device), "process": process_index, "final_losses": result.history[-1] if result.history else {}})
+            "device": str(backbone.device), "process": process_index,
+            "final_losses": result.history[-1] if result.history else {}})
     for run in todo:
         log.info("%s / %s: transfer (%s)", run.case.id, run.variant.name, run.transfer_key)
         with measure(backbone.device) as cost:
