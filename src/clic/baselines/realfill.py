@@ -512,7 +512,7 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
 @torch.no_grad()
 def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
     """Generation with a RealFill concept: the inpainting model with an all-ones mask (nothing kept) is a
-    text-to-image model; sampling as :func:`clic.generate.generate` (two stages when ``cfg.base_steps`` > 0)."""
+    text-to-image model; sampling as :func:`clic.generate.generate` (two stages when ``cfg.t_s`` > 0)."""
     from ..generate import GenerateConfig, GenerateResult, fill_prompt
 
     cfg = cfg or GenerateConfig(base_steps=0)
@@ -525,7 +525,7 @@ def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
     check_prompt(prompt, concept.tokens)
     size = backbone.resolution
     blank, full = torch.zeros(3, size, size), torch.ones(1, size, size)
-    t_s = cfg.t_s if hasattr(cfg, "t_s") else cfg.base_steps     # t_s: base-stage steps
+    t_s = cfg.t_s                                                   # base-stage steps
 
     with concept_applied(backbone, concept) as (base_procs, _):
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
