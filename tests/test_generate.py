@@ -42,7 +42,7 @@ def _stock(model_dir, export_dir=None):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     if export_dir is not None:
         load_exported(pipe, export_dir)
     pipe.set_progress_bar_config(disable=True)

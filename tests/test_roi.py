@@ -7,6 +7,8 @@ std ~0.04, so after noising the UNet sees almost nothing of the image and no att
 """
 
 import json
+
+import numpy as np
 import shutil
 
 import pytest
@@ -333,3 +335,26 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path
               "--target", image, "--out", str(out)], capsys, out)
     _refused(["match", *model, "--matcher", str(tmp_path / "w.safetensors"), "--target", str(tmp_path / "nope.png"),
               "--out", str(out)], capsys, out)
+
+
+def test_cli_transfer_with_automatic_target_mask(seeing_model_dir, tmp_path, capsys):
+    """`clic transfer --mask auto --matcher W` finds M_tg with w*, writes it, and edits inside it."""
+    image, mask = _source()
+    src, msk = _png(image, tmp_path / "src.png"), _png(mask, tmp_path / "src_mask.png")
+    concept = tmp_path / "c.safetensors"
+    assert main(["learn", "--model", seeing_model_dir, "--device", "cpu", "--image", src, "--mask", msk,
+                 "--out", str(concept), "--steps", "2", "-q", "--object-class", "chair"]) == 0
+    assert main(["match", "--model", seeing_model_dir, "--device", "cpu", "--concept", str(concept), "--source", src,
+                 "--mask", msk, "--target", src, "--out", str(tmp_path / "m"), "--steps", "2", "-q"]) == 0
+    out = tmp_path / "t"
+    rc = main(["transfer", str(concept), "--model", seeing_model_dir, "--device", "cpu", "--target", src,
+               "--mask", "auto", "--matcher", str(tmp_path / "m" / "matcher.safetensors"), "--out", str(out),
+               "--steps", "4", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    auto = np.asarray(Image.open(out / "mask_auto.png").convert("L")) > 127
+    assert 0 < auto.sum() < auto.size
+    assert (out / "seed0.png").exists()
+    capsys.readouterr()
+    assert main(["transfer", str(concept), "--model", seeing_model_dir, "--target", src, "--mask", "auto",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--matcher" in capsys.readouterr().err and not (tmp_path / "no").exists()

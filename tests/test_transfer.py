@@ -59,7 +59,7 @@ def test_blending_follows_eq6_and_composite_keeps_target_pixels(backbone, concep
     # the path outside M_tg, computed here independently: noised(x_tg, t_i) with the seed's first Gaussian draw
     x_tg = backbone.encode_image(target[None])
     noise = torch.randn(x_tg.shape, generator=torch.Generator().manual_seed(7))
-    scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
+    scheduler = DDIMScheduler.from_config(backbone.scheduler_config, clip_sample=False)
     scheduler.set_timesteps(STEPS)
     outside = result.blend_mask.expand_as(x_tg) == 0
     assert outside.any() and not outside.all()
@@ -178,7 +178,7 @@ def test_matches_stock_img2img_pipeline(tiny_model_dir, backbone, concept, tmp_p
     export_diffusers(concept, backbone, tmp_path / "export")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
                                                           requires_safety_checker=False)
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)   # stochastic: same draws
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, clip_sample=False)   # stochastic: same draws
     load_exported(pipe, tmp_path / "export")
     pipe.set_progress_bar_config(disable=True)
     # the target's latent is passed in (a 4-channel image is used as is): both start from the same x_tg

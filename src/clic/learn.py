@@ -155,7 +155,8 @@ def make_config(recipe: str = "paper", **overrides) -> LearnConfig:
     unknown = set(overrides) - names
     if unknown:
         raise InputError(f"unknown option(s) {sorted(unknown)}")
-    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}, "recipe": recipe}
+    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None and k != "recipe"},
+              "recipe": recipe}
     return replace(LearnConfig(), **values)
 
 

@@ -92,10 +92,13 @@ def make_scheduler(backbone, cfg: SamplingConfig):
     """A fresh scheduler (``from_config`` of the model's) with ``cfg.steps`` timesteps set on the backbone's device.
 
     v-prediction models (SD2) need nothing else: the config carries ``prediction_type`` and ``step`` uses it.
+    ``clip_sample`` is off unless the model's config sets it (SD ships a PNDM config without the key, and DDIM's
+    default would clip x_0 to [-1, 1]; the official CLiC code and diffusers' pipelines run without clipping).
     """
     import diffusers
 
-    scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(backbone.scheduler_config)
+    config = {"clip_sample": False, **backbone.scheduler_config}
+    scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(config)
     scheduler.set_timesteps(cfg.steps, device=backbone.device)
     if len(scheduler.timesteps) != cfg.steps:  # e.g. PNDM's doubled step; refused rather than mis-indexed
         raise InputError(f"scheduler {cfg.scheduler} makes {len(scheduler.timesteps)} timesteps for {cfg.steps} steps")

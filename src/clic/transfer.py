@@ -160,7 +160,7 @@ def make_config(recipe: str = "paper", **overrides) -> TransferConfig:
     unknown = set(overrides) - names
     if unknown:
         raise InputError(f"unknown option(s) {sorted(unknown)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None and k != "recipe"}
     base = dict(RECIPES[recipe])
     if any(k in overrides for k in START_OPTIONS):
         base = {k: v for k, v in base.items() if k not in START_OPTIONS}
@@ -444,18 +444,34 @@ def cmd_transfer(args) -> None:
         raise InputError(f"{out_dir}: exists and is not a folder")
     cfg = make_config(args.recipe or "paper", **dataclass_values(args, TransferConfig))
     cfg.check()
+    auto = args.mask == "auto"
+    if auto and not args.matcher:
+        raise InputError("--mask auto needs --matcher W.safetensors (made by `clic match`)")
     concept = Concept.load(args.concept)
+    if concept.meta.get("method") == "realfill":
+        raise InputError(f"{args.concept} is a RealFill concept (inpainting model): use `clic baselines transfer`")
     backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
     concept.check_base(backbone, args.concept)
     check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
     size = backbone.resolution
     target = load_image(args.target, size)
-    mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
+    if auto:  # automatic target mask (sec. 3.3): w*'s attention on the target, thresholded
+        from .roi import MaskConfig, Matcher, auto_target_mask
+
+        matcher = Matcher.load(args.matcher, concept=concept)
+        mask = auto_target_mask(backbone, matcher, target, MaskConfig())
+        backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
+    else:
+        mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
     source = load_image(args.source, size) if args.source else None
 
     result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
     images = result.images
-    if cfg.composite and args.full_size:
+    if auto:
+        files_extra = {"mask_auto.png": to_pil(mask)}
+    else:
+        files_extra = {}
+    if cfg.composite and args.full_size and not auto:
         original, original_mask = load_original(args.target, args.mask, cfg.mask_threshold)
         if original.shape[-2:] != images.shape[-2:]:
             side = min(original.shape[-2:])
@@ -463,7 +479,7 @@ def cmd_transfer(args) -> None:
             images = paste_back(result.decoded, original, original_mask, round(radius * side / size))
 
     # everything is computed: now write (each file atomically)
-    files: dict[str, object] = {}
+    files: dict[str, object] = dict(files_extra)
     tiles, labels = ([to_pil(source)], ["source"]) if source is not None else ([], [])
     tiles += [mask_overlay(result.target, result.mask), to_pil(result.target)]
     labels += ["mask", "target"]
@@ -494,7 +510,10 @@ def register_cli(subparsers, add_model_options) -> None:
                     "(img2img); by default t_start = 15 of 50 steps.")
     p.add_argument("concept", help="concept file (.safetensors) made by `clic learn`")
     p.add_argument("--target", required=True, help="target image I_tg (any common format)")
-    p.add_argument("--mask", required=True, help="target mask M_tg (white = region to edit), same aspect ratio")
+    p.add_argument("--mask", required=True, help="target mask M_tg (white = region to edit), same aspect ratio; "
+                                                 "'auto': found by a w* token (sec. 3.3), see --matcher")
+    p.add_argument("--matcher", default=None, help="with --mask auto: the w* file made by `clic match`; the mask it "
+                                                   "finds is written as mask_auto.png")
     p.add_argument("--source", default=None, help="source image, only shown in the grid")
     p.add_argument("--out", required=True, help="output folder: seed<S>.png per seed (the edited target), grid.png "
                                                 "(source | mask | target | results, model resolution), "
