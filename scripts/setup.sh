@@ -10,4 +10,4 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 # open-clip-torch only for its CLIP BPE vocabulary file (the offline tokenizer); --no-deps keeps torchvision out.
 "${PIP[@]}" --no-deps "open_clip_torch==3.3.0"
-"${PIP[@]}" -c constraints.txt -e ".[test]"
+"${PIP[@]}" -c constraints.txt -e ".[test,ui]"
