@@ -1,0 +1,791 @@
+"""``clic ui``: the whole workflow in a local web page (Gradio).
+
+    source panel   image + painted mask M_s, OBJECT, prompt P_s    -> Learn     -> concept file (kept, downloadable)
+    target panel   image + painted (or found, sec. 3.3) mask M_tg  -> Transfer  -> results and CA(v*) overlays
+    generate panel OBJECT, number of images, t_s                   -> Generate  -> images
+
+The page is a thin shell. The jobs are the methods of :class:`Workbench`, which take numpy images and masks (what
+the page's editors hand over, see :func:`editor_image` and :func:`editor_mask`) and return files and PIL images;
+the tests call them without a browser. Every job reports its progress through a callback that may raise
+:class:`Cancelled` to stop it.
+
+One model serves one job at a time. The page queues the jobs (Gradio's queue, one concurrency group of size 1,
+which shows each waiting user their position), and a lock in :class:`Workbench` guarantees it even for a job
+cancelled in the page whose last step is still running. Learning changes the model in place (new tokens,
+trainable processors), so it always starts from a freshly loaded base model; transfer and generation restore
+the UNet's processors themselves and share one loaded copy.
+
+The default model is the bundled offline toy model (:func:`clic.demo.bundled_model`), or when none ships a tiny
+random-init model built once in the user cache (its images are noise: it shows the mechanics only);
+``--model`` takes SD1.4 or any diffusers folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ClicError, InputError
+
+log = logging.getLogger(__name__)
+
+#: colour of painted and found masks in the editors (RGB, and the alpha the found mask is drawn with)
+MASK_RGB = (255, 59, 48)
+MASK_ALPHA = 150
+MIN_IMAGE_SIDE = 16
+
+Progress = Callable[[dict], None]
+
+
+class Cancelled(ClicError):
+    """The user stopped the job."""
+
+
+# ---------------------------------------------------------------------------------------------- editor values
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 from a grey, RGB or RGBA array (RGBA composited on white, as :mod:`clic.imaging`)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise InputError(f"not an image (array of shape {arr.shape})")
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, -1)
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:].astype(np.float32) / 255.0
+        return (arr[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    return arr
+
+
+def editor_image(value, name: str = "source") -> np.ndarray:
+    """The image of an ImageEditor value (``{"background", "layers", "composite"}``) as ``(H, W, 3)`` uint8."""
+    background = value.get("background") if isinstance(value, dict) else value
+    if background is None:
+        raise InputError(f"upload a {name} image first")
+    image = _rgb(background)
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise InputError(f"the {name} image is {image.shape[1]}x{image.shape[0]} pixels; it must be at least "
+                         f"{MIN_IMAGE_SIDE} pixels on each side")
+    return image
+
+
+def editor_mask(value, name: str = "source") -> np.ndarray:
+    """The painted mask of an ImageEditor value: ``(H, W)`` bool at the background's size, True where any layer
+    has paint (alpha > 0; the eraser clears alpha). An empty mask is an :class:`InputError`."""
+    image = editor_image(value, name)
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), dtype=bool)
+    for layer in (value.get("layers") or []) if isinstance(value, dict) else []:
+        if layer is None:
+            continue
+        arr = np.asarray(layer)
+        painted = arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[-1] == 4 else _rgb(arr).max(-1) > 0
+        if painted.shape != (h, w):   # a layer of another size (e.g. a canvas larger than the image): scale it
+            painted = np.asarray(Image.fromarray(painted).resize((w, h), Image.NEAREST))
+        mask |= painted
+    if not mask.any():
+        raise InputError(f"the {name} mask is empty: paint the region on the {name} image with the brush"
+                         + (" (or press Find region)" if name == "target" else ""))
+    return mask
+
+
+def editor_value(image: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """An ImageEditor value showing ``image`` with ``mask`` as an editable painted layer."""
+    image = _rgb(image)
+    layers = []
+    composite = image
+    if mask is not None:
+        layer = np.zeros((*image.shape[:2], 4), dtype=np.uint8)
+        layer[mask] = (*MASK_RGB, MASK_ALPHA)
+        a = layer[..., 3:].astype(np.float32) / 255.0
+        composite = (image * (1 - a) + layer[..., :3] * a).round().astype(np.uint8)
+        layers = [layer]
+    return {"background": image, "layers": layers, "composite": composite}
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+
+
+def _crop_box(w: int, h: int) -> tuple[int, int, int, int]:
+    from .imaging import center_crop_box
+
+    return center_crop_box(w, h)
+
+
+def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """``(3, size, size)`` in [-1, 1]: centre crop and bicubic resize, the transform of :func:`clic.imaging.load_image`."""
+    rgb = _rgb(image)
+    pil = Image.fromarray(rgb).crop(_crop_box(rgb.shape[1], rgb.shape[0])).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def mask_tensor(mask: np.ndarray, size: int, name: str = "source", threshold: float = 0.5) -> torch.Tensor:
+    """Binary ``(1, size, size)``: the same crop as the image, area-resized, thresholded (:func:`clic.imaging.load_mask`)."""
+    from .imaging import check_mask, resize_mask
+
+    m = np.asarray(mask, dtype=np.float32)
+    if not m.any():
+        raise InputError(f"the {name} mask is empty: paint the region on the {name} image")
+    left, top, right, bottom = _crop_box(m.shape[1], m.shape[0])
+    values = resize_mask(torch.from_numpy(np.ascontiguousarray(m[top:bottom, left:right]))[None], (size, size))
+    out = (values > threshold).float()
+    try:
+        check_mask(out, f"{name} mask")
+    except InputError as exc:
+        if out.sum() == 0:   # painted, but too thin to survive the resize to the model resolution
+            raise InputError(f"the {name} mask vanishes at the model's {size}x{size} resolution (after the centre "
+                             "crop): paint a larger region") from exc
+        raise
+    return out
+
+
+def full_size_mask(mask: torch.Tensor, wh: tuple[int, int]) -> np.ndarray:
+    """A model-resolution mask ``(1, R, R)`` back on the original image: ``(H, W)`` bool, False outside the crop."""
+    w, h = wh
+    left, top, right, bottom = _crop_box(w, h)
+    square = Image.fromarray((mask.reshape(mask.shape[-2:]).float().cpu().numpy() * 255).astype(np.uint8))
+    square = np.asarray(square.resize((right - left, bottom - top), Image.BILINEAR)) >= 128
+    out = np.zeros((h, w), dtype=bool)
+    out[top:bottom, left:right] = square
+    return out
+
+
+def _fingerprint(*arrays) -> str:
+    digest = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(str(a.shape).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- the jobs
+
+
+def default_model() -> Path:
+    """The bundled toy model, else a tiny random-init model built once in the user cache."""
+    from .builder import make_model
+    from .demo import bundled_model
+
+    bundled = bundled_model()
+    if bundled is not None:
+        return bundled
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clic" / "tiny-model"
+    if not (cache / "model_index.json").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-model.", dir=cache.parent))
+        try:
+            make_model("tiny", tmp / "m")
+            (tmp / "m").rename(cache)       # atomic: another process may have built it meanwhile
+        except OSError:
+            if not (cache / "model_index.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+@dataclass
+class LearnOutput:
+    concept_path: Path
+    history: list[dict]
+    previews: list[tuple[Image.Image, str]]   # (mask overlay | CA(v*) overlay, caption)
+
+
+@dataclass
+class Workbench:
+    """The model and the jobs the page runs on it; one job at a time (``self.lock``).
+
+    Args:
+        model: diffusers folder or hub id; None: :func:`default_model`.
+        workdir: where concept files go (default: a fresh temporary folder).
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "fp32"
+    workdir: Path | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        self.model = str(self.model) if self.model is not None else str(default_model())
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="clic-ui-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._backbone = None
+        self._pristine = False     # no token added, no processor changed since loading
+        self._learned = False      # learn() left its processors on the UNet
+
+    # -- model ------------------------------------------------------------------------------------------------
+    def backbone(self, for_learning: bool = False):
+        """The loaded model: a fresh load for learning (which changes it in place); for sampling, the shared copy
+        unless a learning run left its processors on it. Call with ``self.lock`` held."""
+        from .models import load_backbone
+
+        if self._backbone is None or self._learned or (for_learning and not self._pristine):
+            self._backbone = None
+            started = time.perf_counter()
+            self._backbone = load_backbone(self.model, self.device, self.dtype)
+            log.info("loaded %s in %.1f s", self.model, time.perf_counter() - started)
+            self._pristine, self._learned = True, False
+        if for_learning:
+            self._learned = True
+        self._pristine = False
+        return self._backbone
+
+    def load(self):
+        """Load the model now if it is not loaded (fails early on a bad ``--model``); marks nothing as used."""
+        with self.lock:
+            if self._backbone is None:
+                self.backbone()
+                self._pristine = True
+            return self._backbone
+
+    @property
+    def offline_model(self) -> bool:
+        """True on the toy/tiny models (defaults scaled like ``clic demo``)."""
+        name = Path(self.model).name
+        return "tiny" in name or "toy" in name
+
+    def defaults(self) -> dict:
+        """Starting values of the page's fields: the paper's, with ``clic demo``'s shorter run on the offline model."""
+        from .learn import LearnConfig
+
+        cfg = LearnConfig()
+        return {"steps": 100 if self.offline_model else cfg.steps,
+                "lr": 1e-3 if "tiny" in Path(self.model).name else cfg.lr,
+                "alpha": cfg.alpha, "lambda_att": cfg.lambda_att, "lambda_roi": cfg.lambda_roi,
+                "match_steps": 100 if self.offline_model else 500}
+
+    def _new_path(self, stem: str, suffix: str) -> Path:
+        return self.workdir / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+
+    # -- learn (sec. 3.1) -------------------------------------------------------------------------------------
+    def learn(self, image: np.ndarray, mask: np.ndarray, object_class: str = "object", prompt: str | None = None,
+              steps: int | None = None, lr: float | None = None, alpha: float | None = None,
+              lambda_att: float | None = None, lambda_roi: float | None = None, seed: int = 0,
+              callback: Progress | None = None) -> LearnOutput:
+        """Learn v* from an image ``(H, W, 3|4)`` and its mask ``(H, W)``; the concept file goes to the workdir.
+
+        ``callback`` gets ``{"step", "total", "loss", "l_con", "l_att", "l_roi", ...}`` after every step."""
+        from .imaging import heat_overlay, mask_overlay
+        from .learn import learn, make_config
+        from .maps import token_attention_maps
+
+        object_class = (object_class or "").strip() or "object"
+        d = self.defaults()
+        cfg = make_config(object_class=object_class, prompt=(prompt or "").strip() or None,
+                          steps=int(steps or d["steps"]), lr=lr or d["lr"], alpha=alpha, lambda_att=lambda_att,
+                          lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
+        cfg.check()
+        with self.lock:
+            backbone = self.backbone(for_learning=True)
+            size = backbone.resolution
+            pixels = image_tensor(image, size)
+            m = mask_tensor(mask, size, "source")
+            out = self._new_path(_slug(object_class), ".safetensors")
+
+            def on_step(step: int, record: dict) -> None:
+                if callback is not None:
+                    callback({**record, "total": cfg.steps})
+
+            result = learn(backbone, [pixels], [m], cfg, out_path=out, progress=False, callback=on_step)
+            maps = token_attention_maps(backbone, backbone.encode_image(pixels[None].to(backbone.device)),
+                                        result.concept.meta["prompt"], result.concept.tokens, seed=cfg.seed)
+        token = result.concept.tokens[0]
+        previews = [(mask_overlay(pixels, m), "mask M_s"), (heat_overlay(pixels, maps[0]), f"CA({token})")]
+        return LearnOutput(out, result.history, previews)
+
+    # -- transfer (sec. 3.2) ----------------------------------------------------------------------------------
+    def transfer(self, concept_path, image: np.ndarray, mask: np.ndarray, t_start: int | None = None,
+                 eta: float | None = None, seed: int = 0, num: int = 1, steps: int = 50, prompt: str | None = None,
+                 guidance_scale: float | None = None, callback: Progress | None = None
+                 ) -> list[tuple[Image.Image, str]]:
+        """Results of transferring the concept into ``mask`` of ``image``: per seed, the result and v*'s attention
+        (averaged over the steps) over it, as ``(image, caption)`` pairs."""
+        from .imaging import heat_overlay, to_pil
+        from .transfer import make_config, transfer
+
+        concept = _load_concept(concept_path)
+        cfg = make_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
+                          seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
+                          guidance_scale=guidance_scale)
+        cfg.check()
+        start = cfg.start_step()
+        with self.lock:
+            backbone = self.backbone()
+            concept.check_base(backbone, "the concept")
+            size = backbone.resolution
+            target = image_tensor(image, size)
+            m = mask_tensor(mask, size, "target")
+            total = (cfg.steps - start) * int(num)
+            done = [0]
+
+            def on_step(info: dict) -> None:
+                done[0] += 1
+                if callback is not None:
+                    callback({"step": done[0], "total": total, "seed": info["seeds"][0]})
+
+            result = transfer(backbone, concept, target, m, cfg, progress=False, callback=on_step)
+        out = []
+        for k, s in enumerate(result.seeds):
+            out.append((to_pil(result.images[k]), f"seed {s}"))
+            out.append((heat_overlay(result.images[k], result.attention[:, k].mean((0, 1))),
+                        f"seed {s}: CA({result.tokens[0]})"))
+        return out
+
+    # -- generate (sec. 4.1) ----------------------------------------------------------------------------------
+    def generate(self, concept_path, object_class: str | None = None, num: int = 4, base_steps: int = 5,
+                 seed: int = 0, steps: int = 50, callback: Progress | None = None) -> list[tuple[Image.Image, str]]:
+        """Two-stage generation: the first ``base_steps`` (t_s) steps with the base model."""
+        from .generate import GenerateConfig, generate
+        from .imaging import to_pil
+
+        concept = _load_concept(concept_path)
+        cfg = GenerateConfig(object_class=(object_class or "").strip() or None, num=int(num), seeds=(int(seed),),
+                             base_steps=int(base_steps), steps=int(steps))
+        cfg.check()
+        with self.lock:
+            backbone = self.backbone()
+            concept.check_base(backbone, "the concept")
+            total = cfg.steps * int(num)
+            done = [0]
+
+            def on_step(info: dict) -> None:
+                done[0] += len(info["seeds"])
+                if callback is not None:
+                    callback({"step": done[0], "total": total, "stage": info["stage"]})
+
+            result = generate(backbone, concept, cfg, progress=False, callback=on_step)
+        return [(to_pil(result.images[k]), f"seed {s}") for k, s in enumerate(result.seeds)]
+
+    # -- find region (sec. 3.3) -------------------------------------------------------------------------------
+    def learn_matcher(self, concept_path, source: np.ndarray, source_mask: np.ndarray, steps: int | None = None,
+                      callback: Progress | None = None) -> Path:
+        """w* learned on the source image and mask under the concept (the first half of "Find region")."""
+        roi = _roi_module()
+        concept = _load_concept(concept_path)
+        d = self.defaults()
+        steps = int(steps or d["match_steps"])
+        cfg = roi.MatchConfig(steps=steps, lr=d["lr"])
+        with self.lock:
+            backbone = self.backbone()
+            concept.check_base(backbone, "the concept")
+            size = backbone.resolution
+
+            def on_step(step: int, record: dict) -> None:
+                if callback is not None:
+                    callback({**record, "total": steps})
+
+            matcher = roi.learn_matcher(backbone, concept, image_tensor(source, size),
+                                        mask_tensor(source_mask, size, "source"), cfg, concept_path=concept_path,
+                                        progress=False, callback=on_step)
+        return matcher.save(self._new_path("matcher", ".safetensors"))
+
+    def find_region(self, matcher_path, concept_path, target: np.ndarray) -> np.ndarray:
+        """M_tg found by w* on ``target (H, W, 3)``: ``(H, W)`` bool (False outside the centre crop)."""
+        roi = _roi_module()
+        concept = _load_concept(concept_path)
+        matcher = roi.Matcher.load(matcher_path, concept)
+        with self.lock:
+            backbone = self.backbone()
+            m = roi.auto_target_mask(backbone, matcher, image_tensor(target, backbone.resolution))
+        rgb = _rgb(target)
+        mask = full_size_mask(m, (rgb.shape[1], rgb.shape[0]))
+        if not mask.any():
+            raise InputError("no region found on the target: paint the mask by hand")
+        return mask
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+    return (keep or "concept")[:32]
+
+
+def _load_concept(path):
+    from .concept import Concept
+
+    if not path:
+        raise InputError("no concept yet: learn one in the source panel, or upload a concept file")
+    return Concept.load(path)
+
+
+def _roi_module():
+    try:
+        from . import roi
+    except ImportError as exc:      # pragma: no cover - roi ships with the package
+        raise InputError(f"automatic target masks are not available in this installation ({exc})") from exc
+    missing = [n for n in ("learn_matcher", "auto_target_mask", "Matcher", "MatchConfig") if not hasattr(roi, n)]
+    if missing:
+        raise InputError("automatic target masks are not available in this version of clic: paint the mask by hand")
+    return roi
+
+
+# ---------------------------------------------------------------------------------------------- running a job
+
+
+def run_job(work: Callable[[Progress], object], stop: threading.Event, poll: float = 0.2):
+    """Run ``work(report)`` in a thread; yield ``("progress", info)`` for each report and ``("done", result)`` at
+    the end (its exception is re-raised here). Once ``stop`` is set, the next report raises :class:`Cancelled` in
+    the worker; closing this generator (a cancelled page event) sets ``stop`` too."""
+    events: queue.Queue = queue.Queue()
+
+    def report(info: dict) -> None:
+        if stop.is_set():
+            raise Cancelled(f"cancelled at step {info.get('step', '?')}")
+        events.put(("progress", info))
+
+    def target():
+        try:
+            events.put(("done", work(report)))
+        except BaseException as exc:   # handed to the page's thread
+            events.put(("error", exc))
+
+    thread = threading.Thread(target=target, name="clic-ui-job", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, payload = events.get(timeout=poll)
+            except queue.Empty:
+                yield ("wait", None)
+                continue
+            if kind == "error":
+                raise payload
+            yield kind, payload
+            if kind == "done":
+                return
+    finally:
+        stop.set()
+
+
+def message(exc: BaseException) -> str:
+    """What the page shows for an exception: a library error's own message, never a stack trace."""
+    if isinstance(exc, ClicError):
+        return str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "the GPU ran out of memory; try fewer results or a smaller model"
+    log.error("job failed", exc_info=exc)
+    return f"unexpected error ({exc.__class__.__name__}: {exc}); details are in the server's log"
+
+
+def loss_line(info: dict) -> str:
+    return (f"step {info['step']}/{info['total']}  loss {info['loss']:.4f}  (l_con {info['l_con']:.4f}, "
+            f"l_att {info['l_att']:.4f}, l_roi {info['l_roi']:.4f})")
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+CSS = """
+#clic-header p { margin: 0; }
+.clic-status { min-height: 2.2em; font-family: ui-monospace, monospace; font-size: 0.9em; }
+"""
+
+
+gr = None   # gradio, imported by build_app(): clic's other commands do not need it
+
+
+def build_app(bench: Workbench):
+    """The Gradio page on ``bench`` (not launched). Queue: one job at a time, in concurrency group "model"."""
+    global gr   # module-level, so that Gradio can resolve the handlers' ``gr.Request`` annotations
+    import gradio as gr
+
+    d = bench.defaults()
+    stops: dict[str, threading.Event] = {}
+
+    def stop_event(request: gr.Request | None) -> threading.Event:
+        key = getattr(request, "session_hash", None) or "default"
+        stops[key] = threading.Event()
+        return stops[key]
+
+    def cancel(request: gr.Request):
+        # the job's own generator reports "Stopped: cancelled at step N" once its worker has stopped
+        event = stops.get(getattr(request, "session_hash", None) or "default")
+        if event is not None:
+            event.set()
+
+    def stream(name: str, work, on_progress, progress, request, n_outputs: int):
+        """Drive ``run_job`` for a page event. ``work(report)`` returns ``(status, {output index: value})``; the
+        status box is output 0 and shows progress (``on_progress(info)``) and messages; errors also as a toast."""
+        def row(status: str, values: dict | None = None) -> list:
+            out = [status] + [gr.skip()] * (n_outputs - 1)
+            for index, value in (values or {}).items():
+                out[index] = value
+            return out
+
+        started = time.perf_counter()
+        log.info("%s started", name)
+        try:
+            for kind, payload in run_job(work, stop_event(request)):
+                if kind == "progress":
+                    progress((payload["step"], payload["total"]), unit="steps")
+                    yield row(on_progress(payload))
+                elif kind == "done":
+                    log.info("%s done in %.1f s", name, time.perf_counter() - started)
+                    yield row(*payload)
+        except Exception as exc:
+            text = message(exc)
+            log.info("%s stopped after %.1f s: %s", name, time.perf_counter() - started, text)
+            if isinstance(exc, Cancelled):
+                gr.Warning(html.escape(text))
+                yield row(f"Stopped: {text}")
+                return
+            # a toast plus the status box; not gr.Error, which would cover the outputs (and the status) with "Error"
+            gr.Warning(html.escape(text), duration=20, title="Error")
+            yield row(f"Error: {text}")
+
+    # -- handlers: each runs work(report) -> (status, {output index: value}) through stream() -----------------
+    def on_learn(editor, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi, seed, state,
+                 request: gr.Request, progress=gr.Progress()):
+        def work(report):
+            image, mask = editor_image(editor, "source"), editor_mask(editor, "source")
+            out = bench.learn(image, mask, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi, seed,
+                              callback=report)
+            last = out.history[-1]
+            name = out.concept_path.name
+            return (f"Learned {name}: {loss_line({**last, 'total': last['step']})}",
+                    {1: str(out.concept_path), 2: out.previews,
+                     3: {**(state or {}), "concept": str(out.concept_path), "matcher": None},
+                     4: f"Concept: {name} (learned here)"})
+
+        # outputs: status, concept file, previews, state, concept name
+        yield from stream("learn", work, loss_line, progress, request, 5)
+
+    def on_upload_concept(file, state):
+        if file is None:
+            return gr.skip(), gr.skip()
+        from .concept import Concept
+
+        try:
+            concept = Concept.load(file)
+        except ClicError as exc:
+            gr.Warning(html.escape(message(exc)), duration=20, title="Error")
+            return gr.skip(), f"Error: {message(exc)}"
+        return ({**(state or {}), "concept": str(file), "matcher": None},
+                f"Concept: {Path(file).name} (uploaded; tokens {' '.join(concept.tokens)}, object "
+                f"{concept.meta.get('object_class', '?')})")
+
+    def on_find(target_editor, source_editor, match_steps, state, request: gr.Request, progress=gr.Progress()):
+        state = state or {}
+
+        def work(report):
+            concept = state.get("concept")
+            target = editor_image(target_editor, "target")
+            _load_concept(concept)
+            try:
+                source, source_mask = editor_image(source_editor, "source"), editor_mask(source_editor, "source")
+            except InputError as exc:
+                raise InputError("Find region learns a token w* on the source image and its mask (paper sec. 3.3): "
+                                 f"keep them in the source panel ({exc})") from None
+            # w* depends on the concept, the source and its mask: learned once, reused for every target
+            key = f"{concept}:{_fingerprint(source, source_mask)}:{int(match_steps or 0)}"
+            matcher = state.get("matcher")
+            if not matcher or state.get("matcher_key") != key or not Path(matcher).is_file():
+                matcher = str(bench.learn_matcher(concept, source, source_mask, match_steps, callback=report))
+            mask = bench.find_region(matcher, concept, target)
+            return (f"Region found ({mask.mean():.0%} of the image): correct it with the brush and eraser",
+                    {1: editor_value(target, mask), 2: {**state, "matcher": matcher, "matcher_key": key}})
+
+        # outputs: status, target editor, state
+        yield from stream("find region", work,
+                          lambda i: f"learning w*: step {i['step']}/{i['total']}  l_att {i['l_att']:.4f}",
+                          progress, request, 3)
+
+    def on_transfer(editor, t_start, eta, seed, num, steps, prompt, guidance, state, request: gr.Request,
+                    progress=gr.Progress()):
+        def work(report):
+            image, mask = editor_image(editor, "target"), editor_mask(editor, "target")
+            results = bench.transfer((state or {}).get("concept"), image, mask, t_start, eta, seed, num, steps,
+                                     prompt, guidance, callback=report)
+            return f"Transferred: {len(results) // 2} result(s)", {1: results}
+
+        yield from stream("transfer", work, lambda i: f"transfer: step {i['step']}/{i['total']}", progress,
+                          request, 2)
+
+    def on_generate(object_class, num, base_steps, seed, steps, state, request: gr.Request, progress=gr.Progress()):
+        def work(report):
+            images = bench.generate((state or {}).get("concept"), object_class, num, base_steps, seed, steps,
+                                    callback=report)
+            return f"Generated {len(images)} image(s)", {1: images}
+
+        yield from stream("generate", work,
+                          lambda i: f"generate ({i['stage']} stage): step {i['step']}/{i['total']}",
+                          progress, request, 2)
+
+    def editor(label: str, elem_id: str):
+        return gr.ImageEditor(label=label, elem_id=elem_id, type="numpy", image_mode="RGBA", sources=("upload",),
+                              transforms=(), layers=False, format="png", height=420,
+                              brush=gr.Brush(colors=[(f"rgb{MASK_RGB}", 0.6)], color_mode="fixed"),
+                              eraser=gr.Eraser())
+
+    def status_box(elem_id: str, value: str = ""):
+        # a read-only text box, not Markdown: messages hold <v*>, which Markdown would take for HTML
+        return gr.Textbox(value, show_label=False, interactive=False, container=False, elem_id=elem_id,
+                          elem_classes="clic-status")
+
+    def prefill(object_class):
+        from .generate import with_article
+
+        return f"{with_article((object_class or '').strip() or 'object')} with <v*> style"
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    with gr.Blocks(title="CLiC", analytics_enabled=False) as app:
+        state = gr.State({})
+        note = (" (a tiny random-init model: it shows the mechanics, its images are noise; start with `--model` "
+                "for Stable Diffusion)" if "tiny" in Path(bench.model).name else "")
+        gr.Markdown(f"## CLiC: Concept Learning in Context\nModel: `{Path(bench.model).name}`{note}. Jobs run one "
+                    "at a time; a waiting job shows its place in the queue.", elem_id="clic-header")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                gr.Markdown("### 1. Source: learn the concept v*\nUpload an image and paint the concept's region "
+                            "(brush; eraser to correct).")
+                src = editor("Source image and mask M_s", "source-editor")
+                with gr.Row():
+                    object_class = gr.Textbox("object", label="Object class (OBJECT)", elem_id="object-class")
+                    prompt = gr.Textbox(prefill("object"), label="Prompt P_s (must contain <v*>)", elem_id="prompt")
+                object_class.change(prefill, object_class, prompt, queue=False, show_progress="hidden")
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        steps = gr.Number(d["steps"], label="Steps (paper: 500)", precision=0, minimum=1,
+                                          elem_id="learn-steps")
+                        lr = gr.Number(d["lr"], label="Learning rate (paper: 1e-5)", minimum=0)
+                        seed_l = gr.Number(0, label="Seed", precision=0)
+                    with gr.Row():
+                        alpha = gr.Slider(0, 1, d["alpha"], step=0.05, label="alpha of the soft mask (eq. 2)")
+                        lambda_att = gr.Slider(0, 2, d["lambda_att"], step=0.05, label="lambda_att (eq. 5)")
+                        lambda_roi = gr.Slider(0, 2, d["lambda_roi"], step=0.05, label="lambda_RoI (eq. 5)")
+                with gr.Row():
+                    learn_btn = gr.Button("Learn", variant="primary", elem_id="learn-btn")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                learn_status = status_box("learn-status")
+                previews = gr.Gallery(label="Mask and v*'s attention on the source", columns=2, height=200,
+                                      elem_id="learn-preview")
+                concept_name = status_box("concept-name", "Concept: none yet")
+                with gr.Row():
+                    concept_file = gr.File(label="Concept file (download)", interactive=False,
+                                           elem_id="concept-file")
+                    concept_upload = gr.File(label="...or upload a concept file", file_types=[".safetensors"],
+                                             type="filepath", elem_id="concept-upload")
+            with gr.Column():
+                gr.Markdown("### 2. Target: transfer v*\nUpload an image and paint the region to edit, or press "
+                            "Find region (sec. 3.3) and correct what it found.")
+                tgt = editor("Target image and mask M_tg", "target-editor")
+                with gr.Row():
+                    t_start = gr.Slider(0, 49, 15, step=1, label="t_start (of the steps; paper: 5..15 of 50)",
+                                        elem_id="t-start")
+                    eta = gr.Slider(0, 10, 1.0, step=0.1, label="eta, attention guidance (eq. 7)", elem_id="eta")
+                with gr.Row():
+                    seed_t = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    num_t = gr.Slider(1, 8, 1, step=1, label="Number of results", elem_id="num-results")
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        steps_t = gr.Number(50, label="Denoising steps", precision=0, minimum=1, elem_id="t-steps")
+                        guidance = gr.Number(7.5, label="CFG scale")
+                        match_steps = gr.Number(d["match_steps"], label="Find region: w* steps (paper: 500)",
+                                                precision=0, minimum=1, elem_id="match-steps")
+                    prompt_t = gr.Textbox("", label="Prompt (default: the concept's)")
+                with gr.Row():
+                    find_btn = gr.Button("Find region", elem_id="find-btn")
+                    transfer_btn = gr.Button("Transfer", variant="primary", elem_id="transfer-btn")
+                    cancel_t = gr.Button("Cancel", variant="stop", elem_id="cancel-transfer-btn")
+                transfer_status = status_box("transfer-status")
+                results = gr.Gallery(label="Results and v*'s attention", columns=4, height=300,
+                                     elem_id="transfer-results")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### 3. Generate new objects with v* (two-stage sampling, sec. 4.1)")
+                with gr.Row():
+                    gen_object = gr.Textbox("", label="Object (default: the concept's)", elem_id="gen-object")
+                    gen_num = gr.Slider(1, 8, 4, step=1, label="Number of images")
+                    gen_ts = gr.Slider(0, 50, 5, step=1, label="t_s: base-model steps (paper: 5)")
+                    gen_seed = gr.Number(0, label="Seed", precision=0)
+                    gen_steps = gr.Number(50, label="Steps", precision=0, minimum=1)
+                with gr.Row():
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    cancel_g = gr.Button("Cancel", variant="stop")
+                gen_status = status_box("generate-status")
+                gen_gallery = gr.Gallery(label="Generated", columns=8, height=220, elem_id="generate-results")
+
+        # -- events: the model jobs share one concurrency group of size 1 ---------------------------------------
+        job = dict(concurrency_id="model", concurrency_limit=1)
+        learn_btn.click(on_learn, [src, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi,
+                                               seed_l, state],
+                                    [learn_status, concept_file, previews, state, concept_name], **job)
+        find_btn.click(on_find, [tgt, src, match_steps, state], [transfer_status, tgt, state], **job)
+        transfer_btn.click(on_transfer, [tgt, t_start, eta, seed_t, num_t, steps_t, prompt_t,
+                                                        guidance, state], [transfer_status, results], **job)
+        gen_btn.click(on_generate, [gen_object, gen_num, gen_ts, gen_seed, gen_steps, state],
+                                [gen_status, gen_gallery], **job)
+        # Cancel sets the session's stop flag: the job stops after its current step and frees the model (Gradio's
+        # own `cancels=` would drop the event at once, with the step still running and no message)
+        for button in (cancel_btn, cancel_t, cancel_g):
+            button.click(cancel, None, None, queue=False, show_progress="hidden")
+        concept_upload.upload(on_upload_concept, [concept_upload, state], [state, concept_name], queue=False)
+        steps_t.change(lambda n, t: gr.update(maximum=max(int(n or 1) - 1, 0), value=min(t, max(int(n or 1) - 1, 0))),
+                       [steps_t, t_start], t_start, queue=False, show_progress="hidden")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True):
+    """Build and start the page; returns the Gradio app (``block=False``: the server runs in a thread)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(bench)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
+               show_error=False, css=CSS, allowed_paths=[str(bench.workdir)], footer_links=[])
+    if block:
+        print(f"clic ui: {app.local_url}{f'  public link: {app.share_url}' if share else ''}  (model {bench.model}; "
+              "Ctrl+C stops)", flush=True)
+        app.block_thread()
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cmd_ui(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ClicError("the web UI needs gradio: pip install 'clic-diffusion[ui]'") from None
+    if args.port is not None and not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    bench = Workbench(args.model, args.device, args.dtype)
+    bench.load()
+    launch(bench, args.host, args.port, args.share)
+
+
+def register_cli(subparsers, add_model_options) -> None:
+    p = subparsers.add_parser(
+        "ui", help="a local web page: paint masks, learn, transfer and generate (needs the [ui] extra)",
+        description="Starts a Gradio app on this machine. Runs on the bundled offline model unless --model is "
+                    "given; jobs run one at a time.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
+    p.add_argument("--model", default=None, help="diffusers folder or hub id, e.g. CompVis/stable-diffusion-v1-4 "
+                                                 "(default: the bundled offline model)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="precision of the frozen parts (default: fp32)")
+    p.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
+    p.set_defaults(func=cmd_ui)
