@@ -1,0 +1,220 @@
+"""End to end in a real browser: Debian's headless Chromium driven by Playwright against ``clic ui`` on the tiny
+model (the command itself, in a subprocess on a free localhost port).
+
+One user session, as a person would click it: an empty mask gives the error message in the page; learning can be
+cancelled; paint a mask, learn 3 steps, get the concept file; upload a target, Find region, paint more, transfer,
+and see the results. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer.
+
+Playwright cannot download its own browsers here: it always runs /usr/bin/chromium (``apt-get install chromium``).
+"""
+
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "clic" / "assets" / "examples"
+TIMEOUT_MS = 120_000
+
+pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
+              pytest.mark.filterwarnings("ignore:::gradio.*")]   # pandas deprecations inside Gradio's queue
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_model_dir, tmp_path_factory):
+    """``clic ui`` on the tiny model in a subprocess (one torch thread: the browser needs the other core)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ui-browser") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "clic", "ui", "--model", tiny_model_dir, "--device", "cpu",
+                                   "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"clic ui did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+    yield url
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+# ---------------------------------------------------------------------------------------------- page helpers
+
+
+def paint(page, editor: str, rows: int = 3) -> None:
+    """Drag the mouse over the middle of the editor's canvas in a zig-zag (the brush is the active tool). Few
+    mouse events: the editor redraws its canvas on each, slowly in a software-rendered headless browser."""
+    box = page.locator(f"{editor} canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 50, cy - 20)
+    page.mouse.down()
+    for k in range(rows):
+        y = cy - 20 + 12 * k
+        page.mouse.move(cx + 50, y, steps=2)
+        page.mouse.move(cx - 50, y + 6, steps=2)
+    page.mouse.up()
+
+
+def set_number(page, selector: str, value) -> None:
+    """Type into a number field; Gradio takes the value when the field loses focus. A field in an accordion that
+    was just opened may still be reset to its initial value as it mounts: then type again."""
+    field = page.locator(f"{selector} input").first
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Tab")
+        page.wait_for_timeout(300)
+        if field.input_value() == str(value):
+            return
+    raise AssertionError(f"{selector} keeps {field.input_value()!r}, not {value}")
+
+
+def status(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea").input_value()
+
+
+def click_and_wait(page, button: str, elem_id: str, pattern: str, timeout: int = TIMEOUT_MS) -> str:
+    """Click ``button``, then wait until the status box says something new that matches the regular expression
+    ``pattern`` (from its start); return its text. On a timeout the assertion shows what the box says."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    before = status(page, elem_id)
+    page.locator(button).click()
+    try:
+        page.wait_for_function(
+            "([id, pattern, before]) => { const t = document.querySelector('#' + id + ' textarea');"
+            "  return t && t.value !== before && new RegExp('^(' + pattern + ')').test(t.value); }",
+            arg=[elem_id, pattern, before], timeout=timeout)
+    except PlaywrightTimeout:
+        raise AssertionError(f"#{elem_id} still says {status(page, elem_id)!r} after {timeout / 1000:.0f} s, "
+                             f"waiting for {pattern!r}") from None
+    return status(page, elem_id)
+
+
+def upload(page, editor: str, path) -> None:
+    """Upload into an ImageEditor and wait until the editor shows it (it then selects the brush by itself)."""
+    page.locator(f"{editor} input[type=file]").set_input_files(str(path))
+    page.locator(f"{editor} button[aria-label='Brush'].highlight").wait_for()
+    page.wait_for_timeout(300)
+
+
+def open_advanced(page, index: int) -> None:
+    page.get_by_text("Advanced", exact=True).nth(index).click()
+    page.wait_for_timeout(500)
+
+
+# ---------------------------------------------------------------------------------------------- the test
+
+
+def test_learn_and_transfer_in_chromium(page_url, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    started = time.perf_counter()
+    laps = []
+
+    def lap(name):
+        laps.append(f"{name} {time.perf_counter() - started:.0f}s")
+
+    target_path = tmp_path / "target.png"
+    chair = np.asarray(Image.open(EXAMPLES / "chair.png").convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(chair[:, ::-1])).resize((240, 200)).save(target_path)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    if os.environ.get("CLIC_UI_DEBUG"):
+        page.on("request", lambda r: print(f"{time.perf_counter() - started:.1f}s {r.method} {r.url}"))
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(page_url)
+    page.locator("#source-editor").wait_for()
+
+    # 1. An empty mask: the message is in the page (status box and Gradio's error toast), not a stack trace.
+    upload(page, "#source-editor", EXAMPLES / "chair.png")
+    text = click_and_wait(page, "#learn-btn", "learn-status", "Error")
+    assert text.startswith("Error: the source mask is empty: paint the region"), text
+    page.locator(".toast-body", has_text="the source mask is empty").first.wait_for()
+    assert "Traceback" not in page.content()
+
+    lap("error")
+    # 2. Paint the concept's region; a long run can be cancelled.
+    paint(page, "#source-editor")
+    page.locator("#object-class textarea").fill("chair")
+    page.locator("#object-class textarea").press("Tab")
+    expect(page.locator("#prompt textarea")).to_have_value("a chair with <v*> style")
+    open_advanced(page, 0)
+    set_number(page, "#learn-steps", 5000)
+    text = click_and_wait(page, "#learn-btn", "learn-status", "step|Error")
+    assert re.match(r"step \d+/5000  loss [\d.]+  \(l_con [\d.]+, l_att [\d.]+, l_roi [\d.]+\)$", text), text
+    assert click_and_wait(page, "#cancel-btn", "learn-status", "Stopped|Error").startswith("Stopped: cancelled at step")
+
+    lap("cancel")
+    # 3. Learn 3 steps: the concept file is offered for download.
+    set_number(page, "#learn-steps", 3)
+    text = click_and_wait(page, "#learn-btn", "learn-status", "Learned|Error")
+    assert text.startswith("Learned chair-") and "step 3/3" in text, text
+    assert page.locator("#concept-file a", has_text=".safetensors").count() >= 1 or \
+        ".safetensors" in page.locator("#concept-file").inner_text()
+    assert page.locator("#learn-preview img").count() >= 2
+
+    lap("learn")
+    # 4. Target: Find region (w* for 3 steps), then paint more by hand, transfer 5 of 10 steps.
+    upload(page, "#target-editor", target_path)
+    open_advanced(page, 1)
+    set_number(page, "#match-steps", 3)
+    set_number(page, "#t-steps", 10)
+    set_number(page, "#t-start", 5)
+    assert click_and_wait(page, "#find-btn", "transfer-status", "Region found|Error").startswith("Region found")
+    page.wait_for_timeout(500)
+    page.locator("#target-editor button[aria-label='Brush']").click()
+    page.locator("#target-editor button[aria-label='Brush'].highlight").wait_for()
+    paint(page, "#target-editor", rows=2)
+    text = click_and_wait(page, "#transfer-btn", "transfer-status", "Transferred|Error")
+    assert text == "Transferred: 1 result(s)", text
+    gallery = page.locator("#transfer-results img")
+    gallery.nth(1).wait_for()
+    assert gallery.count() >= 2
+    assert page.evaluate("() => [...document.querySelectorAll('#transfer-results img')]"
+                         ".every(im => im.complete && im.naturalWidth > 0)")
+
+    lap("transfer")
+    shot = tmp_path / "ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("CLIC_UI_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["CLIC_UI_SCREENSHOT"])
+    page.close()
+    print(f"browser test: {', '.join(laps)}")
