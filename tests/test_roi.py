@@ -62,16 +62,6 @@ def _box_baseline(mask):
     return sum(scores) / len(scores)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: the tiny model's ops are too small to gain from more, and on a shared
-    CPU two spinning threads made these tests up to 10x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def seeing_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with the VAE scaling factor that gives unit-variance latents (see the module docstring)."""

@@ -21,15 +21,6 @@ from clic.transfer import TransferConfig, feather_mask, make_config, transfer
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; one thread also keeps a busy machine usable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def concept_path(tiny_model_dir, tmp_path_factory):
     backbone = load_backbone(tiny_model_dir, device="cpu")

@@ -19,8 +19,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 ASSETS = resources.files("clic") / "assets"
 EXAMPLE = {"source": "toy_source.png", "source_mask": "toy_source_mask.png",
            "target": "toy_target.png", "target_mask": "toy_target_mask.png"}
@@ -161,7 +159,7 @@ def register_cli(sub, add_model_options) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     def run(args):
-        report = run_demo(args.out, args.model, args.steps, args.sample_steps, args.device, progress=not args.quiet)
+        run_demo(args.out, args.model, args.steps, args.sample_steps, args.device, progress=not args.quiet)
         print((Path(args.out) / "report.md").read_text())
 
     p.set_defaults(func=run)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -206,6 +205,28 @@ def _load_checkpoint(path: Path, params: list[torch.Tensor], optimizer, generato
     return int(meta["step"])
 
 
+def open_run(out_path, log_path, resume: bool, params, optimizer, generator, cfg_json: str):
+    """Start or resume a training run: ``(checkpoint path, last finished step, earlier log records, open log file)``.
+
+    With ``resume`` and an existing ``<out>.ckpt``, parameters, optimiser and RNG state are restored and the log is
+    rewritten up to the checkpoint's step, so the continued run ends as the uninterrupted one would.
+    """
+    ckpt = _checkpoint_path(Path(out_path)) if out_path else None
+    start, history = 0, []
+    if resume and ckpt is not None and ckpt.is_file():
+        start = _load_checkpoint(ckpt, params, optimizer, generator, cfg_json)
+        log.info("resumed from %s at step %d", ckpt, start)
+        if log_path and Path(log_path).is_file():
+            history = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if r["step"] <= start]
+    log_file = None
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w")
+        for record in history:
+            log_file.write(json.dumps(record) + "\n")
+    return ckpt, start, history, log_file
+
+
 # ---------------------------------------------------------------------------------------------- learning
 
 
@@ -317,20 +338,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     # 3. Resume.
     cfg_json = json.dumps(asdict(cfg), sort_keys=True, default=str)
     generator = torch.Generator().manual_seed(cfg.seed)
-    ckpt = _checkpoint_path(Path(out_path)) if out_path else None
-    start = 0
-    history: list[dict] = []
-    if resume and ckpt is not None and ckpt.is_file():
-        start = _load_checkpoint(ckpt, params, optimizer, generator, cfg_json)
-        log.info("resumed from %s at step %d", ckpt, start)
-        if log_path and Path(log_path).is_file():
-            history = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if r["step"] <= start]
-    log_file = None
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w")
-        for record in history:
-            log_file.write(json.dumps(record) + "\n")
+    ckpt, start, history, log_file = open_run(out_path, log_path, resume, params, optimizer, generator, cfg_json)
 
     # 4. The loop.
     from tqdm.auto import tqdm

@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -211,7 +210,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
         backbone: an inpainting :class:`clic.models.Backbone` (9-channel UNet), modified in place.
         images: ``(3, R, R)`` source images in [-1, 1]; masks: ``(1, R, R)`` binary M_s, one per image.
     """
-    from ..learn import _checkpoint_path, _load_checkpoint, _save_checkpoint  # shared with clic.learn
+    from ..learn import _save_checkpoint, open_run  # shared with clic.learn
 
     cfg = cfg or RealFillConfig()
     if len(images) != len(masks) or not images:
@@ -253,18 +252,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
     # 3. Resume.
     cfg_json = json.dumps(asdict(cfg), sort_keys=True, default=str)
     generator = torch.Generator().manual_seed(cfg.seed)
-    ckpt = _checkpoint_path(Path(out_path)) if out_path else None
-    start, history = 0, []
-    if resume and ckpt is not None and ckpt.is_file():
-        start = _load_checkpoint(ckpt, params, optimizer, generator, cfg_json)
-        if log_path and Path(log_path).is_file():
-            history = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if r["step"] <= start]
-    log_file = None
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w")
-        for record in history:
-            log_file.write(json.dumps(record) + "\n")
+    ckpt, start, history, log_file = open_run(out_path, log_path, resume, params, optimizer, generator, cfg_json)
 
     # 4. The loop.
     from tqdm.auto import tqdm

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from .world import CLASSES, PATTERNABLE_PARTS, PATTERNS, Scene, render_scene
+from .world import PATTERNABLE_PARTS, PATTERNS, Scene, render_scene
 
 __all__ = [
     "LABELS",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import PATTERNS, Scene, sample_scenes
+from .world import Scene, sample_scenes
 
 __all__ = ["part_mask_image", "contact_sheet", "write_contact_sheet"]
 
