@@ -68,7 +68,7 @@ def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample
 
     # 1. Learn v* in context.
     if toy or tiny:  # small models: a larger lr and fewer steps than SD1.4's 1e-5 x 500
-        cfg = make_config(steps=steps or 150, lr=1e-3 if tiny else 2e-4, object_class="chair")
+        cfg = make_config(steps=steps or 300, lr=1e-3, object_class="chair")
     else:
         cfg = make_config(**({"steps": steps} if steps else {}), object_class="chair")
     t = time.time()
@@ -151,7 +151,7 @@ def _markdown(report: dict) -> str:
 def register_cli(sub, add_model_options) -> None:
     p = sub.add_parser("demo", help="the offline demo: learn a held-out pattern, transfer it, generate with it")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--steps", type=int, default=None, help="learning steps (default: 150 on the toy model)")
+    p.add_argument("--steps", type=int, default=None, help="learning steps (default: 300 on the toy model)")
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps of transfer and generation (50)")
     p.add_argument("--model", default=None, help="diffusers model (default: the bundled toy model; 'tiny' builds "
                                                  "a tiny random one)")

@@ -33,7 +33,7 @@ PAIRS = (("chair", "back"), ("house", "walls"), ("vase", "body"), ("lamp", "shad
          ("mug", "body"))
 
 
-def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = None, steps: int = 150,
+def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = None, steps: int = 300,
                sample_steps: int = 50, size: int = 64) -> Path:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
         truth[cid] = {"pattern": pattern, "part": part, "target_object": files["target_object"]}
     manifest = {
         "name": f"toyworld-{n_cases}", "model": model or "toy",
-        "learn": {"steps": steps, "lr": 2e-4},
+        "learn": {"steps": steps, "lr": 1e-3},
         # composite off: out-of-mask PSNR then measures what the latent blending preserves (with the pixel composite
         # it is infinite by construction)
         "transfer": {"steps": sample_steps, "seeds": [0], "composite": False},
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="default: the bundled toy model")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sample-steps", type=int, default=50)
     p = sub.add_parser("run")
     p.add_argument("dir")
