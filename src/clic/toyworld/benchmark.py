@@ -63,8 +63,10 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
         # it is infinite by construction)
         "transfer": {"steps": sample_steps, "seeds": [0], "composite": False},
         "metrics": ["psnr", "localisation", "pattern"],
-        "methods": ["clic", "custom-diffusion", "break-a-scene"],
-        "ablations": {"losses": True, "eta": [0, 0.5, 2]},
+        # Break-A-Scene: its token-only phase scaled to the same step budget (400 of 800 in its recipe)
+        "methods": ["clic", "custom-diffusion",
+                    {"name": "break-a-scene", "method": "break-a-scene", "learn": {"token_warmup_steps": steps // 2}}],
+        "ablations": {"losses": True, "eta": [0, 5]},
         "cases": cases,
     }
     import yaml
