@@ -67,7 +67,7 @@ def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample
     timings = {}
 
     # 1. Learn v* in context.
-    if toy or tiny:  # small models: a larger lr and fewer steps than SD1.4's 1e-5 x 500
+    if toy or tiny or size <= 128:  # small models: a larger lr and fewer steps than SD1.4's 1e-5 x 500
         cfg = make_config(steps=steps or 300, lr=1e-3, object_class="chair")
     else:
         cfg = make_config(**({"steps": steps} if steps else {}), object_class="chair")
