@@ -49,6 +49,18 @@ def test_bundled_model_loads_like_sd(toy_backbone):
     assert info["vae"]["psnr_db"] > 20
 
 
+def test_bundled_model_loads_in_stock_diffusers():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOYMODEL), safety_checker=None, requires_safety_checker=False)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype == torch.float32  # fp16 files, one dtype
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red chair", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
 def test_bundled_model_draws_the_prompted_pattern(toy_backbone, priors):
     images = generate(toy_backbone, [PROMPT] * len(SEEDS), SEEDS, steps=25, guidance=6.0)
     assert images.shape == (len(SEEDS), 64, 64, 3) and images.dtype == np.uint8
@@ -95,7 +107,8 @@ def test_train_toy_model_tiny(tmp_path):
         assert (tmp_path / "run" / f).is_file()
     b = load_backbone(str(pipe), device="cpu")
     assert b.latent_size == 16 and b.latent_channels == 4 and b.resolution == 64
-    assert b.unet.dtype == torch.float32  # loaded as fp32 from fp16 files
+    assert b.unet.dtype == b.text_encoder.dtype == torch.float32  # loaded as fp32 from fp16 files
+    assert json.loads((pipe / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
     assert abs(b.vae.config.scaling_factor - report["vae_scaling_factor"]) < 1e-6
     with torch.no_grad():
         img = generate(b, ["a red chair"], [0], steps=2, guidance=3.0)

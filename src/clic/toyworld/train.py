@@ -463,6 +463,15 @@ def save_pipeline(out: Path, vae, text_encoder, unet, dtype: str = "fp16") -> Pa
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # transformers (v5) loads a checkpoint in the dtype its config names while diffusers loads fp32 by default:
+    # name fp32 so that a stock StableDiffusionPipeline.from_pretrained(folder) gets one dtype throughout
+    # (the weights stay fp16 on disk; an explicit torch_dtype still wins)
+    te_conf = tmp / "text_encoder" / "config.json"
+    conf = json.loads(te_conf.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in conf:
+            conf[key] = "float32"
+    te_conf.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
