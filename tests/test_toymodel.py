@@ -96,7 +96,7 @@ def test_train_toy_model_tiny(tmp_path):
     cfg = ToyModelConfig(
         n_scenes=48, vae_channels=(8, 16, 16), vae_norm_groups=4, vae_steps=2, vae_batch=4,
         text_hidden=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=4,
-        unet_norm_groups=8, unet_steps=2, unet_batch=4, grid_steps=2, log_every=1, max_minutes=5,
+        unet_norm_groups=8, unet_steps=2, unet_batch=4, grid_steps=2, log_every=1, max_minutes=5, vae_eval_n=16,
     )
     report = train_toy_model(tmp_path / "run", cfg)
     assert report["vae_steps"] == 2 and report["unet_steps"] == 2

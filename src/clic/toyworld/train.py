@@ -92,6 +92,7 @@ class ToyModelConfig:
     # bookkeeping
     ckpt_minutes: float = _opt(5.0, "checkpoint interval (minutes)")
     log_every: int = _opt(50, "log interval (steps)")
+    vae_eval_n: int = _opt(500, "unseen scenes for the VAE's PSNR and detector-on-reconstruction numbers")
     grid_steps: int = _opt(50, "DDIM steps of the sample grid")
     grid_guidance: float = _opt(6.0, "CFG scale of the sample grid")
     dtype: str = _opt("fp16", "dtype of the saved weights (fp16 or fp32)")
@@ -627,7 +628,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
         _save_ckpt(vae_file, {"vae": vae.state_dict(), "history": vae_hist, "steps": vae_steps})
     vae.eval().requires_grad_(False)
     timings["vae_train_s"] = round(time.time() - t0, 1)
-    vae_metrics = vae_report(vae, cfg, n=200 if cfg.n_scenes < 1000 else 500)
+    vae_metrics = vae_report(vae, cfg, n=cfg.vae_eval_n)
     log.info("VAE: %d steps, PSNR %.2f dB, detector on reconstructions %.3f (originals %.3f)", vae_steps,
              vae_metrics["psnr_db"], vae_metrics["detector_acc_reconstructions"], vae_metrics["detector_acc_originals"])
 
@@ -689,7 +690,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
         timings["decoder_finetune_s"] = round(time.time() - t0, 1)
     if dec_steps:
         vae.register_to_config(scaling_factor=scaling)
-        vae_metrics = {**vae_report(vae, cfg, n=200 if cfg.n_scenes < 1000 else 500), "encoder_only_steps": vae_steps,
+        vae_metrics = {**vae_report(vae, cfg, n=cfg.vae_eval_n), "encoder_only_steps": vae_steps,
                        "decoder_finetune_steps": dec_steps, "before_decoder_finetune": vae_metrics}
         log.info("VAE after decoder fine-tuning: PSNR %.2f dB, detector on reconstructions %.3f",
                  vae_metrics["psnr_db"], vae_metrics["detector_acc_reconstructions"])
