@@ -43,6 +43,26 @@ def backbone(tiny_model_dir):
     return load_backbone(tiny_model_dir, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def concept_path(tiny_model_dir, tmp_path_factory):
+    """A concept learned for 3 steps on the tiny model (shared by the transfer and generation tests)."""
+    from clic.learn import learn, make_config
+    from clic.models import load_backbone
+
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    path = tmp_path_factory.mktemp("concept") / "chair.safetensors"
+    learn(backbone, [random_image()], [square_mask()], make_config(steps=3, object_class="chair"), out_path=path,
+          progress=False)
+    return path
+
+
+@pytest.fixture
+def concept(concept_path):
+    from clic.concept import Concept
+
+    return Concept.load(concept_path)
+
+
 def square_mask(size=64, box=(8, 24, 40, 56)):
     """(1, size, size) mask with ones in rows box[0]:box[1], cols box[2]:box[3]."""
     m = torch.zeros(1, size, size)

@@ -3,30 +3,13 @@ swap in between, and the CLI."""
 
 import pytest
 import torch
-from conftest import random_image, square_mask
 
 from clic.attention import ClicCrossAttnProcessor
 from clic.cli import main
-from clic.concept import Concept, export_diffusers, load_exported
+from clic.concept import export_diffusers, load_exported
 from clic.generate import GenerateConfig, fill_prompt, generate
-from clic.learn import learn, make_config
-from clic.models import load_backbone
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def concept_path(tiny_model_dir, tmp_path_factory):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
-    path = tmp_path_factory.mktemp("concept") / "chair.safetensors"
-    learn(backbone, [random_image()], [square_mask()], make_config(steps=3, object_class="chair"), out_path=path,
-          progress=False)
-    return path
-
-
-@pytest.fixture
-def concept(concept_path):
-    return Concept.load(concept_path)
 
 
 def _stock(model_dir, export_dir=None):

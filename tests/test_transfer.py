@@ -10,7 +10,7 @@ from conftest import random_image, square_mask
 from PIL import Image
 
 from clic.cli import main
-from clic.concept import Concept, export_diffusers, load_exported
+from clic.concept import export_diffusers, load_exported
 from clic.errors import InputError
 from clic.imaging import resize_mask
 from clic.learn import learn
@@ -19,20 +19,6 @@ from clic.models import load_backbone
 from clic.transfer import TransferConfig, feather_mask, make_config, transfer
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def concept_path(tiny_model_dir, tmp_path_factory):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
-    path = tmp_path_factory.mktemp("concept") / "chair.safetensors"
-    learn(backbone, [random_image()], [square_mask()], learn_config(steps=3, object_class="chair"), out_path=path,
-          progress=False)
-    return path
-
-
-@pytest.fixture
-def concept(concept_path):
-    return Concept.load(concept_path)
 
 
 def _cfg(**kw):
