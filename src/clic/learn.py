@@ -227,6 +227,16 @@ def open_run(out_path, log_path, resume: bool, params, optimizer, generator, cfg
     return ckpt, start, history, log_file
 
 
+def log_step(record: dict, history: list, log_file, bar, shown: tuple[str, ...]) -> None:
+    """After an optimiser step: keep ``record`` in the history and the JSON-lines log, advance the progress bar."""
+    history.append(record)
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    bar.update(1)
+    bar.set_postfix({k: f"{record[k]:.4f}" for k in shown})
+
+
 # ---------------------------------------------------------------------------------------------- learning
 
 
@@ -424,12 +434,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
 
             record = {"step": step, "t": int(t), "loss": loss.item(), "l_con": l_con.item(), "l_att": l_att.item(),
                       "l_roi": l_roi.item()}
-            history.append(record)
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            bar.update(1)
-            bar.set_postfix(l_con=f"{record['l_con']:.4f}", l_att=f"{record['l_att']:.4f}", l_roi=f"{record['l_roi']:.4f}")
+            log_step(record, history, log_file, bar, ("l_con", "l_att", "l_roi"))
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _save_checkpoint(ckpt, step, params, optimizer, generator, cfg_json)
                 last_good = ckpt

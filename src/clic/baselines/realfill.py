@@ -210,7 +210,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
         backbone: an inpainting :class:`clic.models.Backbone` (9-channel UNet), modified in place.
         images: ``(3, R, R)`` source images in [-1, 1]; masks: ``(1, R, R)`` binary M_s, one per image.
     """
-    from ..learn import _save_checkpoint, open_run  # shared with clic.learn
+    from ..learn import _save_checkpoint, log_step, open_run  # shared with clic.learn
 
     cfg = cfg or RealFillConfig()
     if len(images) != len(masks) or not images:
@@ -303,12 +303,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
             optimizer.zero_grad(set_to_none=True)
 
             record = {"step": step, "loss": loss_value, "l_realfill": loss_value}
-            history.append(record)
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            log_step(record, history, log_file, bar, ("loss",))
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _save_checkpoint(ckpt, step, params, optimizer, generator, cfg_json)
                 last_good = ckpt
