@@ -143,7 +143,8 @@ def open_advanced(page, index: int) -> None:
 # ---------------------------------------------------------------------------------------------- the test
 
 
-def test_learn_and_transfer_in_chromium(page_url, browser, tmp_path):
+def _learn_and_transfer(page_url, browser, tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import expect
 
     started = time.perf_counter()
@@ -218,3 +219,13 @@ def test_learn_and_transfer_in_chromium(page_url, browser, tmp_path):
         shutil.copyfile(shot, os.environ["CLIC_UI_SCREENSHOT"])
     page.close()
     print(f"browser test: {', '.join(laps)}")
+
+
+def test_learn_and_transfer_in_chromium(page_url, browser, tmp_path):
+    """One retry in a fresh page: a browser run on a loaded 2-core machine is occasionally slower than its waits;
+    a real defect fails both attempts."""
+    try:
+        _learn_and_transfer(page_url, browser, tmp_path / "first")
+    except Exception as first:  # noqa: BLE001 - playwright's errors and our assertion alike
+        print(f"first attempt failed, retrying once: {str(first).splitlines()[0]}")
+        _learn_and_transfer(page_url, browser, tmp_path / "second")
