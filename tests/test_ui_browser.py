@@ -8,6 +8,8 @@ and see the results. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot 
 Playwright cannot download its own browsers here: it always runs /usr/bin/chromium (``apt-get install chromium``).
 """
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -22,6 +24,10 @@ from PIL import Image
 CHROMIUM = "/usr/bin/chromium"
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "clic" / "assets" / "examples"
 TIMEOUT_MS = 120_000
+# Headless in a container with a closed network: no sandbox (root), no GPU, a small /dev/shm is common, and none of
+# Chromium's own background connections (refused or hanging on a closed network).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                  reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
@@ -34,36 +40,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def page_url(tiny_model_dir, tmp_path_factory):
-    """``clic ui`` on the tiny model in a subprocess (one torch thread: the browser needs the other core)."""
+@contextlib.contextmanager
+def ui_server(model_dir, log_path):
+    """``clic ui`` on ``model_dir`` in a subprocess on a free port (one torch thread: the browser needs the other
+    core); yields its URL. Each attempt of the test gets its own server, so a job left running by a failed attempt
+    cannot hold the model for the next one."""
     import subprocess
     import sys
     import urllib.request
 
     port = free_port()
-    log_path = tmp_path_factory.mktemp("ui-browser") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "clic", "ui", "--model", tiny_model_dir, "--device", "cpu",
+        server = subprocess.Popen([sys.executable, "-m", "clic", "ui", "--model", model_dir, "--device", "cpu",
                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"clic ui did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-    yield url
-    server.terminate()
     try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"clic ui did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +79,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
@@ -129,10 +137,40 @@ def click_and_wait(page, button: str, elem_id: str, pattern: str, timeout: int =
 
 
 def upload(page, editor: str, path) -> None:
-    """Upload into an ImageEditor and wait until the editor shows it (it then selects the brush by itself)."""
+    """Upload into an ImageEditor and wait until the editor shows it. The editor selects the brush by itself once
+    the image is on its canvas; if it has not after a while, select it by hand (and then it must take)."""
     page.locator(f"{editor} input[type=file]").set_input_files(str(path))
-    page.locator(f"{editor} button[aria-label='Brush'].highlight").wait_for()
+    page.locator(f"{editor} canvas").first.wait_for()
+    brush = page.locator(f"{editor} button[aria-label='Brush']")
+    try:
+        page.locator(f"{editor} button[aria-label='Brush'].highlight").wait_for(timeout=20_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError
+        brush.click()
+        page.locator(f"{editor} button[aria-label='Brush'].highlight").wait_for()
     page.wait_for_timeout(300)
+
+
+# Gradio's error toasts close by themselves: record every toast's text as it appears, so that a check made after a
+# slow step still sees it.
+RECORD_TOASTS = """
+window.__clicToasts = [];
+new MutationObserver(() => {
+  for (const t of document.querySelectorAll('.toast-body')) {
+    if (!window.__clicToasts.includes(t.innerText)) window.__clicToasts.push(t.innerText);
+  }
+}).observe(document, {childList: true, subtree: true, characterData: true});
+"""
+
+
+def served_images(page, selector: str) -> list:
+    """Fetch every <img> under ``selector`` from the server as the page would, and decode it: the results are
+    really there (independent of whether the browser has painted a lazily loaded image yet)."""
+    images = []
+    for src in page.eval_on_selector_all(f"{selector} img", "els => els.map(e => e.src)"):
+        response = page.request.get(src)
+        assert response.ok, f"{src}: HTTP {response.status}"
+        images.append(Image.open(io.BytesIO(response.body())).convert("RGB"))
+    return images
 
 
 def open_advanced(page, index: int) -> None:
@@ -143,24 +181,13 @@ def open_advanced(page, index: int) -> None:
 # ---------------------------------------------------------------------------------------------- the test
 
 
-def _learn_and_transfer(page_url, browser, tmp_path):
-    tmp_path.mkdir(parents=True, exist_ok=True)
+def _learn_and_transfer(page, page_url, tmp_path, lap):
     from playwright.sync_api import expect
-
-    started = time.perf_counter()
-    laps = []
-
-    def lap(name):
-        laps.append(f"{name} {time.perf_counter() - started:.0f}s")
 
     target_path = tmp_path / "target.png"
     chair = np.asarray(Image.open(EXAMPLES / "chair.png").convert("RGB"))
     Image.fromarray(np.ascontiguousarray(chair[:, ::-1])).resize((240, 200)).save(target_path)
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1300})
-    if os.environ.get("CLIC_UI_DEBUG"):
-        page.on("request", lambda r: print(f"{time.perf_counter() - started:.1f}s {r.method} {r.url}"))
-    page.set_default_timeout(TIMEOUT_MS)
     page.goto(page_url)
     page.locator("#source-editor").wait_for()
 
@@ -168,7 +195,7 @@ def _learn_and_transfer(page_url, browser, tmp_path):
     upload(page, "#source-editor", EXAMPLES / "chair.png")
     text = click_and_wait(page, "#learn-btn", "learn-status", "Error")
     assert text.startswith("Error: the source mask is empty: paint the region"), text
-    page.locator(".toast-body", has_text="the source mask is empty").first.wait_for()
+    page.wait_for_function("() => window.__clicToasts.some(t => t.includes('the source mask is empty'))")
     assert "Traceback" not in page.content()
 
     lap("error")
@@ -206,26 +233,61 @@ def _learn_and_transfer(page_url, browser, tmp_path):
     paint(page, "#target-editor", rows=2)
     text = click_and_wait(page, "#transfer-btn", "transfer-status", "Transferred|Error")
     assert text == "Transferred: 1 result(s)", text
-    gallery = page.locator("#transfer-results img")
-    gallery.nth(1).wait_for()
-    assert gallery.count() >= 2
-    assert page.evaluate("() => [...document.querySelectorAll('#transfer-results img')]"
-                         ".every(im => im.complete && im.naturalWidth > 0)")
+    page.locator("#transfer-results img").nth(1).wait_for()
+    results = served_images(page, "#transfer-results")
+    assert len(results) >= 2 and all(min(im.size) >= 32 for im in results), [im.size for im in results]
 
     lap("transfer")
     shot = tmp_path / "ui.png"
     page.screenshot(path=str(shot), full_page=True)
     if os.environ.get("CLIC_UI_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["CLIC_UI_SCREENSHOT"])
-    page.close()
+
+
+def _attempt(browser, model_dir, tmp_path) -> None:
+    """One run of the session on its own server and page. On a failure, the error names the last step passed
+    and carries the page's status boxes, a screenshot path and the server log's tail."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    laps = []
+
+    def lap(name):
+        laps.append(f"{name} {time.perf_counter() - started:.0f}s")
+
+    log_path = tmp_path / "server.log"
+    with ui_server(model_dir, log_path) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.add_init_script(RECORD_TOASTS)
+        console = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:300]) if m.type == "error" else None)
+        page.on("pageerror", lambda e: console.append(f"page error: {e}"[:300]))
+        page.on("crash", lambda _: console.append("the page crashed"))
+        if os.environ.get("CLIC_UI_DEBUG"):
+            page.on("request", lambda r: print(f"{time.perf_counter() - started:.1f}s {r.method} {r.url}"))
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            _learn_and_transfer(page, url, tmp_path, lap)
+        except Exception as error:  # noqa: BLE001 - playwright's errors and our assertions alike
+            shot = tmp_path / "failure.png"
+            boxes = {}
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(shot), full_page=True)
+                boxes = {b: status(page, b) for b in ("learn-status", "transfer-status")}
+            raise AssertionError(
+                f"{str(error).splitlines()[0]}\n  steps passed: {', '.join(laps) or 'none'} "
+                f"(at {time.perf_counter() - started:.0f}s)\n  status boxes: {boxes}\n  screenshot: {shot}\n"
+                f"  browser errors: {console[-8:]}\n"
+                f"  server log (tail):\n{log_path.read_text()[-2000:]}") from error
+        finally:
+            page.close()
     print(f"browser test: {', '.join(laps)}")
 
 
-def test_learn_and_transfer_in_chromium(page_url, browser, tmp_path):
-    """One retry in a fresh page: a browser run on a loaded 2-core machine is occasionally slower than its waits;
-    a real defect fails both attempts."""
+def test_learn_and_transfer_in_chromium(tiny_model_dir, browser, tmp_path):
+    """One retry on a fresh server and page: a browser run on a loaded 2-core machine is occasionally slower than
+    its waits; a real defect fails both attempts."""
     try:
-        _learn_and_transfer(page_url, browser, tmp_path / "first")
-    except Exception as first:  # noqa: BLE001 - playwright's errors and our assertion alike
-        print(f"first attempt failed, retrying once: {str(first).splitlines()[0]}")
-        _learn_and_transfer(page_url, browser, tmp_path / "second")
+        _attempt(browser, tiny_model_dir, tmp_path / "first")
+    except AssertionError as first:
+        print(f"first attempt failed, retrying once:\n{first}")
+        _attempt(browser, tiny_model_dir, tmp_path / "second")
