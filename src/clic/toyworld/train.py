@@ -245,7 +245,7 @@ def train_vae(vae, images: np.ndarray, cfg: ToyModelConfig, deadline: float, gen
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        history.append((step, float(l1), float(kl)))
+        history.append((step, l1.item(), kl.item()))
         if step % cfg.log_every == 0:
             log.info("vae step %d/%d  l1 %.4f  kl %.0f  lr %.2e  (%.0f s)", step, total, l1.item(), kl.item(),
                      opt.param_groups[0]["lr"], time.time() - start)
@@ -286,7 +286,7 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        history.append((step, float(l1), 0.0))
+        history.append((step, l1.item(), 0.0))
         if step % cfg.log_every == 0:
             log.info("decoder step %d/%d  l1 %.4f  (%.0f s)", step, total, l1.item(), time.time() - start)
     vae.eval().requires_grad_(False)
@@ -421,7 +421,7 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
         opt.step()
         ema.update(step)
         step += 1
-        history.append((step, float(mse.mean()), float(loss)))
+        history.append((step, mse.mean().item(), loss.item()))
         if step % cfg.log_every == 0:
             recent = np.mean([h[1] for h in history[-cfg.log_every:]])
             log.info("unet step %d  mse %.4f  (%.2f s/step, %.1f min left)", step, recent,

@@ -1,0 +1,93 @@
+"""The procedural-world quality benchmark's mechanics (manifest, RealFill's toy inpainting model, the generation and
+RoI-matching measurements) on the bundled toy model with a few steps. Quality numbers come from the full run in
+BENCHMARKS.md, never from here."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from clic.toyworld.benchmark import extras, make_cases, register_pattern_metric
+from clic.toyworld.inpaint import train_inpainting, widen_unet
+
+
+def test_widened_unet_predicts_what_its_parent_does(backbone):
+    """Zero-initialised mask and masked-latent channels: the 9-channel UNet starts as the text-to-image one,
+    whatever those channels hold."""
+    unet = backbone.unet
+    wide = widen_unet(unet)
+    c = unet.config.in_channels
+    assert wide.config.in_channels == 2 * c + 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, backbone.latent_size, backbone.latent_size, generator=g)
+    extra = torch.randn(2, c + 1, backbone.latent_size, backbone.latent_size, generator=g)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ref = unet(x, 500, text).sample
+        out = wide(torch.cat([x, extra], 1), 500, text).sample
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def toy_inpaint_dir(tmp_path_factory):
+    from clic.demo import bundled_model
+
+    out = tmp_path_factory.mktemp("toyinpaint")
+    report = train_inpainting(bundled_model(), out, minutes=5, max_steps=2, n_scenes=16, batch=4)
+    assert report["steps"] == 2 and set(report["held_out_in_mask_psnr_db"]) == {"parent_blended", "inpainting"}
+    return out / "pipeline"
+
+
+def test_toy_inpainting_model_is_an_sd_inpainting_pipeline(toy_inpaint_dir):
+    from clic.models import load_backbone
+
+    index = json.loads((toy_inpaint_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    b = load_backbone(str(toy_inpaint_dir), device="cpu")
+    assert b.unet.config.in_channels == 9 and b.resolution == 64
+
+
+def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
+    from clic.demo import bundled_model
+
+    path = make_cases(tmp_path, n_cases=7, seed=1, model=str(bundled_model()), steps=2, sample_steps=4,
+                      inpaint_model=str(toy_inpaint_dir))
+    manifest = yaml.safe_load(path.read_text())
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert len(manifest["cases"]) == 7 and manifest["inpaint_model"] == str(toy_inpaint_dir)
+    names = [m if isinstance(m, str) else m["name"] for m in manifest["methods"]]
+    assert names == ["clic", "custom-diffusion", "break-a-scene", "realfill"]
+    for case in manifest["cases"]:
+        info = truth[case["id"]]
+        assert case["id"].endswith(f"-{info['part']}-{info['pattern']}") and case["object_class"] in case["id"]
+        target = np.asarray(Image.open(tmp_path / case["target_mask"])) > 127
+        obj = np.asarray(Image.open(tmp_path / info["target_object"])) > 127
+        assert target.sum() > 0 and not (target & ~obj).any()        # the target part lies on the target object
+
+
+def test_run_and_extras_on_one_case(tmp_path):
+    """Transfer benchmark + generation + RoI matching for CLiC alone on one case: every number is produced and in
+    range."""
+    from clic.benchmark import run_benchmark
+    from clic.demo import bundled_model
+
+    make_cases(tmp_path, n_cases=1, model=str(bundled_model()), steps=2, sample_steps=4)
+    manifest = yaml.safe_load((tmp_path / "manifest.yaml").read_text())
+    manifest["methods"], manifest["ablations"] = ["clic"], {}
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    register_pattern_metric(tmp_path / "truth.json")
+    report = run_benchmark(tmp_path / "manifest.yaml", tmp_path / "results", "cpu", progress=False)
+    with open(report.results_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["presence"]) in (0.0, 1.0)
+
+    summary = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu")
+    gen = summary["generation"]["clic"]
+    assert gen["n"] == 1 and 0.0 <= gen["on_part"][0] <= 1.0
+    match = summary["roi_matching"]["clic"]
+    assert match["n"] == 1 and 0.0 <= match["iou"][0] <= 1.0 and 0.0 < match["area"][0] <= 1.0
+    assert "| w* from clic | 1 |" in (tmp_path / "results" / "extras.md").read_text()
