@@ -207,3 +207,33 @@ def test_fast_path_matches_the_reference_path(tiny_model_dir):
         for key in ("l_con", "l_att", "l_roi"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     torch.testing.assert_close(fast.concept.embeddings, ref.concept.embeddings, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lever", [{"gradient_checkpointing": True}, {"channels_last": True}, {"fused_adam": True},
+                                   {"gradient_checkpointing": True, "channels_last": True, "fused_adam": True}],
+                         ids=["checkpointing", "channels-last", "fused-adam", "all"])
+def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
+    """Every speed/memory lever computes the same learning run (losses, embedding, K/V) up to float rounding, and
+    leaves the UNet as it found it."""
+    _, plain = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
+    backbone, fast = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, **lever)
+    for a, b in zip(plain.history, fast.history):
+        for key in ("l_con", "l_att", "l_roi"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    # Adam divides by sqrt(v): where a gradient is ~0, rounding-level differences change that element's update by up
+    # to ~lr per step, so the weights are compared to a tenth of the total possible update (3 steps x lr 1e-3)
+    torch.testing.assert_close(fast.concept.embeddings, plain.concept.embeddings, rtol=1e-4, atol=3e-4)
+    for name, w in plain.concept.attn_weights.items():
+        torch.testing.assert_close(fast.concept.attn_weights[name], w, rtol=1e-4, atol=3e-4)
+    assert not backbone.unet.is_gradient_checkpointing
+    assert all(p.is_contiguous() for p in backbone.unet.parameters())
+
+
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_unet_gives_the_same_losses(tiny_model_dir):
+    """--compile-unet (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same losses."""
+    _, plain = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2)
+    _, compiled = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2, compile_unet=True)
+    for a, b in zip(plain.history, compiled.history):
+        for key in ("l_con", "l_att", "l_roi"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

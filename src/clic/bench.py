@@ -1,8 +1,22 @@
-"""``clic bench``: speed and memory of learning, on a model folder or a model built on the fly.
+"""``clic bench``: speed and memory of learning, transfer and generation (the numbers of BENCHMARKS.md).
 
-Prints and writes JSON: median learning-step time after warm-up (and its extrapolation to 500 steps), peak
-memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS). Speed does not depend on weight values, so
-``--model sd14-random`` builds the SD1.4 architecture in memory without writing it to disk.
+Prints and writes JSON:
+
+- learning: median step time after warm-up, its 500-step extrapolation and the measured wall time, peak memory
+  (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS of the process);
+- ``--reference``: the same for the reference path (the official code's computation: explicit softmax in every
+  attention layer, fp32, no caching of latents or text, context and RoI as separate UNet passes, gradients for the
+  whole UNet) and the speed-up;
+- ``--levers``: the fast path with each speed/memory lever on alone (gradient checkpointing, channels-last, fused
+  Adam, torch.compile with its compile time) and with all that paid together;
+- ``--sampling``: transfer (``--sampling-steps`` DDIM steps from t = 0, the first 30 with attention guidance), the
+  same transfer unguided, and two-stage generation of ``--images`` images in one batch;
+- ``--profile``: a torch.profiler table of a few learning steps (operators by self time: where the time goes).
+
+Speed does not depend on weight values, so ``--model sd14-random`` builds the SD1.4 architecture in memory
+(nothing written to disk). ``--all`` is everything, the command for a GPU machine::
+
+    clic bench --model sd14-random --device cuda --dtype bf16 --all --json bench.json
 """
 
 from __future__ import annotations
@@ -12,9 +26,20 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .tokens import free_placeholder
+
+#: the levers of ``--levers``: LearnConfig overrides, each measured alone against the fast path
+LEVERS = {
+    "gradient-checkpointing": {"gradient_checkpointing": True},
+    "channels-last": {"channels_last": True},
+    "fused-adam": {"fused_adam": True},
+    "compile": {"compile_unet": True},
+}
 
 
 def _device_name(device: torch.device) -> str:
@@ -23,13 +48,26 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _peak_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def _backbone(model: str, device, dtype):
+def load_bench_backbone(model: str, device=None, dtype="fp32"):
+    """A backbone for timing: a kind of :data:`clic.builder.SPECS` built in memory (random weights), or a model
+    folder / hub id through :func:`clic.models.load_backbone`."""
     from .builder import SPECS, build_pipeline
     from .models import Backbone, load_backbone, parse_dtype, pick_device
 
@@ -44,60 +82,187 @@ def _backbone(model: str, device, dtype):
     return load_backbone(model, device, dtype)
 
 
-def bench_learning(model: str = "tiny", steps: int = 20, warmup: int = 3, device=None, dtype="fp32", **cfg) -> dict:
-    from .learn import learn, make_config
-
-    backbone = _backbone(model, device, dtype)
-    size = backbone.resolution
+def _inputs(size: int):
     g = torch.Generator().manual_seed(0)
     image = torch.rand(3, size, size, generator=g) * 2 - 1
     mask = torch.zeros(1, size, size)
     mask[:, size // 8: size // 2, size // 4: 3 * size // 4] = 1
+    return image, mask
+
+
+def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
+    """Learn ``warmup + steps`` steps with ``cfg`` (LearnConfig overrides); the first step's excess over the median
+    is reported as ``first_step_extra_s`` (torch.compile's compile time, CUDA start-up)."""
+    from .learn import learn, make_config
+
+    image, mask = _inputs(backbone.resolution)
+    cfg = {"placeholder": free_placeholder(backbone, "<v*>"), **cfg}     # every run adds its own token
     times: list[float] = []
-    last = [time.perf_counter()]
+    last = [0.0]
 
     def tick(step, record):
-        if backbone.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(backbone.device)
         now = time.perf_counter()
         times.append(now - last[0])
         last[0] = now
 
-    if backbone.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak(backbone.device)
     config = make_config(steps=warmup + steps, object_class="chair", checkpoint_every=0, **cfg)
-    t0 = time.perf_counter()
-    last[0] = t0
+    _sync(backbone.device)
+    t0 = last[0] = time.perf_counter()
     learn(backbone, [image], [mask], config, progress=False, callback=tick)
     wall = time.perf_counter() - t0
     step = statistics.median(times[warmup:])
-    return {"model": model, "device": _device_name(backbone.device), "dtype": dtype, "resolution": size,
-            "steps_timed": steps, "step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
-            "wall_s": round(wall, 2), "peak_memory_gib": round(_peak_memory(backbone.device), 2),
-            "torch": torch.__version__}
+    return {"step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
+            "wall_s": round(wall, 2), "steps": warmup + steps, "first_step_extra_s": round(times[0] - step, 2),
+            "peak_memory_gib": round(_peak_memory(backbone.device), 2),
+            "config": {k: v for k, v in cfg.items() if k != "placeholder"}}
+
+
+def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4, repeats: int = 1) -> dict:
+    """Wall-clock seconds of one transfer (``steps`` DDIM steps from t = 0, the first ``guided`` with the attention
+    guidance step), the same transfer unguided, and a two-stage generation of ``images`` images in one batch
+    (default t_s), with a concept learned for 2 steps. Best of ``repeats`` (the three take turns, so a busy machine
+    slows them alike)."""
+    from .generate import GenerateConfig, generate
+    from .learn import learn, make_config
+    from .transfer import TransferConfig, transfer
+
+    image, mask = _inputs(backbone.resolution)
+    concept = learn(backbone, [image], [mask], make_config(
+        steps=2, object_class="chair", checkpoint_every=0, placeholder=free_placeholder(backbone, "<v*>")),
+        progress=False).concept
+    runs = {
+        "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+            steps=steps, t_start=0, guidance_range=(0, guided), eta=1.0), progress=False),
+        "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+            steps=steps, t_start=0, eta=0.0), progress=False),
+        f"generate_{images}_s": lambda: generate(backbone, concept, GenerateConfig(
+            steps=steps, num=images, batch_size=images), progress=False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    _reset_peak(backbone.device)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            _sync(backbone.device)
+            start = time.perf_counter()
+            run()
+            _sync(backbone.device)
+            times[name].append(time.perf_counter() - start)
+    return {"steps": steps, "guided_steps": guided, "images": images, "repeats": repeats,
+            **{name: round(min(t), 3) for name, t in times.items()},
+            "peak_memory_gib": round(_peak_memory(backbone.device), 2)}
+
+
+def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) -> list[dict]:
+    """Operators of ``steps`` learning steps (after ``warmup``), by self time on the device (CPU time without a
+    GPU): name, calls, self time (ms, per step) and share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .learn import learn, make_config
+
+    image, mask = _inputs(backbone.resolution)
+    cuda = backbone.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    def run(n):
+        learn(backbone, [image], [mask], make_config(steps=n, object_class="chair", checkpoint_every=0,
+                                                     placeholder=free_placeholder(backbone, "<v*>")), progress=False)
+
+    run(warmup)
+    with profile(activities=activities) as prof:
+        run(steps)
+        _sync(backbone.device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:rows]
+    return [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+             "self_ms_per_step": round(getattr(e, attr) / 1e3 / steps, 3),
+             "share": round(getattr(e, attr) / total, 4)} for e in top]
+
+
+@dataclass
+class BenchOptions:
+    model: str = "tiny"
+    device: str | None = None
+    dtype: str = "fp32"
+    steps: int = 20
+    warmup: int = 3
+    reference: bool = False
+    levers: bool = False
+    sampling: bool = False
+    sampling_steps: int = 50
+    images: int = 4
+    repeats: int = 1
+    profile: bool = False
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Everything ``opts`` asks for, on one backbone (the reference path on an fp32 one), as one JSON-able dict."""
+    backbone = load_bench_backbone(opts.model, opts.device, opts.dtype)
+    result = {"model": opts.model, "device": _device_name(backbone.device), "dtype": opts.dtype,
+              "resolution": backbone.resolution, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d")}
+    fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup)
+    if opts.levers:
+        levers = result["levers"] = {}
+        for name, overrides in LEVERS.items():
+            levers[name] = bench_learning(backbone, opts.steps, opts.warmup, **overrides)
+            levers[name]["speedup_vs_fast"] = round(fast["step_median_s"] / levers[name]["step_median_s"], 2)
+        paying = {k: v for name, overrides in LEVERS.items() if levers[name]["speedup_vs_fast"] > 1.03
+                  for k, v in overrides.items()}
+        if len(paying) > 1:
+            combined = result["levers"]["combined"] = bench_learning(backbone, opts.steps, opts.warmup, **paying)
+            combined["speedup_vs_fast"] = round(fast["step_median_s"] / combined["step_median_s"], 2)
+    if opts.sampling:
+        result["sampling"] = bench_sampling(backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images,
+                                            opts.repeats)
+    if opts.profile:
+        result["profile"] = profile_learning(backbone)
+    if opts.reference:
+        if opts.dtype != "fp32":
+            del backbone
+            backbone = load_bench_backbone(opts.model, opts.device, "fp32")
+        ref = result["reference"] = bench_learning(backbone, opts.steps, opts.warmup, reference_path=True)
+        result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
+    return result
 
 
 def register_cli(sub, add_model_options) -> None:
-    p = sub.add_parser("bench", help="measure learning speed and memory (BENCHMARKS.md numbers come from here)")
-    p.add_argument("--model", default="tiny", help="a model folder, or tiny | tiny-sd2 | sd14-random built in memory")
-    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
-    p.add_argument("--warmup", type=int, default=3)
+    p = sub.add_parser("bench", help="measure speed and memory of learning, transfer and generation "
+                                     "(BENCHMARKS.md numbers come from here)")
+    p.add_argument("--model", default="tiny",
+                   help="a model folder or hub id, or tiny | tiny-sd2 | sd14-random (built in memory)")
+    p.add_argument("--steps", type=int, default=20, help="timed learning steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="untimed learning steps first")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="dtype of the frozen model (trainable weights stay fp32)")
     p.add_argument("--reference", action="store_true",
                    help="also time the reference path (official code's computation: explicit softmax everywhere, "
                         "fp32, no caching, whole-UNet gradients) and report the speed-up")
+    p.add_argument("--levers", action="store_true",
+                   help="time each speed/memory lever alone (checkpointing, channels-last, fused Adam, compile)")
+    p.add_argument("--sampling", action="store_true", help="also time transfer and generation")
+    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps of transfer and generation")
+    p.add_argument("--images", type=int, default=4, help="images of the generation timing (one batch)")
+    p.add_argument("--repeats", type=int, default=1, help="sampling timings: best of this many")
+    p.add_argument("--profile", action="store_true", help="a profiler table of a few learning steps")
+    p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
     def run(args):
-        result = bench_learning(args.model, args.steps, args.warmup, args.device, args.dtype)
-        if args.reference:
-            ref = bench_learning(args.model, args.steps, args.warmup, args.device, "fp32", reference_path=True)
-            result = {"fast": result, "reference": ref,
-                      "speedup": round(ref["step_median_s"] / result["step_median_s"], 2)}
-        text = json.dumps(result, indent=2)
+        every = args.all
+        opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
+                            warmup=args.warmup, reference=args.reference or every, levers=args.levers or every,
+                            sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
+                            repeats=args.repeats, profile=args.profile or every)
+        text = json.dumps(run_bench(opts), indent=2)
         print(text)
         if args.json:
-            Path(args.json).write_text(text)
+            from .fileio import atomic_path
+
+            with atomic_path(Path(args.json)) as tmp:
+                Path(tmp).write_text(text)
 
     p.set_defaults(func=run)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -86,6 +87,13 @@ class LearnConfig:
     reference_path: bool = _opt(False, "benchmark only: compute like the official code (explicit softmax in every "
                                        "attention layer, VAE/text re-encoded every step, context and RoI as separate "
                                        "UNet passes, gradients for the whole UNet); same losses, slower")
+    gradient_checkpointing: bool = _opt(False, "recompute the UNet's activations in the backward pass: less memory "
+                                               "(the option for small cards), slower; same losses")
+    channels_last: bool = _opt(False, "run the UNet in channels-last memory format (faster convolutions on GPUs); "
+                                      "same losses up to float rounding")
+    compile_unet: bool = _opt(False, "torch.compile the UNet (the first steps pay the compile time); same losses up "
+                                     "to float rounding")
+    fused_adam: bool | None = _opt(None, "fused Adam kernel (default: on for CUDA); same updates up to float rounding")
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
                                 "custom-diffusion and break-a-scene; explicit options override it",
                        choices=("paper", "official", "custom-diffusion", "break-a-scene"))
@@ -247,6 +255,26 @@ class LearnResult:
     processors: dict
 
 
+@contextmanager
+def speed_levers(unet, cfg: LearnConfig) -> Iterator:
+    """The UNet as the learning loop calls it, with ``cfg``'s speed/memory levers on; the UNet is left as found.
+
+    gradient checkpointing (diffusers' non-reentrant checkpoint of every block), channels-last weights, and
+    ``torch.compile`` (a compiled wrapper sharing the UNet's parameters)."""
+    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
+    try:
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        yield torch.compile(unet) if cfg.compile_unet else unet
+    finally:
+        if cfg.gradient_checkpointing and not checkpointing:
+            unet.disable_gradient_checkpointing()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+
+
 def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: LearnConfig, out_path=None,
           log_path=None, resume: bool = False, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None,
@@ -297,7 +325,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     if attn_params:
         groups.append({"params": attn_params, "lr": cfg.lr})
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay)
+    fused = cfg.fused_adam if cfg.fused_adam is not None else device.type == "cuda"
+    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
 
@@ -357,6 +386,10 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     unet_dtype = backbone.unet.dtype
     num_t = scheduler.config.num_train_timesteps
     last_good = None
+    levers = ExitStack()
+    unet = levers.enter_context(speed_levers(backbone.unet, cfg))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    step_scope = ExitStack()
     try:
         for step in range(start + 1, cfg.steps + 1):
             warm = step <= cfg.token_warmup_steps
@@ -393,9 +426,12 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
 
             if cfg.reference_path:
                 text = backbone.encode_text(text_ids)  # no caching of text embeddings either
+            step_scope = ExitStack()   # the capture stays attached through backward (recomputed under checkpointing)
             if not cfg.reference_path:
-                with capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw) as capture:
-                    pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
+                capture = step_scope.enter_context(
+                    capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw))
+                x_in = x_in.contiguous(memory_format=memory_format)
+                pred = unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
             else:  # one UNet pass per branch, the maps from the first (context) pass
                 preds = []
                 for i in range(x_in.shape[0]):
@@ -420,10 +456,11 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                                      for j in range(n_tok)]).mean()
             loss = total_loss(l_con, l_att, l_roi, cfg.lambda_att if cfg.use_att else 0.0,
                               cfg.lambda_roi if cfg.use_roi else 0.0, cfg.lambda_con if cfg.use_con else 0.0)
-            if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {loss.item()} at step {step}; {where} (try a lower --lr)")
-            loss.backward()
+            with step_scope:
+                if not torch.isfinite(loss):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingError(f"loss became {loss.item()} at step {step}; {where} (try a lower --lr)")
+                loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -441,6 +478,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             if callback:
                 callback(step, record)
     finally:
+        step_scope.close()   # a step that failed between forward and backward leaves no capture attached
+        levers.close()
         bar.close()
         if log_file:
             log_file.close()

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .attention import BLOCKS
 from .concept import Concept
 from .errors import ConceptFileError, InputError
+from .tokens import free_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -318,24 +319,6 @@ def _set_token_embeddings(backbone, tokens: list[str], vectors: torch.Tensor) ->
         add_placeholders(backbone, tokens, vectors.to(backbone.device))
 
 
-def _free_placeholder(backbone, wanted: str) -> str:
-    """``wanted`` if the tokenizer does not know it yet, else <w2*>, <w3*>, ... (learning adds a new token)."""
-    from .tokens import check_placeholder
-
-    stem = wanted.rstrip(">").rstrip("*")
-    for k in range(1, 1000):
-        name = wanted if k == 1 else f"{stem}{k}*>"
-        try:
-            check_placeholder(backbone.tokenizer, name)
-            if k > 1:
-                log.info("placeholder %s is taken in this process; using %s", wanted, name)
-            return name
-        except InputError:
-            if k == 1 and (not wanted or any(ch.isspace() for ch in wanted)):
-                raise
-    raise InputError(f"no free name for the placeholder {wanted}")
-
-
 def _check_image(backbone, image: torch.Tensor, name: str = "image") -> None:
     size = backbone.resolution
     if image.ndim != 3 or tuple(image.shape) != (3, size, size):
@@ -369,7 +352,7 @@ def learn_matcher(backbone, concept: Concept, image: torch.Tensor, mask: torch.T
         raise InputError(f"token {cfg.token} is not in the concept (tokens: {' '.join(concept.tokens)})")
     index = concept.tokens.index(cfg.token) if cfg.token is not None else 0
     object_class = cfg.object_class or concept.meta.get("object_class") or "object"
-    placeholder = _free_placeholder(backbone, cfg.placeholder)
+    placeholder = free_placeholder(backbone, cfg.placeholder)
     prompt = (cfg.prompt or MATCH_PROMPT.format(token=cfg.placeholder, a_object=_with_article(object_class)))
     prompt = prompt.replace(cfg.placeholder, placeholder)
     lcfg = make_config(object_class=object_class, prompt=prompt, placeholder=placeholder, steps=cfg.steps,
@@ -462,7 +445,7 @@ def discover(backbone, images: list[torch.Tensor], cfg: DiscoverConfig | None = 
         learn_cfg = replace(learn_cfg, object_class=cfg.object_class)
 
     # 1. w* and K/V by the plain diffusion loss: M_soft = 1 (alpha = 1), no l_att, no l_RoI ("custom-diffusion").
-    placeholder = _free_placeholder(backbone, cfg.placeholder)
+    placeholder = free_placeholder(backbone, cfg.placeholder)
     prompt = cfg.prompt or DISCOVER_PROMPT.format(token=cfg.placeholder, a_object=_with_article(cfg.object_class))
     prompt = prompt.replace(cfg.placeholder, placeholder)
     dcfg = make_config("custom-diffusion", object_class=cfg.object_class, prompt=prompt, placeholder=placeholder,

@@ -9,7 +9,7 @@ generation swaps between them).
 Randomness: every image has its own CPU ``torch.Generator`` seeded with its seed (as diffusers recommends), so
 an image depends on its seed only, not on the device, the batch it ran in, or the other seeds.
 
-``python -m clic.sampling [tiny | MODEL_DIR]`` times transfer and generation (see :func:`time_sampling`).
+``clic bench --sampling`` times transfer and generation (:mod:`clic.bench`).
 """
 
 from __future__ import annotations
@@ -236,69 +236,3 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-
-
-def time_sampling(model: str = "tiny", steps: int = 50, guided: int = 30, t_start: int = 0, device: str = "cpu",
-                  dtype: str = "fp32", repeats: int = 1) -> dict:
-    """Wall-clock seconds of one transfer (``steps`` steps from ``t_start``, the first ``guided`` with the attention
-    guidance step), the same transfer without guidance, and one two-stage generation (``steps`` steps, t_s = 5 of
-    50, scaled), each for one image, with a concept learned for 2 steps. ``model``: a diffusers folder, or a kind
-    of :func:`clic.builder.make_model` (built in a temporary folder). Best of ``repeats`` (the three runs take
-    turns, so that a busy machine slows them alike)."""
-    import tempfile
-    import time
-
-    from .builder import SPECS, make_model
-    from .generate import GenerateConfig, generate
-    from .learn import learn, make_config
-    from .models import load_backbone
-    from .transfer import TransferConfig, transfer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(make_model(model, Path(tmp) / model)) if model in SPECS else model
-        backbone = load_backbone(model_dir, device=device, dtype=dtype)
-    res = backbone.resolution
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(3, res, res, generator=g) * 2 - 1
-    mask = torch.zeros(1, res, res)
-    mask[:, res // 4: res // 2, res // 2: 7 * res // 8] = 1
-    concept = learn(backbone, [image], [mask], make_config(steps=2, object_class="chair"), progress=False).concept
-
-    runs = {
-        "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-            steps=steps, t_start=t_start, guidance_range=(0, guided), eta=1.0), progress=False),
-        "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-            steps=steps, t_start=t_start, eta=0.0), progress=False),
-        "generate_s": lambda: generate(backbone, concept, GenerateConfig(steps=steps, batch_size=1),
-                                       progress=False),
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if backbone.device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {"model": model, "device": str(backbone.device), "dtype": str(backbone.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "steps": steps, "guided_steps": guided, "t_start": t_start,
-            "repeats": repeats, **{name: round(min(t), 3) for name, t in times.items()}}
-
-
-if __name__ == "__main__":  # python -m clic.sampling [tiny | MODEL_DIR] [--repeats 3] [--threads 1]
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="time transfer and generation (one image each)")
-    parser.add_argument("model", nargs="?", default="tiny", help="a diffusers folder or a make-model kind")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guided", type=int, default=30)
-    parser.add_argument("--t-start", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    a = parser.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(json.dumps(time_sampling(a.model, a.steps, a.guided, a.t_start, a.device, a.dtype, a.repeats), indent=2))

@@ -8,10 +8,14 @@ the other rows instead, with an off-by-one for several tokens).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class ConceptTokenEmbedding(nn.Module):
@@ -96,3 +100,20 @@ def token_positions(input_ids: torch.Tensor, token_ids: list[int], prompt: str =
             pos.append(int(hits[0]))
         rows.append(pos)
     return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+
+
+def free_placeholder(backbone, wanted: str) -> str:
+    """``wanted`` if the tokenizer does not know it yet, else its numbered variants <w2*>, <w3*>, ... (each
+    learning run on a backbone adds its token to that backbone's tokenizer)."""
+    stem = wanted.rstrip(">").rstrip("*")
+    for k in range(1, 1000):
+        name = wanted if k == 1 else f"{stem}{k}*>"
+        try:
+            check_placeholder(backbone.tokenizer, name)
+            if k > 1:
+                log.info("placeholder %s is taken in this process; using %s", wanted, name)
+            return name
+        except InputError:
+            if k == 1 and (not wanted or any(ch.isspace() for ch in wanted)):
+                raise
+    raise InputError(f"no free name for the placeholder {wanted}")
