@@ -209,8 +209,8 @@ def test_fast_path_matches_the_reference_path(tiny_model_dir):
     torch.testing.assert_close(fast.concept.embeddings, ref.concept.embeddings, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("lever", [{"gradient_checkpointing": True}, {"channels_last": True}, {"fused_adam": True},
-                                   {"gradient_checkpointing": True, "channels_last": True, "fused_adam": True}],
+@pytest.mark.parametrize("lever", [{"gradient_checkpointing": True}, {"channels_last": True}, {"adam_impl": "fused"},
+                                   {"gradient_checkpointing": True, "channels_last": True, "adam_impl": "fused"}],
                          ids=["checkpointing", "channels-last", "fused-adam", "all"])
 def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
     """Every speed/memory lever computes the same learning run (losses, embedding, K/V) up to float rounding, and

@@ -37,7 +37,7 @@ from .tokens import free_placeholder
 LEVERS = {
     "gradient-checkpointing": {"gradient_checkpointing": True},
     "channels-last": {"channels_last": True},
-    "fused-adam": {"fused_adam": True},
+    "fused-adam": {"adam_impl": "fused"},
     "compile": {"compile_unet": True},
 }
 

@@ -93,7 +93,8 @@ class LearnConfig:
                                       "same losses up to float rounding")
     compile_unet: bool = _opt(False, "torch.compile the UNet (the first steps pay the compile time); same losses up "
                                      "to float rounding")
-    fused_adam: bool | None = _opt(None, "fused Adam kernel (default: on for CUDA); same updates up to float rounding")
+    adam_impl: str = _opt("auto", "Adam kernel: auto (fused on CUDA, torch's default elsewhere), fused, foreach; "
+                                  "same updates up to float rounding", choices=("auto", "fused", "foreach"))
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
                                 "custom-diffusion and break-a-scene; explicit options override it",
                        choices=("paper", "official", "custom-diffusion", "break-a-scene"))
@@ -325,8 +326,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     if attn_params:
         groups.append({"params": attn_params, "lr": cfg.lr})
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    fused = cfg.fused_adam if cfg.fused_adam is not None else device.type == "cuda"
-    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+    impl = "fused" if cfg.adam_impl == "auto" and device.type == "cuda" else cfg.adam_impl
+    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay, **({impl: True} if impl != "auto" else {}))
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
 
