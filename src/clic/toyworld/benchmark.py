@@ -81,8 +81,9 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
         "cases": cases,
     }
     if inpaint_model:
+        # RealFill keeps its batch of 16 per step: a third of the steps still sees 1600 samples (CLiC: 300 x 2)
         manifest["inpaint_model"] = str(inpaint_model)
-        manifest["methods"].append("realfill")
+        manifest["methods"].append({"name": "realfill", "method": "realfill", "learn": {"steps": max(1, steps // 3)}})
     import yaml
 
     (out / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
