@@ -19,8 +19,8 @@ import torch
 
 from .attention import swapped_processors
 from .errors import InputError
-from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, encode_prompt, generators_for,
-                       initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs)
+from .sampling import (SamplingConfig, check_prompt, concept_applied, decode_batches, encode_prompt, opt, predict_noise,
+                       seed_batches)
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +97,23 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
         base_text = encode_prompt(backbone, base_prompt, cfg.negative_prompt, 1, cfg.do_cfg)
 
         latents = []
-        for batch_seeds in chunks(seeds, cfg.batch_size):
-            batch = len(batch_seeds)
-            scheduler = make_scheduler(backbone, cfg)
-            generators = generators_for(batch_seeds)
-            extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
-            # 3. Prepare latents
-            x = initial_noise(backbone, generators) * scheduler.init_noise_sigma
+        # 3. Prepare latents (per batch of seeds)
+        for b in seed_batches(backbone, cfg, seeds, "generate", progress):
             # 4. Denoising loop: the base stage with the concept's processors swapped out, then the concept stage
-            bar = progress_bar(cfg.steps, f"generate (seed {batch_seeds[0]}{'...' if batch > 1 else ''})", progress)
+            x = b.latents
             base_steps = range(cfg.t_s)
             concept_steps = range(cfg.t_s, cfg.steps)
             if base_steps:
                 with swapped_processors(backbone.unet, base_procs):
-                    x = _denoise(backbone, scheduler, x, base_steps, base_text, cfg, extra, bar,
-                                 callback, {"stage": "base", "seeds": batch_seeds})
-            x = _denoise(backbone, scheduler, x, concept_steps, text, cfg, extra, bar,
-                         callback, {"stage": "concept", "seeds": batch_seeds})
-            bar.close()
+                    x = _denoise(backbone, b.scheduler, x, base_steps, base_text, cfg, b.extra, b.bar,
+                                 callback, {"stage": "base", "seeds": b.seeds})
+            x = _denoise(backbone, b.scheduler, x, concept_steps, text, cfg, b.extra, b.bar,
+                         callback, {"stage": "concept", "seeds": b.seeds})
             latents.append(x)
         latents = torch.cat(latents)
 
         # 5. Decode
-        images = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
-                            for k in range(0, len(latents), cfg.batch_size)])
+        images = decode_batches(backbone, latents, cfg.batch_size)
     return GenerateResult(images.cpu(), latents.cpu(), seeds, prompt, base_prompt, cfg.t_s)
 
 

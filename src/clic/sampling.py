@@ -19,7 +19,6 @@ import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -236,3 +235,38 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class SeedBatch:
+    """One batch of seeds of a sampling loop, set up as every loop needs it (see :func:`seed_batches`)."""
+
+    seeds: list[int]
+    scheduler: object
+    generators: list[torch.Generator]
+    extra: dict                # the scheduler's step kwargs (DDIM eta, generator)
+    latents: torch.Tensor      # the initial noise, scaled by the scheduler's init_noise_sigma
+    bar: object                # progress bar of the batch's steps (closed when the next batch starts)
+
+
+def seed_batches(backbone, cfg: SamplingConfig, seeds: Sequence[int], desc: str,
+                 progress: bool) -> Iterator[SeedBatch]:
+    """The batches of ``cfg.batch_size`` seeds of a text-to-image style loop: per batch a fresh scheduler
+    (multistep samplers keep state), one generator per seed, the step kwargs, the initial noise (drawn first from
+    the generators, as the stock pipelines do) and a progress bar of ``cfg.steps``."""
+    for batch_seeds in chunks(list(seeds), cfg.batch_size):
+        scheduler = make_scheduler(backbone, cfg)
+        generators = generators_for(batch_seeds)
+        extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
+        x = initial_noise(backbone, generators) * scheduler.init_noise_sigma
+        bar = progress_bar(cfg.steps, f"{desc} (seed {batch_seeds[0]}{'...' if len(batch_seeds) > 1 else ''})",
+                           progress)
+        try:
+            yield SeedBatch(batch_seeds, scheduler, generators, extra, x, bar)
+        finally:
+            bar.close()
+
+
+def decode_batches(backbone, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1], ``batch_size`` at a time."""
+    return torch.cat([backbone.decode(latents[k:k + batch_size]) for k in range(0, len(latents), batch_size)])

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from .attention import BLOCKS, cross_attention_layers
 from .errors import InputError
 from .imaging import check_mask, resize_mask
-from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, encode_prompt, generators_for,
-                       initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs, token_index)
+from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
+                       generators_for, initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs,
+                       token_index)
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +366,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
         latents = torch.cat(latents)
 
         # 5. Decode; paste into the target in pixel space
-        decoded = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
-                             for k in range(0, len(latents), cfg.batch_size)])
+        decoded = decode_batches(backbone, latents, cfg.batch_size)
         radius = cfg.feather if cfg.feather is not None else backbone.resolution // 64
         alpha = feather_mask(mask, radius)
         images = composite(decoded, target[None], alpha) if cfg.composite else decoded

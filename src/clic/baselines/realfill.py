@@ -58,8 +58,8 @@ from ..attention import capture_token_maps, cross_attention_layers, install_proc
 from ..concept import Concept
 from ..errors import InputError, ModelError, TrainingError
 from ..imaging import check_mask
-from ..sampling import (SamplingConfig, check_prompt, chunks, concept_applied, encode_prompt, generators_for,
-                        initial_noise, make_scheduler, opt, progress_bar, step_kwargs, token_index)
+from ..sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt, opt,
+                        seed_batches, token_index)
 from ..tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -463,29 +463,21 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
         layers = cross_attention_layers(backbone.unet, cfg.attn_blocks)
 
         latents, maps, timesteps = [], [], []
-        for batch_seeds in chunks(seeds, cfg.batch_size):
-            batch = len(batch_seeds)
-            scheduler = make_scheduler(backbone, cfg)
-            generators = generators_for(batch_seeds)
-            extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
-            # 3. Prepare latents (pure noise: strength 1), then the mask conditioning (same generator order as the
-            #    stock pipeline: noise first, then the masked-image latent sample)
-            x = initial_noise(backbone, generators) * scheduler.init_noise_sigma
-            mask_lat, masked_lat = _conditioning(backbone, target, mask, generators)
+        # 3. Prepare latents (pure noise: strength 1), then the mask conditioning (same generator order as the stock
+        #    pipeline: noise first, then the masked-image latent sample)
+        for b in seed_batches(backbone, cfg, seeds, "inpaint", progress):
+            mask_lat, masked_lat = _conditioning(backbone, target, mask, b.generators)
             # 4. Denoising loop
-            bar = progress_bar(cfg.steps, f"inpaint (seed {batch_seeds[0]}{'...' if batch > 1 else ''})", progress)
-            x, m = _denoise(backbone, scheduler, x, range(cfg.steps), text.repeat_interleave(batch, 0), mask_lat,
-                            masked_lat, cfg.guidance_scale, extra, layers, index, bar, callback,
-                            {"seeds": batch_seeds})
-            bar.close()
+            x, m = _denoise(backbone, b.scheduler, b.latents, range(cfg.steps),
+                            text.repeat_interleave(len(b.seeds), 0), mask_lat, masked_lat, cfg.guidance_scale,
+                            b.extra, layers, index, b.bar, callback, {"seeds": b.seeds})
             latents.append(x)
             maps.append(m)
-            timesteps = [int(t) for t in scheduler.timesteps]
+            timesteps = [int(t) for t in b.scheduler.timesteps]
         latents = torch.cat(latents)
 
         # 5. Decode; paste onto the target
-        decoded = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
-                             for k in range(0, len(latents), cfg.batch_size)])
+        decoded = decode_batches(backbone, latents, cfg.batch_size)
         alpha = paste_alpha(mask)
         images = alpha * decoded + (1 - alpha) * target[None] if cfg.composite else decoded
     return InpaintResult(images.cpu(), decoded.cpu(), latents.cpu(), target.cpu(), mask.cpu(), alpha.cpu(),
@@ -514,25 +506,18 @@ def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         base_text = encode_prompt(backbone, base_prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         latents = []
-        for batch_seeds in chunks(seeds, cfg.batch_size):
-            batch = len(batch_seeds)
-            scheduler = make_scheduler(backbone, cfg)
-            generators = generators_for(batch_seeds)
-            extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
-            x = initial_noise(backbone, generators) * scheduler.init_noise_sigma
+        for b in seed_batches(backbone, cfg, seeds, "generate", progress):
+            batch = len(b.seeds)
             mask_lat, masked_lat = _conditioning(backbone, blank.to(backbone.device), full.to(backbone.device),
-                                                 generators)
-            bar = progress_bar(cfg.steps, f"generate (seed {batch_seeds[0]})", progress)
+                                                 b.generators)
+            x = b.latents
             if t_s:
                 with swapped_processors(backbone.unet, base_procs):
-                    x, _ = _denoise(backbone, scheduler, x, range(t_s),
-                                    base_text.repeat_interleave(batch, 0), mask_lat, masked_lat, cfg.guidance_scale,
-                                    extra, [], None, bar)
-            x, _ = _denoise(backbone, scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch, 0),
-                            mask_lat, masked_lat, cfg.guidance_scale, extra, [], None, bar)
-            bar.close()
+                    x, _ = _denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch, 0),
+                                    mask_lat, masked_lat, cfg.guidance_scale, b.extra, [], None, b.bar)
+            x, _ = _denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch, 0),
+                            mask_lat, masked_lat, cfg.guidance_scale, b.extra, [], None, b.bar)
             latents.append(x)
         latents = torch.cat(latents)
-        images = torch.cat([backbone.decode(latents[k:k + cfg.batch_size])
-                            for k in range(0, len(latents), cfg.batch_size)])
+        images = decode_batches(backbone, latents, cfg.batch_size)
     return GenerateResult(images.cpu(), latents.cpu(), seeds, prompt, base_prompt, t_s)
