@@ -230,6 +230,7 @@ def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
 
 
 @pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")   # inside torch.compile, not ours
 def test_compiled_unet_gives_the_same_losses(tiny_model_dir):
     """--compile-unet (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same losses."""
     _, plain = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2)
