@@ -65,6 +65,7 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
     for case in manifest["cases"]:
         info = truth[case["id"]]
         assert case["id"].endswith(f"-{info['part']}-{info['pattern']}") and case["object_class"] in case["id"]
+        assert case["prompt"].endswith(f" <v*> {info['part']}") and f" {case['object_class']} with " in case["prompt"]
         target = np.asarray(Image.open(tmp_path / case["target_mask"])) > 127
         obj = np.asarray(Image.open(tmp_path / info["target_object"])) > 127
         assert target.sum() > 0 and not (target & ~obj).any()        # the target part lies on the target object

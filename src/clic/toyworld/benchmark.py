@@ -44,6 +44,14 @@ PAIRS = (("chair", "back"), ("house", "walls"), ("vase", "body"), ("lamp", "shad
          ("mug", "body"))
 
 
+def context_prompt(object_class: str, part: str) -> str:
+    """P_s in the grammar of the toy model's captions ("a red chair with a striped back"), v* in the pattern's
+    place: "a chair with a <v*> back", "a house with <v*> walls" (CLiC and Custom Diffusion learn and transfer with
+    it; Break-A-Scene and RealFill keep their "a photo of <v*>")."""
+    article = "an" if object_class[0] in "aeiou" else "a"
+    return f"{article} {object_class} with {'' if part.endswith('s') else 'a '}<v*> {part}"
+
+
 def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = None, steps: int = 300,
                sample_steps: int = 50, size: int = 64, inpaint_model: str | None = None) -> Path:
     out = Path(out_dir)
@@ -65,7 +73,8 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
             Image.fromarray(img).save(path)
             files[name] = str(path.relative_to(out))
         cases.append({"id": cid, "source": files["source"], "source_mask": files["source_mask"],
-                      "target": files["target"], "target_mask": files["target_mask"], "object_class": cls})
+                      "target": files["target"], "target_mask": files["target_mask"], "object_class": cls,
+                      "prompt": context_prompt(cls, part)})
         truth[cid] = {"pattern": pattern, "part": part, "target_object": files["target_object"]}
     manifest = {
         "name": f"toyworld-{n_cases}", "model": model or "toy",
