@@ -3,7 +3,8 @@ model (the command itself, in a subprocess on a free localhost port).
 
 One user session, as a person would click it: an empty mask gives the error message in the page; learning can be
 cancelled; paint a mask, learn 3 steps, get the concept file; upload a target, Find region, paint more, transfer,
-and see the results. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer.
+and see the results. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer;
+``CLIC_UI_MODEL=src/clic/assets/toymodel`` runs it on another model (the README's screenshot uses the toy model).
 
 Playwright cannot download its own browsers here: it always runs /usr/bin/chromium (``apt-get install chromium``).
 """
@@ -286,8 +287,9 @@ def _attempt(browser, model_dir, tmp_path) -> None:
 def test_learn_and_transfer_in_chromium(tiny_model_dir, browser, tmp_path):
     """One retry on a fresh server and page: a browser run on a loaded 2-core machine is occasionally slower than
     its waits; a real defect fails both attempts."""
+    model = os.environ.get("CLIC_UI_MODEL", tiny_model_dir)   # e.g. the bundled toy model for the README screenshot
     try:
-        _attempt(browser, tiny_model_dir, tmp_path / "first")
+        _attempt(browser, model, tmp_path / "first")
     except AssertionError as first:
         print(f"first attempt failed, retrying once:\n{first}")
-        _attempt(browser, tiny_model_dir, tmp_path / "second")
+        _attempt(browser, model, tmp_path / "second")
