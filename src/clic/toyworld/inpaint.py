@@ -42,15 +42,17 @@ def widen_unet(unet):
     return wide
 
 
-def _batch_inputs(backbone, pixels: torch.Tensor, masks: torch.Tensor):
-    """Scaled latents of ``pixels`` and of ``pixels * (mask < 0.5)`` (posterior means), the mask at latent size."""
+@torch.no_grad()
+def _encode(backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (posterior means) of ``pixels`` in [-1, 1]."""
+    return backbone.vae.encode(pixels).latent_dist.mean * backbone.vae.config.scaling_factor
+
+
+def _conditioning(backbone, pixels: torch.Tensor, masks: torch.Tensor, hw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inpainting conditioning: the mask at latent size and the latent of ``pixels * (mask < 0.5)``."""
     import torch.nn.functional as F
 
-    vae, s = backbone.vae, backbone.vae.config.scaling_factor
-    with torch.no_grad():
-        x0 = vae.encode(pixels).latent_dist.mean * s
-        masked = vae.encode(pixels * (masks < 0.5)).latent_dist.mean * s
-    return x0, F.interpolate(masks, size=x0.shape[-2:]), masked
+    return F.interpolate(masks, size=hw), _encode(backbone, pixels * (masks < 0.5))
 
 
 @torch.no_grad()
@@ -61,7 +63,8 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     from ..baselines.realfill import inpainting_input
     from .train import _to_uint8
 
-    x0, mask_lat, masked = _batch_inputs(backbone, pixels, masks)
+    x0 = _encode(backbone, pixels)
+    mask_lat, masked = _conditioning(backbone, pixels, masks, x0.shape[-2:])
     sched = backbone.sampling_scheduler("ddim")
     sched.set_timesteps(steps)
     text = backbone.encode_text(backbone.tokenize(list(prompts)))
@@ -116,8 +119,13 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     parent = inpaint_batch(backbone, backbone.unet, held_pixels, held_masks, held_captions, seed=seed)
 
     unet = widen_unet(backbone.unet).train()
-    ids = backbone.tokenize(captions)
-    empty = backbone.tokenize([""])[0]
+    # constant inputs once: the clean latents and the caption embeddings (VAE and text encoder are frozen); only
+    # the masked-image latent changes with each step's random masks
+    latents = torch.cat([_encode(backbone, _to_pixels(images[k:k + 256])) for k in range(0, len(images), 256)])
+    with torch.no_grad():
+        texts = torch.cat([backbone.encode_text(backbone.tokenize(captions[k:k + 256]))
+                           for k in range(0, len(captions), 256)])
+        empty_text = backbone.encode_text(backbone.tokenize([""]))[0]
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod.float()
     snr = acp / (1 - acp)
@@ -130,11 +138,10 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         masks = random_masks(batch, size, gen)
-        x0, mask_lat, masked = _batch_inputs(backbone, _to_pixels(images[idx.numpy()]), masks)
-        batch_ids = ids[idx].clone()
-        batch_ids[torch.rand(batch, generator=gen) < cond_drop] = empty
-        with torch.no_grad():
-            text = backbone.text_encoder(batch_ids)[0]
+        x0 = latents[idx]
+        mask_lat, masked = _conditioning(backbone, _to_pixels(images[idx.numpy()]), masks, x0.shape[-2:])
+        text = texts[idx].clone()
+        text[torch.rand(batch, generator=gen) < cond_drop] = empty_text
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         pred = unet(inpainting_input(sched.add_noise(x0, noise, t), mask_lat, masked), t, text).sample
