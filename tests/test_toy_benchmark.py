@@ -93,3 +93,35 @@ def test_run_and_extras_on_one_case(tmp_path):
     match = summary["roi_matching"]["clic"]
     assert match["n"] == 1 and 0.0 <= match["iou"][0] <= 1.0 and 0.0 < match["area"][0] <= 1.0
     assert "| w* from clic | 1 |" in (tmp_path / "results" / "extras.md").read_text()
+    text = summary["text_controls"]
+    assert set(text) == {"text-name", "text-other"} and all(s["n"] == 1 for s in text.values())
+    assert all(0.0 <= s["presence"][0] <= 1.0 for s in text.values())
+
+    # recomputing one part keeps the others' rows
+    before = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
+    again = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu", parts=("text",))
+    after = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
+    assert after["generation"] == before["generation"] and after["matching"] == before["matching"]
+    assert again["text_controls"] == text                      # same seeds, same words: the same transfers
+
+
+def test_text_control_words_and_seen_patterns(tmp_path):
+    """The text controls name the case's pattern and another pattern of the same set, each a single CLIP token of
+    the toy model's vocabulary; ``--patterns seen`` cases use only the patterns the toy model was trained on."""
+    from transformers import CLIPTokenizer
+
+    from clic.demo import bundled_model
+    from clic.toyworld.benchmark import PATTERN_SETS, SEEN_PATTERNS, text_words
+    from clic.toyworld.world import TRAIN_PATTERNS
+
+    tok = CLIPTokenizer.from_pretrained(bundled_model() / "tokenizer")
+    for patterns, group in PATTERN_SETS.items():
+        for pattern in group:
+            words = text_words(pattern, patterns)
+            assert words["text-name"] != words["text-other"]
+            assert all(len(tok.tokenize(w)) == 1 for w in words.values())
+    assert set(SEEN_PATTERNS) <= set(TRAIN_PATTERNS)
+    make_cases(tmp_path, n_cases=18, model=str(bundled_model()), steps=2, sample_steps=4, patterns="seen")
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert {t["pattern"] for t in truth.values()} == set(SEEN_PATTERNS)
+    assert yaml.safe_load((tmp_path / "manifest.yaml").read_text())["name"] == "toyworld-18-seen"

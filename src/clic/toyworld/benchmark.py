@@ -2,11 +2,16 @@
 analogous part of another object, scored by the pattern detector.
 
     python -m clic.toyworld.benchmark make --out DIR [--cases 30] [--seed 0] [--model PATH] [--steps 300]
-                                           [--inpaint-model PATH]
-    python -m clic.toyworld.benchmark run DIR [--out DIR/results] [--no-extras]
+                                           [--patterns heldout|seen] [--inpaint-model PATH]
+    python -m clic.toyworld.benchmark run DIR [--out DIR/results] [--no-extras | --extras-only]
+                                              [--extras generation,matching,text]
 
-``make`` renders the cases (source: an object with a held-out pattern on a part; target: a plain object of the
-same class, its same part as the target mask) and writes ``manifest.yaml`` (CLiC, Custom Diffusion,
+``make`` renders the cases (source: an object with a pattern on a part; target: a plain object of the same class,
+its same part as the target mask). ``--patterns heldout`` (default) uses the three patterns the toy model never saw
+(crosses, stars, rings): the concept must bring the pattern itself. ``--patterns seen`` uses three patterns the toy
+model draws from their names (stripes, waves, hatching; :data:`SEEN_PATTERNS`): the concept then has to carry which
+pattern, in which colours, on which part, which separates the methods where the held-out split is limited by what the
+small model can draw at all. ``make`` and writes ``manifest.yaml`` (CLiC, Custom Diffusion,
 Break-A-Scene, the three loss ablations and an eta sweep; RealFill too when ``--inpaint-model`` names the toy
 inpainting model of :mod:`clic.toyworld.inpaint`) plus ``truth.json`` (each case's pattern and the target's object
 mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (transfer):
@@ -24,7 +29,11 @@ then the two measurements ``clic benchmark`` does not make (:func:`extras`, from
   analogous part (the part's expected region, :func:`clic.toyworld.train.part_region`); ``off_part``: on the rest
   of the object;
 - RoI matching (sec. 3.3): w* learned from CLiC's concept on the source mask finds the target mask
-  (:func:`clic.roi.auto_target_mask`); ``iou`` against the true part mask.
+  (:func:`clic.roi.auto_target_mask`); ``iou`` against the true part mask;
+- text controls: the same transfer (blending, guidance, seeds) with the base model and, in v*'s place, a word:
+  ``text-name`` the pattern's caption word ("a chair with a striped back": what naming the pattern achieves; for
+  held-out patterns a word the model never saw) and ``text-other`` another pattern's word (how often the source
+  pattern appears when something else was asked for: the chance level of ``presence``).
 """
 
 from __future__ import annotations
@@ -37,11 +46,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .world import HELD_OUT_PATTERNS, render_scene
+from .world import HELD_OUT_PATTERNS, PATTERN_ADJECTIVES, render_scene
 
 # (class, part) pairs whose parts are big enough at 64 px for a pattern to be recognisable
 PAIRS = (("chair", "back"), ("house", "walls"), ("vase", "body"), ("lamp", "shade"), ("table", "top"),
          ("mug", "body"))
+
+
+#: trained patterns the bundled toy model draws from their caption word (generated-pattern accuracy 0.93 / 1.00 /
+#: 1.00 in its eval.json) and whose words are single CLIP tokens (the text controls put them in v*'s place)
+SEEN_PATTERNS = ("stripes", "waves", "diagonal")
+PATTERN_SETS = {"heldout": HELD_OUT_PATTERNS, "seen": SEEN_PATTERNS}
 
 
 def context_prompt(object_class: str, part: str) -> str:
@@ -53,14 +68,18 @@ def context_prompt(object_class: str, part: str) -> str:
 
 
 def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = None, steps: int = 300,
-               sample_steps: int = 50, size: int = 64, inpaint_model: str | None = None) -> Path:
+               sample_steps: int = 50, size: int = 64, inpaint_model: str | None = None,
+               patterns: str = "heldout") -> Path:
+    if patterns not in PATTERN_SETS:
+        raise ValueError(f"unknown pattern set {patterns!r} ({' | '.join(PATTERN_SETS)})")
+    pattern_set = PATTERN_SETS[patterns]
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     cases, truth = [], {}
     for i in range(n_cases):
         cls, part = PAIRS[i % len(PAIRS)]
-        pattern = HELD_OUT_PATTERNS[(i // len(PAIRS)) % len(HELD_OUT_PATTERNS)]
+        pattern = pattern_set[(i // len(PAIRS)) % len(pattern_set)]
         s_seed, t_seed = int(rng.integers(1 << 30)), int(rng.integers(1 << 30))
         src = render_scene(s_seed, size=size, object_class=cls, pattern=pattern, part=part, split="any")
         tgt = render_scene(t_seed, size=size, object_class=cls, pattern="none", split="any")
@@ -75,9 +94,10 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
         cases.append({"id": cid, "source": files["source"], "source_mask": files["source_mask"],
                       "target": files["target"], "target_mask": files["target_mask"], "object_class": cls,
                       "prompt": context_prompt(cls, part)})
-        truth[cid] = {"pattern": pattern, "part": part, "target_object": files["target_object"]}
+        truth[cid] = {"pattern": pattern, "part": part, "target_object": files["target_object"],
+                      "patterns": patterns}
     manifest = {
-        "name": f"toyworld-{n_cases}", "model": model or "toy",
+        "name": f"toyworld-{n_cases}" + ("" if patterns == "heldout" else f"-{patterns}"), "model": model or "toy",
         "learn": {"steps": steps, "lr": 1e-3},
         # composite off: out-of-mask PSNR then measures what the latent blending preserves (with the pixel composite
         # it is infinite by construction)
@@ -100,6 +120,14 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
     return out / "manifest.yaml"
 
 
+def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, pattern: str) -> dict:
+    """``presence``: the detector finds ``pattern`` in ``region``; ``leakage``: on the rest of the object ``obj``
+    (None when fewer than 16 pixels are left)."""
+    rest = obj & ~region
+    return {"presence": float(det.predict(image, region)[0] == pattern),
+            "leakage": float(det.predict(image, rest)[0] == pattern) if rest.sum() >= 16 else None}
+
+
 def register_pattern_metric(truth_path) -> None:
     from ..benchmark import register_metric
     from ..imaging import to_pil
@@ -116,14 +144,25 @@ def register_pattern_metric(truth_path) -> None:
         image = np.asarray(to_pil(sample.result))
         region = sample.target_mask[0].cpu().numpy() > 0.5
         size = image.shape[0]
-        obj = np.asarray(Image.open(root / info["target_object"]).convert("L").resize((size, size))) > 127
-        rest = obj & ~region
-        presence = float(det.predict(image, region)[0] == info["pattern"])
-        leakage = float(det.predict(image, rest)[0] == info["pattern"]) if rest.sum() >= 16 else None
-        return {"presence": presence, "leakage": leakage}
+        return pattern_scores(det, image, region, _object_mask(root, info, size), info["pattern"])
 
     register_metric("pattern", ("presence", "leakage"), score, lower_is_better=("leakage",))
 
+
+def _object_mask(root: Path, info: dict, size: int) -> np.ndarray:
+    return np.asarray(Image.open(root / info["target_object"]).convert("L").resize((size, size))) > 127
+
+
+def text_words(pattern: str, patterns: str = "heldout") -> dict[str, str]:
+    """The words of the text controls of a case: ``text-name`` its pattern's caption word, ``text-other`` the next
+    pattern's of the same set."""
+    group = PATTERN_SETS[patterns]
+    other = group[(group.index(pattern) + 1) % len(group)]
+    return {"text-name": PATTERN_ADJECTIVES[pattern], "text-other": PATTERN_ADJECTIVES[other]}
+
+
+#: the measurements of :func:`extras`
+EXTRAS = ("generation", "matching", "text")
 
 #: the concept-learning variants whose concepts generate (RealFill's is for its inpainting model only; the eta
 #: variants share CLiC's concept)
@@ -131,22 +170,25 @@ GENERATION_VARIANTS = ("clic", "custom-diffusion", "break-a-scene", "clic-no-con
 
 
 def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = None, match_lr: float | None = None,
-           device=None, progress: bool = False) -> dict:
-    """Generation and RoI-matching scores from the concepts ``clic benchmark`` cached in ``results_dir``.
+           device=None, progress: bool = False, parts=EXTRAS) -> dict:
+    """Generation, RoI-matching and text-control scores (see the module docstring) from the concepts
+    ``clic benchmark`` cached in ``results_dir``.
 
-    ``match_steps`` / ``match_lr`` default to the manifest's learning steps and lr (the same budget as learning).
-    Writes ``extras.json`` (per case and summary) and ``extras.md`` (the tables); returns the summary."""
+    ``parts`` picks which of :data:`EXTRAS` to (re)compute; the rows of the others are kept from an existing
+    ``extras.json``. ``match_steps`` / ``match_lr`` default to the manifest's learning steps and lr (the same budget
+    as learning). Writes ``extras.json`` (per case and summary) and ``extras.md`` (the tables); returns the summary.
+    """
     import yaml
 
-    from ..benchmark import Cache, mean_ci
+    from ..benchmark import Cache
     from ..concept import Concept
-    from ..generate import GenerateConfig, generate
-    from ..imaging import load_image, load_mask, to_pil
     from ..models import load_backbone
-    from ..roi import MatchConfig, auto_target_mask, iou, learn_matcher
+    from ..roi import MatchConfig
     from .detector import PatternDetector
-    from .train import foreground_mask, part_priors, part_region
 
+    unknown = set(parts) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown extras {sorted(unknown)} (of {', '.join(EXTRAS)})")
     root = Path(root)
     results = Path(results_dir) if results_dir else root / "results"
     manifest = yaml.safe_load((root / "manifest.yaml").read_text())
@@ -156,58 +198,121 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     cache = Cache(results)
     model = manifest["model"] if Path(manifest["model"]).is_absolute() else str(root / manifest["model"])
     backbone = load_backbone(model if Path(model).exists() else manifest["model"], device=device)
-    det, priors = PatternDetector.load(), part_priors()
-    cases = {c["id"]: c for c in manifest["cases"]}
+    det = PatternDetector.load()
     learn = manifest.get("learn", {})
     mcfg = MatchConfig(steps=match_steps or learn.get("steps", 300), lr=match_lr or learn.get("lr", 1e-3))
 
-    gen_rows, match_rows = [], []
-    for cid, case in cases.items():
-        info, cls = truth[cid], case["object_class"]
-        for variant in GENERATION_VARIANTS:
-            key = keys.get((cid, variant))
-            if key is None or not cache.concept_done(key):
-                continue
-            concept = Concept.load(cache.concept(key))
-            res = generate(backbone, concept, GenerateConfig(seeds=tuple(range(n_images)), object_class=cls),
-                           progress=progress)
-            for k, seed in enumerate(res.seeds):
-                img = np.asarray(to_pil(res.images[k]))
-                fg = foreground_mask(img)
-                region = part_region(img, priors[cls][info["part"]], fg)
-                rest = fg & ~region
-                on = det.predict(img, region)[0] == info["pattern"]
-                off = det.predict(img, rest)[0] == info["pattern"] if rest.sum() >= 16 else None
-                gen_rows.append({"case": cid, "method": variant, "seed": seed, "on_part": float(on),
-                                 "off_part": None if off is None else float(off)})
-        key = keys.get((cid, "clic"))
-        if key is not None and cache.concept_done(key):
-            size = backbone.resolution
-            concept = Concept.load(cache.concept(key))
-            source, target = load_image(root / case["source"], size), load_image(root / case["target"], size)
-            matcher = learn_matcher(backbone, concept, source, load_mask(root / case["source_mask"], size), mcfg,
-                                    progress=progress)
-            found = auto_target_mask(backbone, matcher, target)
-            match_rows.append({"case": cid, "iou": iou(found, load_mask(root / case["target_mask"], size)),
-                               "area": float(found.mean())})
-        log_line = f"{cid}: generation {sum(r['case'] == cid for r in gen_rows)} images"
-        if match_rows and match_rows[-1]["case"] == cid:
-            log_line += f", RoI-matching IoU {match_rows[-1]['iou']:.2f}"
-        print(log_line, flush=True)
+    def concept_of(cid, method):
+        key = keys.get((cid, method))
+        return Concept.load(cache.concept(key)) if key is not None and cache.concept_done(key) else None
 
-    def summary(rows, columns, by="method"):
-        out = {}
-        for name in dict.fromkeys(r.get(by, "clic") for r in rows):
-            mine = [r for r in rows if r.get(by, "clic") == name]
-            out[name] = {"n": len(mine), **{c: mean_ci([r[c] for r in mine if r[c] is not None]) for c in columns}}
+    previous = results / "extras.json"
+    rows = json.loads(previous.read_text()).get("rows", {}) if previous.exists() else {}
+    rows.setdefault("matching", rows.pop("roi_matching", []))         # its name in extras.json files written before the text controls
+    for r in rows["matching"]:
+        r.setdefault("method", "clic")
+    rows = {name: ([] if name in parts else rows.get(name, [])) for name in EXTRAS}
+    for cid, case in ((c["id"], c) for c in manifest["cases"]):
+        ctx = _ExtrasCase(root, case, truth[cid], backbone, det)
+        if "generation" in parts:
+            for variant in GENERATION_VARIANTS:
+                if (concept := concept_of(cid, variant)) is not None:
+                    rows["generation"] += ctx.generation(variant, concept, n_images, progress)
+        if "matching" in parts and (concept := concept_of(cid, "clic")) is not None:
+            rows["matching"].append(ctx.matching(concept, mcfg, progress))
+        if "text" in parts:
+            rows["text"] += ctx.text_controls(manifest.get("transfer", {}), progress)
+        done = {name: sum(r["case"] == cid for r in rows[name]) for name in parts}
+        print(f"{cid}: " + ", ".join(f"{name} {n} rows" for name, n in done.items()), flush=True)
+
+    report = {"generation": _summary(rows["generation"], ("on_part", "off_part")),
+              "roi_matching": _summary(rows["matching"], ("iou", "area")),
+              "text_controls": _summary(rows["text"], ("presence", "leakage")),
+              "match_config": {"steps": mcfg.steps, "lr": mcfg.lr}, "images_per_concept": n_images,
+              "rows": rows}
+    (results / "extras.json").write_text(json.dumps(report, indent=1, default=str))
+    md = _extras_markdown(report)
+    (results / "extras.md").write_text(md)
+    print(md)
+    return {k: report[k] for k in ("generation", "roi_matching", "text_controls")}
+
+
+class _ExtrasCase:
+    """One case's inputs for the :func:`extras` measurements."""
+
+    def __init__(self, root: Path, case: dict, info: dict, backbone, det):
+        self.root, self.case, self.info, self.backbone, self.det = root, case, info, backbone, det
+        self.cid, self.cls = case["id"], case["object_class"]
+
+    def generation(self, variant: str, concept, n_images: int, progress: bool) -> list[dict]:
+        from ..generate import GenerateConfig, generate
+        from ..imaging import to_pil
+        from .train import foreground_mask, part_priors, part_region
+
+        priors = part_priors()
+        res = generate(self.backbone, concept, GenerateConfig(seeds=tuple(range(n_images)), object_class=self.cls),
+                       progress=progress)
+        out = []
+        for k, seed in enumerate(res.seeds):
+            img = np.asarray(to_pil(res.images[k]))
+            fg = foreground_mask(img)
+            region = part_region(img, priors[self.cls][self.info["part"]], fg)
+            scores = pattern_scores(self.det, img, region, fg, self.info["pattern"])
+            out.append({"case": self.cid, "method": variant, "seed": seed, "on_part": scores["presence"],
+                        "off_part": scores["leakage"]})
         return out
 
-    report = {"generation": summary(gen_rows, ("on_part", "off_part")),
-              "roi_matching": summary(match_rows, ("iou", "area")),
-              "match_config": {"steps": mcfg.steps, "lr": mcfg.lr}, "images_per_concept": n_images,
-              "rows": {"generation": gen_rows, "roi_matching": match_rows}}
-    (results / "extras.json").write_text(json.dumps(report, indent=1, default=str))
+    def matching(self, concept, mcfg, progress: bool) -> dict:
+        from ..imaging import load_image, load_mask
+        from ..roi import auto_target_mask, iou, learn_matcher
 
+        size, root = self.backbone.resolution, self.root
+        source, target = load_image(root / self.case["source"], size), load_image(root / self.case["target"], size)
+        matcher = learn_matcher(self.backbone, concept, source, load_mask(root / self.case["source_mask"], size),
+                                mcfg, progress=progress)
+        found = auto_target_mask(self.backbone, matcher, target)
+        return {"case": self.cid, "method": "clic", "iou": iou(found, load_mask(root / self.case["target_mask"], size)),
+                "area": float(found.mean())}
+
+    def text_controls(self, transfer_options: dict, progress: bool) -> list[dict]:
+        """Transfer with the base model and a word in v*'s place (a concept with that word's embedding and no
+        cross-attention weights), the benchmark's transfer settings otherwise."""
+        from dataclasses import fields
+
+        from ..concept import Concept
+        from ..imaging import load_image, load_mask, to_pil
+        from ..tokens import initializer_embedding
+        from ..transfer import TransferConfig, transfer
+
+        size, root = self.backbone.resolution, self.root
+        target, mask = load_image(root / self.case["target"], size), load_mask(root / self.case["target_mask"], size)
+        names = {f.name for f in fields(TransferConfig)}
+        options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in transfer_options.items() if k in names}
+        cfg = TransferConfig(**{**options, "prompt": self.case["prompt"]})
+        region, obj = mask[0].numpy() > 0.5, _object_mask(root, self.info, size)
+        out = []
+        for control, word in text_words(self.info["pattern"], self.info.get("patterns", "heldout")).items():
+            concept = Concept.from_training(self.backbone, ["<v*>"], initializer_embedding(self.backbone, word)[None],
+                                            {}, method=control, prompt=self.case["prompt"], word=word)
+            res = transfer(self.backbone, concept, target, mask, cfg, progress=progress)
+            for k, seed in enumerate(res.seeds):
+                image = np.asarray(to_pil(res.images[k]))
+                out.append({"case": self.cid, "method": control, "word": word, "seed": seed,
+                            **pattern_scores(self.det, image, region, obj, self.info["pattern"])})
+        return out
+
+
+def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
+    from ..benchmark import mean_ci
+
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        out[name] = {"n": len(mine), **{c: mean_ci([r[c] for r in mine if r[c] is not None]) for c in columns}}
+    return out
+
+
+def _extras_markdown(report: dict) -> str:
     def cell(v):
         return "-" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
@@ -215,11 +320,13 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     lines += [f"| {m} | {s['n']} | {cell(s['on_part'])} | {cell(s['off_part'])} |"
               for m, s in report["generation"].items()]
     lines += ["", "| RoI matching | cases | IoU ↑ | mask area |", "|---|---|---|---|"]
-    lines += [f"| w* from clic | {s['n']} | {cell(s['iou'])} | {cell(s['area'])} |"
-              for s in report["roi_matching"].values()]
-    (results / "extras.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return {k: report[k] for k in ("generation", "roi_matching")}
+    lines += [f"| w* from {m} | {s['n']} | {cell(s['iou'])} | {cell(s['area'])} |"
+              for m, s in report["roi_matching"].items()]
+    lines += ["", "| text control (base model, a word for v*) | transfers | presence | leakage ↓ |",
+              "|---|---|---|---|"]
+    lines += [f"| {m} | {s['n']} | {cell(s['presence'])} | {cell(s['leakage'])} |"
+              for m, s in report["text_controls"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -234,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--inpaint-model", default=None,
                    help="the toy inpainting model (python -m clic.toyworld.inpaint): adds RealFill")
+    p.add_argument("--patterns", default="heldout", choices=tuple(PATTERN_SETS),
+                   help="heldout: patterns the toy model never saw; seen: patterns it draws from their names")
     p = sub.add_parser("run")
     p.add_argument("dir")
     p.add_argument("--out", default=None)
@@ -241,6 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-extras", action="store_true", help="skip the generation and RoI-matching measurements")
     p.add_argument("--extras-only", action="store_true", help="only the generation and RoI-matching measurements")
     p.add_argument("--images", type=int, default=2, help="extras: generated images per concept")
+    p.add_argument("--extras", default=",".join(EXTRAS),
+                   help=f"comma-separated extras to (re)compute, the others' rows are kept (default: {','.join(EXTRAS)})")
     args = parser.parse_args(argv)
     if args.cmd == "make":
         model = args.model
@@ -249,7 +360,7 @@ def main(argv=None) -> int:
 
             model = str(bundled_model())
         print(make_cases(args.out, args.cases, args.seed, model, args.steps, args.sample_steps,
-                         inpaint_model=args.inpaint_model))
+                         inpaint_model=args.inpaint_model, patterns=args.patterns))
         return 0
     from ..benchmark import run_benchmark
 
@@ -262,7 +373,7 @@ def main(argv=None) -> int:
         if report is not None:
             print(report.table)
     if not args.no_extras and (args.extras_only or report is not None):   # the main process only
-        extras(root, out, n_images=args.images, device=args.device)
+        extras(root, out, n_images=args.images, device=args.device, parts=tuple(args.extras.split(",")))
     return 0
 
 
