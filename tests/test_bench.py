@@ -4,6 +4,7 @@ numbers for BENCHMARKS.md, never asserted here)."""
 import json
 
 import pytest
+import torch
 
 from clic import bench
 from clic.cli import main
@@ -38,3 +39,32 @@ def test_cli_writes_json(tmp_path, capsys):
     main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out)])
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed and printed["learning"]["steps"] == 3
+
+
+def test_flop_count_of_a_learning_step():
+    """The fast step is one UNet pass on the batch of 2 (context + RoI) forward and backward: between 2 and 3 times
+    that forward pass counted on its own (backward: input gradients ~1x, weight gradients only for K/V), nothing
+    else (the source latent is cached: VAE work only before the first step). The reference path re-encodes the
+    image every step and computes every weight's gradient, so it counts more. Counts do not depend on the number
+    of steps."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clic.bench import count_learning_flops, load_bench_backbone
+
+    b = load_bench_backbone("tiny", "cpu")
+    fast = count_learning_flops(b, steps=2)
+    assert count_learning_flops(b, steps=3)["step_gflop"] == fast["step_gflop"]
+    reference = count_learning_flops(b, steps=2, reference_path=True)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, b.unet.config.in_channels, b.latent_size, b.latent_size, generator=g)
+    text = torch.randn(2, 77, b.unet.config.cross_attention_dim, generator=g)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        b.unet(x, torch.tensor([500, 500]), text)
+    unet_forward = counter.get_total_flops() / 1e9
+    assert 2.0 * unet_forward <= fast["step_gflop"] <= 3.0 * unet_forward
+    assert fast["setup_gflop"] > 0 and reference["step_gflop"] > fast["step_gflop"] + fast["setup_gflop"] * 0.5
+    assert fast["floor_500_steps_s"] == pytest.approx(500 * fast["step_gflop"] / 400e3, rel=1e-2, abs=1e-3)
+    assert sum(fast["by_op_gflop"].values()) == pytest.approx(fast["step_gflop"], rel=1e-2)

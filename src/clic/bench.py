@@ -11,7 +11,12 @@ Prints and writes JSON:
   Adam, torch.compile with its compile time) and with all that paid together;
 - ``--sampling``: transfer (``--sampling-steps`` DDIM steps from t = 0, the first 30 with attention guidance), the
   same transfer unguided, and two-stage generation of ``--images`` images in one batch;
-- ``--profile``: a torch.profiler table of a few learning steps (operators by self time: where the time goes).
+- ``--profile``: a torch.profiler table of a few learning steps (operators by self time: where the time goes);
+- ``--flops``: the floating-point operations of one learning step, fast and reference path (counted by
+  ``torch.utils.flop_counter`` with attention in its math form, i.e. the algorithm's FLOPs, not a kernel's), by
+  operator, and the floor they put on 500 steps at a given throughput (``--tflops``, default 400 TFLOP/s: a
+  well-fed H100 in bf16). Exact on any device: ``clic bench --model sd14-random --device cpu --flops --steps 1``
+  needs no GPU.
 
 Speed does not depend on weight values, so ``--model sd14-random`` builds the SD1.4 architecture in memory
 (nothing written to disk). ``--all`` is everything, the command for a GPU machine::
@@ -181,6 +186,37 @@ def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) 
              "share": round(getattr(e, attr) / total, 4)} for e in top]
 
 
+def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg) -> dict:
+    """FLOPs of one learning step with ``cfg`` (LearnConfig overrides): the count between the ends of the last two
+    of ``steps + 1`` steps (so the one-off work before the first step, e.g. caching the source latent, is apart:
+    ``setup_gflop``). Attention runs in its math form while counting, so SDPA's matmuls are counted on every
+    device. ``floor_500_steps_s``: 500 steps at ``tflops`` TFLOP/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .learn import learn, make_config
+
+    image, mask = _inputs(backbone.resolution)
+    counter = FlopCounterMode(display=False)
+    marks: list[int] = []
+    by_op: list[dict] = []
+
+    def mark(step, record):
+        marks.append(counter.get_total_flops())
+        by_op.append({str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()})
+
+    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0,
+                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        learn(backbone, [image], [mask], config, progress=False, callback=mark)
+    step = marks[-1] - marks[-2]
+    ops = {op: n - by_op[-2].get(op, 0) for op, n in by_op[-1].items()}
+    ops = {op.replace("aten.", ""): round(n / 1e9, 3) for op, n in sorted(ops.items(), key=lambda kv: -kv[1]) if n}
+    return {"step_gflop": round(step / 1e9, 3), "setup_gflop": round((marks[0] - step) / 1e9, 3),
+            "by_op_gflop": ops, "floor_500_steps_s": round(500 * step / (tflops * 1e12), 3),
+            "at_tflops": tflops, "config": cfg}
+
+
 @dataclass
 class BenchOptions:
     model: str = "tiny"
@@ -195,6 +231,8 @@ class BenchOptions:
     images: int = 4
     repeats: int = 1
     profile: bool = False
+    flops: bool = False
+    tflops: float = 400.0
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -203,8 +241,8 @@ def run_bench(opts: BenchOptions) -> dict:
     result = {"model": opts.model, "device": _device_name(backbone.device), "dtype": opts.dtype,
               "resolution": backbone.resolution, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}
-    fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup)
-    if opts.levers:
+    fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup) if opts.steps > 0 else None
+    if opts.levers and fast is not None:
         levers = result["levers"] = {}
         for name, overrides in LEVERS.items():
             levers[name] = bench_learning(backbone, opts.steps, opts.warmup, **overrides)
@@ -219,12 +257,21 @@ def run_bench(opts: BenchOptions) -> dict:
                                             opts.repeats)
     if opts.profile:
         result["profile"] = profile_learning(backbone)
-    if opts.reference:
-        if opts.dtype != "fp32":
-            del backbone
-            backbone = load_bench_backbone(opts.model, opts.device, "fp32")
+    if opts.flops:
+        result["flops"] = {"fast": count_learning_flops(backbone, tflops=opts.tflops)}
+    if (opts.reference or opts.flops) and opts.dtype != "fp32":       # the reference path is fp32
+        del backbone
+        backbone = load_bench_backbone(opts.model, opts.device, "fp32")
+    if opts.reference and fast is not None:
         ref = result["reference"] = bench_learning(backbone, opts.steps, opts.warmup, reference_path=True)
         result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
+    if opts.flops:
+        result["flops"]["reference"] = count_learning_flops(backbone, tflops=opts.tflops, reference_path=True)
+    # how far each measured step is from its FLOP floor: the achieved TFLOP/s
+    for path, timed in (("fast", fast), ("reference", result.get("reference"))):
+        if timed is not None and path in result.get("flops", {}):
+            result["flops"][path]["achieved_tflops"] = round(result["flops"][path]["step_gflop"] / 1e3
+                                                             / timed["step_median_s"], 4)
     return result
 
 
@@ -233,7 +280,8 @@ def register_cli(sub, add_model_options) -> None:
                                      "(BENCHMARKS.md numbers come from here)")
     p.add_argument("--model", default="tiny",
                    help="a model folder or hub id, or tiny | tiny-sd2 | sd14-random (built in memory)")
-    p.add_argument("--steps", type=int, default=20, help="timed learning steps after warm-up")
+    p.add_argument("--steps", type=int, default=20, help="timed learning steps after warm-up (0: no timing, e.g. "
+                                                                  "with --flops alone)")
     p.add_argument("--warmup", type=int, default=3, help="untimed learning steps first")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
@@ -248,7 +296,12 @@ def register_cli(sub, add_model_options) -> None:
     p.add_argument("--images", type=int, default=4, help="images of the generation timing (one batch)")
     p.add_argument("--repeats", type=int, default=1, help="sampling timings: best of this many")
     p.add_argument("--profile", action="store_true", help="a profiler table of a few learning steps")
-    p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile")
+    p.add_argument("--flops", action="store_true",
+                   help="count the FLOPs of a learning step (fast and reference path) and the floor they put on 500 "
+                        "steps; exact on any device")
+    p.add_argument("--tflops", type=float, default=400.0,
+                   help="throughput for the --flops floor, TFLOP/s (default 400: a well-fed H100 in bf16)")
+    p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile --flops")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
     def run(args):
@@ -256,7 +309,8 @@ def register_cli(sub, add_model_options) -> None:
         opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
                             warmup=args.warmup, reference=args.reference or every, levers=args.levers or every,
                             sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
-                            repeats=args.repeats, profile=args.profile or every)
+                            repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
+                            tflops=args.tflops)
         text = json.dumps(run_bench(opts), indent=2)
         print(text)
         if args.json:
