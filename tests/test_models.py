@@ -43,6 +43,18 @@ def test_sd2_layout_sizes_come_from_configs(tiny_sd2_model_dir):
     assert backbone.text_encoder.config.hidden_size == 48
 
 
+def test_tiny_vae_scaling_factor_gives_unit_variance_latents():
+    """The tiny kinds' scaling factor is the calibration of their seed-0 VAE (as 0.18215 is SD's), and still near
+    unit variance for other seeds (one constant keeps one architecture hash per kind)."""
+    from clic.builder import TINY_VAE, build_pipeline, latent_scaling_factor
+
+    assert latent_scaling_factor(build_pipeline("tiny").vae) == pytest.approx(TINY_VAE["scaling_factor"], rel=0.01)
+    for kind, seed in (("tiny-sd2", 0), ("tiny", 123)):
+        vae = build_pipeline(kind, seed=seed).vae
+        assert vae.config.scaling_factor == TINY_VAE["scaling_factor"]
+        assert 0.9 < latent_scaling_factor(vae) / vae.config.scaling_factor < 1.1
+
+
 def test_sd14_random_has_the_sd14_architecture():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

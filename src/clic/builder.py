@@ -97,6 +97,16 @@ _SCHEDULER = dict(
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
 )
 
+#: The tiny kinds' VAE. Its scaling factor is latent_scaling_factor() of the seed-0 random VAE (4.68; tests check
+#: it), not SD's 0.18215: with that the random VAE's latents have std ~0.04, the UNet sees almost nothing of the
+#: image after noising, and neither attention maps nor losses can follow its content. A constant, not computed per
+#: seed: checkpoints of one kind keep one architecture hash (concept files tell them apart by their weights).
+TINY_VAE = dict(
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(32, 32, 64), norm_num_groups=32, scaling_factor=4.68,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+
 SPECS: dict[str, dict] = {
     "tiny": dict(
         unet=dict(
@@ -105,11 +115,7 @@ SPECS: dict[str, dict] = {
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
         ),
-        vae=dict(
-            sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-            block_out_channels=(32, 32, 64), norm_num_groups=32,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        ),
+        vae=TINY_VAE,
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   projection_dim=32, hidden_act="quick_gelu"),
         scheduler=dict(prediction_type="epsilon"),
@@ -122,11 +128,7 @@ SPECS: dict[str, dict] = {
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=48, attention_head_dim=(8, 16), use_linear_projection=True, norm_num_groups=32,
         ),
-        vae=dict(
-            sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-            block_out_channels=(32, 32, 64), norm_num_groups=32,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        ),
+        vae=TINY_VAE,
         text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   projection_dim=48, hidden_act="gelu"),
         scheduler=dict(prediction_type="v_prediction"),
@@ -163,6 +165,24 @@ def _inpainting(kind: str) -> dict:
 
 SPECS["tiny-inpaint"] = _inpainting("tiny")
 SPECS["sd-inpaint-random"] = _inpainting("sd14-random")  # SD1.x-inpainting architecture (runwayml / SD1.5)
+
+
+def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
+    """1 / std of ``vae``'s latents (posterior means) over seeded images from smooth blobs to pixel noise: the factor
+    that gives unit-variance latents, as SD's 0.18215 does for SD's VAE.
+
+    A random-init VAE with SD's factor gives latents of std ~0.04; noised to any t > 0 the UNet then sees almost
+    nothing of the image, and neither attention maps nor losses can follow its content (see :data:`TINY_VAE`)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    size = vae.config.sample_size
+    cells = [2 ** (2 + k % 4) for k in range(n)]                   # 4, 8, 16, 32 cells per side, then again
+    images = torch.cat([F.interpolate(torch.rand(1, 3, c, c, generator=g), size=(size, size), mode="bilinear",
+                                      align_corners=False) for c in cells]) * 2 - 1
+    with torch.no_grad():
+        std = float(vae.encode(images).latent_dist.mean.std())
+    return round(1.0 / std, 4)
 
 
 def build_pipeline(kind: str, seed: int = 0):
