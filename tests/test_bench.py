@@ -68,3 +68,31 @@ def test_flop_count_of_a_learning_step():
     assert fast["setup_gflop"] > 0 and reference["step_gflop"] > fast["step_gflop"] + fast["setup_gflop"] * 0.5
     assert fast["floor_500_steps_s"] == pytest.approx(500 * fast["step_gflop"] / 400e3, rel=1e-2, abs=1e-3)
     assert sum(fast["by_op_gflop"].values()) == pytest.approx(fast["step_gflop"], rel=1e-2)
+
+
+def test_tensor_memory_counts_live_storages():
+    """Hand-counted: views add nothing, freed tensors leave, tensors kept only by autograd for backward stay until
+    backward has run; the peak includes what lived before (``base``)."""
+    from clic.bench import TensorMemory, count_learning_memory, load_bench_backbone
+
+    mb4 = 1000 * 1000 * 4
+    x = torch.randn(1000, 1000, requires_grad=True)
+    with TensorMemory(base=123) as m:
+        a = torch.zeros(1000, 1000)
+        view = a[10:]
+        assert m.current == 123 + mb4 and view.untyped_storage().nbytes() == mb4
+        c = a + 1
+        assert m.current == 123 + 2 * mb4
+        del c, a, view
+        assert m.current == 123
+        y = (x * 2).sin()                     # x * 2 has no Python reference: autograd keeps it for sin's backward
+        assert m.current == 123 + 2 * mb4
+        y.sum().backward()
+        del y
+        assert m.current == 123 + mb4         # x.grad
+    assert m.peak >= 123 + 3 * mb4
+
+    b = load_bench_backbone("tiny", "cpu")
+    plain, ckpt = count_learning_memory(b), count_learning_memory(b, gradient_checkpointing=True)
+    assert plain["weights_gib"] == ckpt["weights_gib"] > 0
+    assert plain["peak_gib"] > ckpt["peak_gib"] > plain["weights_gib"]   # checkpointing keeps fewer activations

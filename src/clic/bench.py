@@ -16,7 +16,10 @@ Prints and writes JSON:
   ``torch.utils.flop_counter`` with attention in its math form, i.e. the algorithm's FLOPs, not a kernel's), by
   operator, and the floor they put on 500 steps at a given throughput (``--tflops``, default 400 TFLOP/s: a
   well-fed H100 in bf16). Exact on any device: ``clic bench --model sd14-random --device cpu --flops --steps 1``
-  needs no GPU.
+  needs no GPU;
+- ``--tensor-memory``: the peak bytes of live tensors during learning (weights, activations, gradients, optimizer
+  state), counted op by op: what ``torch.cuda.max_memory_allocated`` reports, less the CUDA allocator's rounding and
+  kernel workspaces, so an estimate of the GPU peak from any device. Fast path and with gradient checkpointing.
 
 Speed does not depend on weight values, so ``--model sd14-random`` builds the SD1.4 architecture in memory
 (nothing written to disk). ``--all`` is everything, the command for a GPU machine::
@@ -26,15 +29,19 @@ Speed does not depend on weight values, so ``--model sd14-random`` builds the SD
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import resource
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .tokens import free_placeholder
 
@@ -217,6 +224,60 @@ def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg)
             "at_tflops": tflops, "config": cfg}
 
 
+class TensorMemory(TorchDispatchMode):
+    """Counts the bytes of live tensor storages: every op's outputs are tracked until their storage is freed (a weak
+    reference's callback); ``base`` is what lived before (the model's weights). ``peak`` / ``current`` in bytes."""
+
+    def __init__(self, base: int = 0):
+        super().__init__()
+        self.current = self.peak = base
+        self._refs: dict[int, weakref.ref] = {}
+
+    @staticmethod
+    def storage_bytes(tensors) -> int:
+        seen = {}
+        for t in tensors:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
+    def _free(self, key: int, nbytes: int, _ref) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self._refs:
+                    nbytes = st.nbytes()
+                    self._refs[key] = weakref.ref(st, functools.partial(self._free, key, nbytes))
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
+    """Peak live-tensor memory (GiB) of ``steps`` learning steps with ``cfg`` (LearnConfig overrides), on top of
+    the model's weights (``weights_gib``) that live before; see :class:`TensorMemory`."""
+    import gc
+
+    from .learn import learn, make_config
+
+    image, mask = _inputs(backbone.resolution)
+    modules = (backbone.unet, backbone.vae, backbone.text_encoder)
+    weights = TensorMemory.storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
+    config = make_config(steps=steps, object_class="chair", checkpoint_every=0,
+                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+    gc.collect()
+    with TensorMemory(weights) as counter:
+        learn(backbone, [image], [mask], config, progress=False)
+    return {"peak_gib": round(counter.peak / 2**30, 3), "weights_gib": round(weights / 2**30, 3),
+            "config": cfg}
+
+
 @dataclass
 class BenchOptions:
     model: str = "tiny"
@@ -233,6 +294,7 @@ class BenchOptions:
     profile: bool = False
     flops: bool = False
     tflops: float = 400.0
+    tensor_memory: bool = False
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -259,6 +321,9 @@ def run_bench(opts: BenchOptions) -> dict:
         result["profile"] = profile_learning(backbone)
     if opts.flops:
         result["flops"] = {"fast": count_learning_flops(backbone, tflops=opts.tflops)}
+    if opts.tensor_memory:
+        result["tensor_memory"] = {"fast": count_learning_memory(backbone), "gradient-checkpointing":
+                                   count_learning_memory(backbone, gradient_checkpointing=True)}
     if (opts.reference or opts.flops) and opts.dtype != "fp32":       # the reference path is fp32
         del backbone
         backbone = load_bench_backbone(opts.model, opts.device, "fp32")
@@ -301,6 +366,9 @@ def register_cli(sub, add_model_options) -> None:
                         "steps; exact on any device")
     p.add_argument("--tflops", type=float, default=400.0,
                    help="throughput for the --flops floor, TFLOP/s (default 400: a well-fed H100 in bf16)")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="peak live-tensor memory of learning counted op by op (an estimate of the GPU peak from any "
+                        "device), fast path and with gradient checkpointing")
     p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile --flops")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
@@ -310,7 +378,7 @@ def register_cli(sub, add_model_options) -> None:
                             warmup=args.warmup, reference=args.reference or every, levers=args.levers or every,
                             sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
                             repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
-                            tflops=args.tflops)
+                            tflops=args.tflops, tensor_memory=args.tensor_memory)
         text = json.dumps(run_bench(opts), indent=2)
         print(text)
         if args.json:
