@@ -264,6 +264,7 @@ def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
     the model's weights (``weights_gib``) that live before; see :class:`TensorMemory`."""
     import gc
 
+    from .attention import swapped_processors
     from .learn import learn, make_config
 
     image, mask = _inputs(backbone.resolution)
@@ -272,7 +273,9 @@ def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
     config = make_config(steps=steps, object_class="chair", checkpoint_every=0,
                          placeholder=free_placeholder(backbone, "<v*>"), **cfg)
     gc.collect()
-    with TensorMemory(weights) as counter:
+    # learn() leaves its trained cross-attention copies installed: put the processors found back afterwards, so
+    # that every count starts from the same base model
+    with swapped_processors(backbone.unet, dict(backbone.unet.attn_processors)), TensorMemory(weights) as counter:
         learn(backbone, [image], [mask], config, progress=False)
     return {"peak_gib": round(counter.peak / 2**30, 3), "weights_gib": round(weights / 2**30, 3),
             "config": cfg}
