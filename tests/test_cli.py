@@ -115,3 +115,22 @@ def test_make_model_cli(tmp_path, capsys):
     assert main(["make-model", "tiny", str(tmp_path / "m")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["make-model", "huge", str(tmp_path / "n")]) == 2
+
+
+def test_atomic_writes_have_plain_file_permissions_and_leave_nothing_on_error(tmp_path):
+    """Outputs get the permissions ``open(path, "w")`` gives (not mkstemp's owner-only 0600); a failed write leaves
+    neither the file nor its temporary."""
+    import os
+    import stat
+
+    from clic.fileio import atomic_path
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        open(tmp, "w").write("y")
+    assert stat.S_IMODE(os.stat(tmp_path / "out.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "failed.txt") as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "plain.txt"]
