@@ -60,7 +60,7 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
     truth = json.loads((tmp_path / "truth.json").read_text())
     assert len(manifest["cases"]) == 7 and manifest["inpaint_model"] == str(toy_inpaint_dir)
     names = [m if isinstance(m, str) else m["name"] for m in manifest["methods"]]
-    assert names == ["clic", "custom-diffusion", "break-a-scene", "realfill"]
+    assert names == ["clic", "custom-diffusion", "break-a-scene", "clic-official-roi", "realfill"]
     assert manifest["methods"][-1]["learn"] == {"steps": 1}          # a third of the others' 2 steps, at least 1
     for case in manifest["cases"]:
         info = truth[case["id"]]

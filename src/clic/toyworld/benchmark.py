@@ -11,8 +11,8 @@ its same part as the target mask). ``--patterns heldout`` (default) uses the thr
 (crosses, stars, rings): the concept must bring the pattern itself. ``--patterns seen`` uses three patterns the toy
 model draws from their names (stripes, waves, hatching; :data:`SEEN_PATTERNS`): the concept then has to carry which
 pattern, in which colours, on which part, which separates the methods where the held-out split is limited by what the
-small model can draw at all. ``make`` and writes ``manifest.yaml`` (CLiC, Custom Diffusion,
-Break-A-Scene, the three loss ablations and an eta sweep; RealFill too when ``--inpaint-model`` names the toy
+small model can draw at all. ``make`` writes ``manifest.yaml`` (CLiC, Custom Diffusion, Break-A-Scene, CLiC with
+the official code's l_RoI, the three loss ablations and an eta sweep; RealFill too when ``--inpaint-model`` names the toy
 inpainting model of :mod:`clic.toyworld.inpaint`) plus ``truth.json`` (each case's pattern and the target's object
 mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (transfer):
 
@@ -105,7 +105,10 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
         "metrics": ["psnr", "localisation", "pattern"],
         # Break-A-Scene: its token-only phase scaled to the same step budget (400 of 800 in its recipe)
         "methods": ["clic", "custom-diffusion",
-                    {"name": "break-a-scene", "method": "break-a-scene", "learn": {"token_warmup_steps": steps // 2}}],
+                    {"name": "break-a-scene", "method": "break-a-scene", "learn": {"token_warmup_steps": steps // 2}},
+                    # l_RoI as the official code computes it (masked pixels, mask-weighted error; paper: masked latent)
+                    {"name": "clic-official-roi", "method": "clic",
+                     "learn": {"roi_input": "pixels", "roi_weighting": "mask"}}],
         "ablations": {"losses": True, "eta": [0, 5]},
         "cases": cases,
     }
