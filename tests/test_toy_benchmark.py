@@ -85,7 +85,7 @@ def test_run_and_extras_on_one_case(tmp_path):
     report = run_benchmark(tmp_path / "manifest.yaml", tmp_path / "results", "cpu", progress=False)
     with open(report.results_csv) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and float(rows[0]["presence"]) in (0.0, 1.0)
+    assert len(rows) == 1 and float(rows[0]["presence"]) in (0.0, 1.0) and float(rows[0]["colour"]) in (0.0, 0.5, 1.0)
 
     summary = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu")
     gen = summary["generation"]["clic"]
@@ -125,3 +125,25 @@ def test_text_control_words_and_seen_patterns(tmp_path):
     truth = json.loads((tmp_path / "truth.json").read_text())
     assert {t["pattern"] for t in truth.values()} == set(SEEN_PATTERNS)
     assert yaml.safe_load((tmp_path / "manifest.yaml").read_text())["name"] == "toyworld-18-seen"
+
+
+def test_scores_of_a_source_against_itself(tmp_path):
+    """Scored against its own region, a rendered source has its pattern present and both of its colours (the part's
+    and the pattern's, as the world drew them: source_colours reads them off the case's files); a colour pair it
+    does not have scores 0."""
+    from clic.demo import bundled_model
+    from clic.toyworld.benchmark import pattern_scores, source_colours
+    from clic.toyworld.detector import PatternDetector
+
+    make_cases(tmp_path, n_cases=1, model=str(bundled_model()), steps=2, sample_steps=4, patterns="seen")
+    case = yaml.safe_load((tmp_path / "manifest.yaml").read_text())["cases"][0]
+    info = json.loads((tmp_path / "truth.json").read_text())[case["id"]]
+    image = np.asarray(Image.open(tmp_path / case["source"]).convert("RGB"))
+    region = np.asarray(Image.open(tmp_path / case["source_mask"])) > 127
+    colours = source_colours(tmp_path, case, 64)
+    assert len(colours) == 2
+    det = PatternDetector.load()
+    scores = pattern_scores(det, image, region, region, info["pattern"], colours)
+    assert scores["presence"] == 1.0 and scores["colour"] == 1.0
+    other = [c for c in ("red", "blue", "green", "white", "black") if c not in colours][:2]
+    assert pattern_scores(det, image, region, region, info["pattern"], other)["colour"] == 0.0

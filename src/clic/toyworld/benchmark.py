@@ -18,6 +18,8 @@ mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (tra
 
 - ``presence``: the detector finds the source pattern inside the target region of the result (1/0);
 - ``leakage``: it finds the source pattern on the rest of the target object (1/0);
+- ``colour``: the share of the source region's two main named colours (part and pattern colour) among the two main
+  colours of the target region of the result (0, 0.5, 1);
 - ``psnr`` (out of the target mask; transfers run without the pixel composite, which would make it infinite) and
   the attention localisation come from :mod:`clic.benchmark`.
 
@@ -123,18 +125,36 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
     return out / "manifest.yaml"
 
 
-def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, pattern: str) -> dict:
+def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, pattern: str,
+                   colours: list[str] | None = None) -> dict:
     """``presence``: the detector finds ``pattern`` in ``region``; ``leakage``: on the rest of the object ``obj``
-    (None when fewer than 16 pixels are left)."""
+    (None when fewer than 16 pixels are left); with the source region's two named ``colours`` (part and pattern
+    colour, :func:`source_colours`), ``colour``: the share of them among the two main colours of ``region``
+    (0, 0.5 or 1)."""
+    from .train import top_colours
+
     rest = obj & ~region
-    return {"presence": float(det.predict(image, region)[0] == pattern),
-            "leakage": float(det.predict(image, rest)[0] == pattern) if rest.sum() >= 16 else None}
+    out = {"presence": float(det.predict(image, region)[0] == pattern),
+           "leakage": float(det.predict(image, rest)[0] == pattern) if rest.sum() >= 16 else None}
+    if colours is not None:
+        out["colour"] = len(set(colours) & set(top_colours(image, region, 2))) / max(len(colours), 1)
+    return out
+
+
+def source_colours(root: Path, case: dict, size: int) -> list[str]:
+    """The two main named colours of the source region (the part's colour and its pattern's)."""
+    from .train import top_colours
+
+    image = np.asarray(Image.open(root / case["source"]).convert("RGB").resize((size, size), Image.BILINEAR))
+    mask = np.asarray(Image.open(root / case["source_mask"]).convert("L").resize((size, size))) > 127
+    return top_colours(image, mask, 2)
 
 
 def register_pattern_metric(truth_path) -> None:
     from ..benchmark import register_metric
     from ..imaging import to_pil
     from .detector import PatternDetector
+    from .train import top_colours
 
     root = Path(truth_path).parent
     truth = json.loads(Path(truth_path).read_text())
@@ -147,9 +167,11 @@ def register_pattern_metric(truth_path) -> None:
         image = np.asarray(to_pil(sample.result))
         region = sample.target_mask[0].cpu().numpy() > 0.5
         size = image.shape[0]
-        return pattern_scores(det, image, region, _object_mask(root, info, size), info["pattern"])
+        source = np.asarray(to_pil(sample.source))
+        colours = top_colours(source, sample.source_mask[0].cpu().numpy() > 0.5, 2)
+        return pattern_scores(det, image, region, _object_mask(root, info, size), info["pattern"], colours)
 
-    register_metric("pattern", ("presence", "leakage"), score, lower_is_better=("leakage",))
+    register_metric("pattern", ("presence", "leakage", "colour"), score, lower_is_better=("leakage",))
 
 
 def _object_mask(root: Path, info: dict, size: int) -> np.ndarray:
@@ -230,7 +252,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
 
     report = {"generation": _summary(rows["generation"], ("on_part", "off_part")),
               "roi_matching": _summary(rows["matching"], ("iou", "area")),
-              "text_controls": _summary(rows["text"], ("presence", "leakage")),
+              "text_controls": _summary(rows["text"], ("presence", "leakage", "colour")),
               "match_config": {"steps": mcfg.steps, "lr": mcfg.lr}, "images_per_concept": n_images,
               "rows": rows}
     (results / "extras.json").write_text(json.dumps(report, indent=1, default=str))
@@ -293,6 +315,7 @@ class _ExtrasCase:
         options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in transfer_options.items() if k in names}
         cfg = TransferConfig(**{**options, "prompt": self.case["prompt"]})
         region, obj = mask[0].numpy() > 0.5, _object_mask(root, self.info, size)
+        colours = source_colours(root, self.case, size)
         out = []
         for control, word in text_words(self.info["pattern"], self.info.get("patterns", "heldout")).items():
             concept = Concept.from_training(self.backbone, ["<v*>"], initializer_embedding(self.backbone, word)[None],
@@ -301,7 +324,7 @@ class _ExtrasCase:
             for k, seed in enumerate(res.seeds):
                 image = np.asarray(to_pil(res.images[k]))
                 out.append({"case": self.cid, "method": control, "word": word, "seed": seed,
-                            **pattern_scores(self.det, image, region, obj, self.info["pattern"])})
+                            **pattern_scores(self.det, image, region, obj, self.info["pattern"], colours)})
         return out
 
 
@@ -325,9 +348,9 @@ def _extras_markdown(report: dict) -> str:
     lines += ["", "| RoI matching | cases | IoU ↑ | mask area |", "|---|---|---|---|"]
     lines += [f"| w* from {m} | {s['n']} | {cell(s['iou'])} | {cell(s['area'])} |"
               for m, s in report["roi_matching"].items()]
-    lines += ["", "| text control (base model, a word for v*) | transfers | presence | leakage ↓ |",
-              "|---|---|---|---|"]
-    lines += [f"| {m} | {s['n']} | {cell(s['presence'])} | {cell(s['leakage'])} |"
+    lines += ["", "| text control (base model, a word for v*) | transfers | presence | leakage ↓ | colour |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {m} | {s['n']} | {cell(s['presence'])} | {cell(s['leakage'])} | {cell(s.get('colour'))} |"
               for m, s in report["text_controls"].items()]
     return "\n".join(lines) + "\n"
 

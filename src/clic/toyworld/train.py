@@ -804,15 +804,23 @@ def part_region(img: np.ndarray, prior: np.ndarray, fg: Optional[np.ndarray] = N
     return fg
 
 
-def dominant_colour(img: np.ndarray, mask: np.ndarray) -> Optional[str]:
-    """The named colour (:data:`COLOURS`) nearest to most pixels of ``mask``."""
+def top_colours(img: np.ndarray, mask: np.ndarray, k: int = 2) -> List[str]:
+    """The ``k`` named colours (:data:`COLOURS`) nearest to most pixels of ``mask``, most frequent first (fewer if
+    fewer occur)."""
     if mask.sum() == 0:
-        return None
+        return []
     names = list(COLOURS)
     ref = np.array([COLOURS[n] for n in names], dtype=np.float64)
     px = img[mask].astype(np.float64)
     near = np.linalg.norm(px[:, None, :] - ref[None], axis=-1).argmin(1)
-    return names[int(np.bincount(near, minlength=len(names)).argmax())]
+    counts = np.bincount(near, minlength=len(names))
+    return [names[int(i)] for i in np.argsort(-counts, kind="stable")[:k] if counts[i] > 0]
+
+
+def dominant_colour(img: np.ndarray, mask: np.ndarray) -> Optional[str]:
+    """The named colour (:data:`COLOURS`) nearest to most pixels of ``mask``."""
+    top = top_colours(img, mask, 1)
+    return top[0] if top else None
 
 
 def eval_prompts(n: int, n_plain: int, seed: int) -> List[dict]:
