@@ -129,7 +129,7 @@ def test_text_control_words_and_seen_patterns(tmp_path):
 
 def test_scores_of_a_source_against_itself(tmp_path):
     """Scored against its own region, a rendered source has its pattern present and both of its colours (the part's
-    and the pattern's, as the world drew them: source_colours reads them off the case's files); a colour pair it
+    and the pattern's, as the world drew them: source_colours reads them off the case's source); a colour pair it
     does not have scores 0."""
     from clic.demo import bundled_model
     from clic.toyworld.benchmark import pattern_scores, source_colours
@@ -140,7 +140,9 @@ def test_scores_of_a_source_against_itself(tmp_path):
     info = json.loads((tmp_path / "truth.json").read_text())[case["id"]]
     image = np.asarray(Image.open(tmp_path / case["source"]).convert("RGB"))
     region = np.asarray(Image.open(tmp_path / case["source_mask"])) > 127
-    colours = source_colours(tmp_path, case, 64)
+    from clic.imaging import load_image, load_mask
+
+    colours = source_colours(load_image(tmp_path / case["source"], 64), load_mask(tmp_path / case["source_mask"], 64))
     assert len(colours) == 2
     det = PatternDetector.load()
     scores = pattern_scores(det, image, region, region, info["pattern"], colours)

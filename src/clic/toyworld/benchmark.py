@@ -141,20 +141,19 @@ def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, 
     return out
 
 
-def source_colours(root: Path, case: dict, size: int) -> list[str]:
-    """The two main named colours of the source region (the part's colour and its pattern's)."""
+def source_colours(source, source_mask) -> list[str]:
+    """The two main named colours of the source region (the part's colour and its pattern's); ``source``
+    ``(3, R, R)`` in [-1, 1], ``source_mask`` ``(1, R, R)``, as the benchmark loads them."""
+    from ..imaging import to_pil
     from .train import top_colours
 
-    image = np.asarray(Image.open(root / case["source"]).convert("RGB").resize((size, size), Image.BILINEAR))
-    mask = np.asarray(Image.open(root / case["source_mask"]).convert("L").resize((size, size))) > 127
-    return top_colours(image, mask, 2)
+    return top_colours(np.asarray(to_pil(source)), source_mask[0].cpu().numpy() > 0.5, 2)
 
 
 def register_pattern_metric(truth_path) -> None:
     from ..benchmark import register_metric
     from ..imaging import to_pil
     from .detector import PatternDetector
-    from .train import top_colours
 
     root = Path(truth_path).parent
     truth = json.loads(Path(truth_path).read_text())
@@ -167,9 +166,8 @@ def register_pattern_metric(truth_path) -> None:
         image = np.asarray(to_pil(sample.result))
         region = sample.target_mask[0].cpu().numpy() > 0.5
         size = image.shape[0]
-        source = np.asarray(to_pil(sample.source))
-        colours = top_colours(source, sample.source_mask[0].cpu().numpy() > 0.5, 2)
-        return pattern_scores(det, image, region, _object_mask(root, info, size), info["pattern"], colours)
+        return pattern_scores(det, image, region, _object_mask(root, info, size), info["pattern"],
+                              source_colours(sample.source, sample.source_mask))
 
     register_metric("pattern", ("presence", "leakage", "colour"), score, lower_is_better=("leakage",))
 
@@ -210,6 +208,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     from ..models import load_backbone
     from ..roi import MatchConfig
     from .detector import PatternDetector
+    from .train import part_priors
 
     unknown = set(parts) - set(EXTRAS)
     if unknown:
@@ -224,6 +223,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     model = manifest["model"] if Path(manifest["model"]).is_absolute() else str(root / manifest["model"])
     backbone = load_backbone(model if Path(model).exists() else manifest["model"], device=device)
     det = PatternDetector.load()
+    priors = part_priors() if "generation" in parts else None                  # ~900 renders: once
     learn = manifest.get("learn", {})
     mcfg = MatchConfig(steps=match_steps or learn.get("steps", 300), lr=match_lr or learn.get("lr", 1e-3))
 
@@ -238,7 +238,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
         r.setdefault("method", "clic")
     rows = {name: ([] if name in parts else rows.get(name, [])) for name in EXTRAS}
     for cid, case in ((c["id"], c) for c in manifest["cases"]):
-        ctx = _ExtrasCase(root, case, truth[cid], backbone, det)
+        ctx = _ExtrasCase(root, case, truth[cid], backbone, det, priors)
         if "generation" in parts:
             for variant in GENERATION_VARIANTS:
                 if (concept := concept_of(cid, variant)) is not None:
@@ -265,16 +265,17 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
 class _ExtrasCase:
     """One case's inputs for the :func:`extras` measurements."""
 
-    def __init__(self, root: Path, case: dict, info: dict, backbone, det):
+    def __init__(self, root: Path, case: dict, info: dict, backbone, det, priors=None):
         self.root, self.case, self.info, self.backbone, self.det = root, case, info, backbone, det
+        self.priors = priors
         self.cid, self.cls = case["id"], case["object_class"]
 
     def generation(self, variant: str, concept, n_images: int, progress: bool) -> list[dict]:
         from ..generate import GenerateConfig, generate
         from ..imaging import to_pil
-        from .train import foreground_mask, part_priors, part_region
+        from .train import foreground_mask, part_region
 
-        priors = part_priors()
+        priors = self.priors
         res = generate(self.backbone, concept, GenerateConfig(seeds=tuple(range(n_images)), object_class=self.cls),
                        progress=progress)
         out = []
@@ -315,7 +316,8 @@ class _ExtrasCase:
         options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in transfer_options.items() if k in names}
         cfg = TransferConfig(**{**options, "prompt": self.case["prompt"]})
         region, obj = mask[0].numpy() > 0.5, _object_mask(root, self.info, size)
-        colours = source_colours(root, self.case, size)
+        colours = source_colours(load_image(root / self.case["source"], size),
+                                 load_mask(root / self.case["source_mask"], size))
         out = []
         for control, word in text_words(self.info["pattern"], self.info.get("patterns", "heldout")).items():
             concept = Concept.from_training(self.backbone, ["<v*>"], initializer_embedding(self.backbone, word)[None],
