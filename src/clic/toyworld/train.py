@@ -955,13 +955,14 @@ def evaluate_toy_model(model_dir, n: int = 60, n_plain: int = 12, seeds_per_prom
 def _add_config_options(ap: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ToyModelConfig):
         flag = "--" + f.name.replace("_", "-")
+        # argparse %-formats help texts: a literal "%" (e.g. "10%") must be doubled
+        text = (f.metadata["help"] + f" (default: {f.default})").replace("%", "%%")
         if isinstance(f.default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=f.metadata["help"] + f" (default: {f.default})")
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(f.default, tuple):
-            ap.add_argument(flag, type=int, nargs="+", default=None, help=f.metadata["help"] + f" (default: {f.default})")
+            ap.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
-            ap.add_argument(flag, type=type(f.default), default=None, help=f.metadata["help"] + f" (default: {f.default})")
+            ap.add_argument(flag, type=type(f.default), default=None, help=text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

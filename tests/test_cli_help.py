@@ -1,0 +1,32 @@
+"""Every command's ``--help`` prints and exits 0 (argparse %-formats help texts: a stray "%" breaks it)."""
+
+import argparse
+import importlib
+
+import pytest
+
+from clic.cli import build_parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return sorted(action.choices)
+    return []
+
+
+@pytest.mark.parametrize("command", _subcommands(build_parser()))
+def test_clic_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["clic.toyworld.train", "clic.toyworld.inpaint", "clic.toyworld.detector",
+                                    "clic.toyworld.benchmark"])
+def test_module_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
