@@ -33,12 +33,47 @@ def test_every_section(no_compile):
     assert 0 < len(rows) <= 15 and sum(row["share"] for row in rows) <= 1.0 + 1e-6
     assert rows == sorted(rows, key=lambda row: -row["self_ms_per_step"])
 
+    # the markdown report carries the measured numbers into its tables
+    text = bench.format_report(r)
+    fast_row = next(line for line in text.splitlines() if line.startswith("| fast |"))
+    assert f"{r['learning']['step_median_s']} s" in fast_row and f"{r['speedup_vs_reference']}x" in fast_row
+    assert f"{s['generate_2_s']} s" in fast_row and "generation of 2" in text
+    assert all(f"| {name} |" in text for name in r["levers"]) and f"`{rows[0]['op']}`" in text
+
+
+def test_report_of_a_bad_file(tmp_path, capsys):
+    bad = tmp_path / "bench.json"
+    bad.write_text("{not json")
+    assert main(["bench", "--report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clic: error: --report") and str(bad) in err and "\n" not in err
+
 
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out)])
-    printed = json.loads(capsys.readouterr().out)
+    main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--wall-steps", "4",
+          "--json", str(out)])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     assert json.loads(out.read_text()) == printed and printed["learning"]["steps"] == 3
+    assert printed["learning_wall"]["steps"] == 4 and printed["learning_wall"]["wall_s"] > 0
+    assert "bench: learning done" in captured.err and list(printed["sections_s"]) == ["model", "learning",
+                                                                                       "learning_wall"]
+
+
+def test_partial_results_and_reference_on_a_low_precision_backbone():
+    """Every finished section is handed out at once (a run cut short keeps it), in the order most wanted first; a
+    bf16 backbone times the reference path on the same modules cast to fp32, and gets its own dtype back."""
+    seen = []
+    r = bench.run_bench(bench.BenchOptions(model="tiny", device="cpu", dtype="bf16", steps=1, warmup=1,
+                                           reference=True), on_update=lambda res: seen.append(list(res["sections_s"])))
+    assert seen == [["model"], ["model", "learning"], ["model", "learning", "reference"]]
+    assert r["reference"]["config"] == {"reference_path": True} and r["speedup_vs_reference"] > 0
+
+    b = bench.load_bench_backbone("tiny", "cpu", "bf16")
+    b32 = bench.as_dtype(b, "fp32")
+    assert b32.dtype == torch.float32 and next(b.unet.parameters()).dtype == torch.float32
+    assert bench.as_dtype(b32, "bf16").dtype == torch.bfloat16 and next(b.vae.parameters()).dtype == torch.bfloat16
 
 
 def test_flop_count_of_a_learning_step():

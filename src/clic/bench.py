@@ -21,10 +21,15 @@ Prints and writes JSON:
   state), counted op by op: what ``torch.cuda.max_memory_allocated`` reports, less the CUDA allocator's rounding and
   kernel workspaces, so an estimate of the GPU peak from any device. Fast path and with gradient checkpointing.
 
-Speed does not depend on weight values, so ``--model sd14-random`` builds the SD1.4 architecture in memory
-(nothing written to disk). ``--all`` is everything, the command for a GPU machine::
+- ``--wall-steps N``: one learning run of N steps timed end to end (the 500-step goal measured, not extrapolated);
+- ``--report bench.json``: measure nothing, print a result's markdown tables (BENCHMARKS.md's layout).
 
-    clic bench --model sd14-random --device cuda --dtype bf16 --all --json bench.json
+Sections run most-wanted first and ``--json`` is rewritten after each, so a run cut short keeps what it measured.
+Speed does not depend on weight values, so ``--model sd14-random`` builds the SD1.4 architecture in memory
+(nothing written to disk). ``--all`` is everything, the command for a GPU machine (``scripts/device_bench.sh``
+runs it on this workplace's lent one)::
+
+    clic bench --model sd14-random --device cuda --dtype bf16 --all --wall-steps 500 --json bench.json
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -298,49 +304,166 @@ class BenchOptions:
     flops: bool = False
     tflops: float = 400.0
     tensor_memory: bool = False
+    wall_steps: int = 0
 
 
-def run_bench(opts: BenchOptions) -> dict:
-    """Everything ``opts`` asks for, on one backbone (the reference path on an fp32 one), as one JSON-able dict."""
+def as_dtype(backbone, dtype: str):
+    """The same modules cast in place to ``dtype`` (speed does not depend on weight values: the reference path's fp32
+    copy of a bf16 backbone is as good as a fresh one, and costs no second build)."""
+    import dataclasses
+
+    from .models import parse_dtype
+
+    dt = parse_dtype(dtype)
+    for m in (backbone.unet, backbone.vae, backbone.text_encoder):
+        m.to(backbone.device, dt)
+    return dataclasses.replace(backbone, dtype=dt)
+
+
+def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
+    """Everything ``opts`` asks for, on one backbone (the reference path on an fp32 one), as one JSON-able dict.
+
+    Sections run most-wanted first (learning, reference, sampling, FLOPs, profile, memory count, levers: compile is
+    last, it can take minutes); ``on_update(result)`` is called after each, so a run cut short keeps what it
+    measured, and ``log(text)`` reports each section's own wall time."""
+    start = time.perf_counter()
     backbone = load_bench_backbone(opts.model, opts.device, opts.dtype)
     result = {"model": opts.model, "device": _device_name(backbone.device), "dtype": opts.dtype,
               "resolution": backbone.resolution, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d")}
-    fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup) if opts.steps > 0 else None
+              "date": time.strftime("%Y-%m-%d"), "sections_s": {}}
+
+    def done(section: str, t0: float) -> None:
+        result["sections_s"][section] = round(time.perf_counter() - t0, 1)
+        if log is not None:
+            log(f"bench: {section} done in {result['sections_s'][section]} s "
+                f"({time.perf_counter() - start:.0f} s in all)")
+        if on_update is not None:
+            on_update(result)
+
+    done("model", start)
+    fast = None
+    if opts.steps > 0:
+        t0 = time.perf_counter()
+        fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup)
+        done("learning", t0)
+    if opts.wall_steps > 0:
+        t0 = time.perf_counter()
+        result["learning_wall"] = bench_learning(backbone, opts.wall_steps, 0)
+        done("learning_wall", t0)
+    if opts.sampling:
+        t0 = time.perf_counter()
+        result["sampling"] = bench_sampling(backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images,
+                                            opts.repeats)
+        done("sampling", t0)
+    if opts.flops:
+        t0 = time.perf_counter()
+        result["flops"] = {"fast": count_learning_flops(backbone, tflops=opts.tflops)}
+        done("flops", t0)
+    if opts.profile:
+        t0 = time.perf_counter()
+        result["profile"] = profile_learning(backbone)
+        done("profile", t0)
+    if opts.tensor_memory:
+        t0 = time.perf_counter()
+        result["tensor_memory"] = {"fast": count_learning_memory(backbone), "gradient-checkpointing":
+                                   count_learning_memory(backbone, gradient_checkpointing=True)}
+        done("tensor_memory", t0)
+    if (opts.reference and fast is not None) or opts.flops:
+        t0 = time.perf_counter()
+        ref_backbone = as_dtype(backbone, "fp32") if opts.dtype != "fp32" else backbone   # the reference is fp32
+        if opts.reference and fast is not None:
+            ref = result["reference"] = bench_learning(ref_backbone, opts.steps, opts.warmup, reference_path=True)
+            result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
+        if opts.flops:
+            result["flops"]["reference"] = count_learning_flops(ref_backbone, tflops=opts.tflops,
+                                                                reference_path=True)
+        if ref_backbone is not backbone:
+            backbone = as_dtype(backbone, opts.dtype)
+        # how far each measured step is from its FLOP floor: the achieved TFLOP/s
+        for path, timed in (("fast", fast), ("reference", result.get("reference"))):
+            if timed is not None and path in result.get("flops", {}):
+                result["flops"][path]["achieved_tflops"] = round(result["flops"][path]["step_gflop"] / 1e3
+                                                                 / timed["step_median_s"], 4)
+        done("reference", t0)
     if opts.levers and fast is not None:
         levers = result["levers"] = {}
         for name, overrides in LEVERS.items():
+            t0 = time.perf_counter()
             levers[name] = bench_learning(backbone, opts.steps, opts.warmup, **overrides)
             levers[name]["speedup_vs_fast"] = round(fast["step_median_s"] / levers[name]["step_median_s"], 2)
+            done(f"lever {name}", t0)
         paying = {k: v for name, overrides in LEVERS.items() if levers[name]["speedup_vs_fast"] > 1.03
                   for k, v in overrides.items()}
         if len(paying) > 1:
+            t0 = time.perf_counter()
             combined = result["levers"]["combined"] = bench_learning(backbone, opts.steps, opts.warmup, **paying)
             combined["speedup_vs_fast"] = round(fast["step_median_s"] / combined["step_median_s"], 2)
-    if opts.sampling:
-        result["sampling"] = bench_sampling(backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images,
-                                            opts.repeats)
-    if opts.profile:
-        result["profile"] = profile_learning(backbone)
-    if opts.flops:
-        result["flops"] = {"fast": count_learning_flops(backbone, tflops=opts.tflops)}
-    if opts.tensor_memory:
-        result["tensor_memory"] = {"fast": count_learning_memory(backbone), "gradient-checkpointing":
-                                   count_learning_memory(backbone, gradient_checkpointing=True)}
-    if (opts.reference or opts.flops) and opts.dtype != "fp32":       # the reference path is fp32
-        del backbone
-        backbone = load_bench_backbone(opts.model, opts.device, "fp32")
-    if opts.reference and fast is not None:
-        ref = result["reference"] = bench_learning(backbone, opts.steps, opts.warmup, reference_path=True)
-        result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
-    if opts.flops:
-        result["flops"]["reference"] = count_learning_flops(backbone, tflops=opts.tflops, reference_path=True)
-    # how far each measured step is from its FLOP floor: the achieved TFLOP/s
-    for path, timed in (("fast", fast), ("reference", result.get("reference"))):
-        if timed is not None and path in result.get("flops", {}):
-            result["flops"][path]["achieved_tflops"] = round(result["flops"][path]["step_gflop"] / 1e3
-                                                             / timed["step_median_s"], 4)
+            done("levers combined", t0)
     return result
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows), ""]
+
+
+def _s(value, unit=" s") -> str:
+    return "" if value is None else f"{value}{unit}"
+
+
+def format_report(result: dict) -> str:
+    """Markdown tables of a :func:`run_bench` result (``clic bench --report bench.json``), in BENCHMARKS.md's
+    layout: learning fast vs reference with transfer and generation, the measured N-step wall time, the levers,
+    the FLOP floor against the measured step, counted memory, and the profiler table."""
+    lines = [f"{result['model']} on {result['device']}, {result['dtype']}, {result['resolution']} px, torch "
+             f"{result['torch']}, {result['date']}", ""]
+    fast, ref, sampling = result.get("learning"), result.get("reference"), result.get("sampling") or {}
+    gen = next((k for k in sampling if k.startswith("generate_")), None)
+    if fast:
+        rows = [["fast", _s(fast["step_median_s"]), _s(fast["steps_500_estimate_s"]),
+                 _s(result.get("speedup_vs_reference"), "x"), _s(sampling.get("transfer_guided_s")),
+                 _s(sampling.get("transfer_unguided_s")), _s(sampling.get(gen)) if gen else "",
+                 _s(fast["peak_memory_gib"], " GiB")]]
+        if ref:
+            rows.append(["reference", _s(ref["step_median_s"]), _s(ref["steps_500_estimate_s"]), "", "", "", "",
+                         _s(ref["peak_memory_gib"], " GiB")])
+        lines += _table(["path", "step (median)", "500 steps (est.)", "speed-up vs reference", "transfer (guided)",
+                         "transfer (unguided)", f"generation of {sampling.get('images', '')}".strip(), "peak memory"],
+                        rows)
+    wall = result.get("learning_wall")
+    if wall:
+        lines += [f"Measured: {wall['steps']} learning steps in one run took **{wall['wall_s']} s** wall (first "
+                  f"step {wall['first_step_extra_s']} s over the median), peak {wall['peak_memory_gib']} GiB.", ""]
+    levers = result.get("levers")
+    if levers:
+        lines += _table(["lever", "step", "vs fast", "first-step extra", "peak memory"],
+                        [[name, _s(v["step_median_s"]), _s(v["speedup_vs_fast"], "x"), _s(v["first_step_extra_s"]),
+                          _s(v["peak_memory_gib"], " GiB")] for name, v in levers.items()])
+    flops = result.get("flops")
+    if flops:
+        lines += _table(["path", "per step", "500 steps at floor", "achieved", "top operators (GFLOP)"],
+                        [[path, f"{v['step_gflop'] / 1e3:.2f} TFLOP" if v["step_gflop"] >= 100
+                          else f"{v['step_gflop']:.3g} GFLOP",
+                          f"{v['floor_500_steps_s']:.3g} s at {v['at_tflops']:g} TFLOP/s",
+                          f"{v['achieved_tflops']:.3g} TFLOP/s" if "achieved_tflops" in v else "",
+                          ", ".join(f"{op} {n:g}" for op, n in list(v["by_op_gflop"].items())[:4])]
+                         for path, v in flops.items()])
+    memory = result.get("tensor_memory")
+    if memory:
+        lines += _table(["path", "counted peak", "of which weights"],
+                        [[name, _s(v["peak_gib"], " GiB"), _s(v["weights_gib"], " GiB")]
+                         for name, v in memory.items()])
+    profile = result.get("profile")
+    if profile:
+        lines += _table(["operator", "calls / step", "self ms / step", "share"],
+                        [[f"`{r['op']}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]
+                         for r in profile])
+    if result.get("sections_s"):
+        lines += ["Section wall times: " + ", ".join(f"{k} {v} s" for k, v in result["sections_s"].items()), ""]
+    return "\n".join(lines)
 
 
 def register_cli(sub, add_model_options) -> None:
@@ -372,22 +495,40 @@ def register_cli(sub, add_model_options) -> None:
     p.add_argument("--tensor-memory", action="store_true",
                    help="peak live-tensor memory of learning counted op by op (an estimate of the GPU peak from any "
                         "device), fast path and with gradient checkpointing")
+    p.add_argument("--wall-steps", type=int, default=0,
+                   help="also learn this many steps in one run and report its wall time (e.g. 500: the goal measured, "
+                        "not extrapolated from the median step)")
     p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile --flops")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file (after every section)")
+    p.add_argument("--report", metavar="JSON", default=None,
+                   help="measure nothing: print the markdown tables of a --json result (for BENCHMARKS.md)")
 
     def run(args):
+        if args.report:
+            from .errors import InputError
+
+            path = Path(args.report)
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"--report {path}: not a readable bench JSON ({exc})") from None
+            print(format_report(result))
+            return
         every = args.all
         opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
                             warmup=args.warmup, reference=args.reference or every, levers=args.levers or every,
                             sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
                             repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
-                            tflops=args.tflops, tensor_memory=args.tensor_memory)
-        text = json.dumps(run_bench(opts), indent=2)
-        print(text)
-        if args.json:
+                            tflops=args.tflops, tensor_memory=args.tensor_memory, wall_steps=args.wall_steps)
+
+        def save(result: dict) -> None:          # after every section: a run cut short keeps what it measured
             from .fileio import atomic_path
 
             with atomic_path(Path(args.json)) as tmp:
-                Path(tmp).write_text(text)
+                Path(tmp).write_text(json.dumps(result, indent=2))
+
+        result = run_bench(opts, on_update=save if args.json else None,
+                           log=lambda text: print(text, file=sys.stderr, flush=True))
+        print(json.dumps(result, indent=2))
 
     p.set_defaults(func=run)
