@@ -116,3 +116,23 @@ def test_train_toy_model_tiny(tmp_path):
     # a second run into the same folder must not silently restart over a checkpoint
     with pytest.raises(FileExistsError):
         train_toy_model(tmp_path / "run", cfg)
+    assert report["device"] == "cpu" and report["config"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_train_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
+    from clic.toyworld.train import main
+
+    assert main(["--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--device cuda: CUDA is not available on this machine") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_render_dataset_is_the_same_with_workers():
+    """The dataset depends on (n, seed) only: rendered in parallel processes it is the same arrays and captions."""
+    from clic.toyworld.train import render_dataset
+
+    one = render_dataset(1003, 5, size=32)
+    two = render_dataset(1003, 5, size=32, workers=2)
+    assert np.array_equal(one[0], two[0]) and one[1] == two[1] and len(one[1]) == 1003

@@ -16,7 +16,8 @@ guidance. The result is a diffusers ``StableDiffusionPipeline`` folder with the 
 Phases (each is skipped on ``--resume`` when its output exists in ``OUT/work/``): render the dataset once
 (numpy arrays), train the VAE on random crops, encode every image to latents once, train UNet + text encoder
 (EMA weights are what gets saved), write the pipeline (fp16 safetensors), a loss curve, a sample grid and
-``training.json``. Everything runs on the CPU with ``--threads`` threads (default 1). ``--decoder-minutes``
+``training.json``. Everything runs on the CPU with ``--threads`` threads (default 1), or the networks on a GPU with
+``--device cuda`` (same recipe: data and random draws stay on the CPU). ``--decoder-minutes``
 adds an optional last phase that fine-tunes the VAE decoder alone (the latents stay valid).
 """
 
@@ -59,7 +60,7 @@ class ToyModelConfig:
     seed: int = _opt(0, "seed of the dataset, the initial weights and the training noise")
     n_scenes: int = _opt(20000, "training scenes rendered once (split='train', 64x64)")
     size: int = _opt(64, "image side in pixels")
-    threads: int = _opt(1, "torch CPU threads")
+    threads: int = _opt(1, "torch CPU threads, and processes rendering the dataset")
     max_minutes: float = _opt(70.0, "wall-time budget of the whole run; the UNet phase stops early to keep it")
     # VAE
     vae_channels: Tuple[int, ...] = _opt((16, 32, 64), "AutoencoderKL block_out_channels (3 levels: 64 -> 16 px)")
@@ -97,6 +98,8 @@ class ToyModelConfig:
     grid_guidance: float = _opt(6.0, "CFG scale of the sample grid")
     dtype: str = _opt("fp16", "dtype of the saved weights (fp16 or fp32)")
     bf16: bool = _opt(True, "bf16 autocast for the forward passes (fp32 weights and optimiser; ~1.5x faster on CPUs with AVX512-BF16)")
+    device: str = _opt("cpu", "where the networks train: cpu or cuda (data, schedules and random draws stay on the CPU, "
+                              "so the recipe is the same anywhere)")
 
 
 SCHEDULER_CONFIG = dict(
@@ -171,17 +174,57 @@ def n_params(module) -> int:
 # -------------------------------------------------------------------------------------------------- data
 
 
-def render_dataset(n: int, seed: int, size: int = 64, split: str = "train") -> Tuple[np.ndarray, List[str]]:
-    """``n`` scenes with seeds :func:`scene_seeds` ``(n, seed)``: ``(n, size, size, 3)`` uint8 and captions."""
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    captions = []
-    for i, s in enumerate(scene_seeds(n, seed)):
-        sc = render_scene(s, size=size, split=split)
-        images[i] = sc.image
-        captions.append(sc.caption)
-        if (i + 1) % 5000 == 0:
-            log.info("rendered %d/%d scenes", i + 1, n)
+def _render_chunk(seeds: List[int], size: int, split: str) -> Tuple[np.ndarray, List[str]]:
+    scenes = [render_scene(s, size=size, split=split) for s in seeds]
+    return np.stack([sc.image for sc in scenes]), [sc.caption for sc in scenes]
+
+
+def render_dataset(n: int, seed: int, size: int = 64, split: str = "train",
+                   workers: int = 1) -> Tuple[np.ndarray, List[str]]:
+    """``n`` scenes with seeds :func:`scene_seeds` ``(n, seed)``: ``(n, size, size, 3)`` uint8 and captions; the
+    same arrays with any number of ``workers`` (processes)."""
+    seeds = scene_seeds(n, seed)
+    chunk = 1000
+    parts = [seeds[i:i + chunk] for i in range(0, n, chunk)]
+    images, captions = np.empty((n, size, size, 3), dtype=np.uint8), []
+    if workers > 1 and len(parts) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(parts))) as pool:
+            results = pool.map(_render_chunk, parts, [size] * len(parts), [split] * len(parts))
+    else:
+        results = (_render_chunk(part, size, split) for part in parts)
+    for i, (imgs, caps) in enumerate(results):
+        images[i * chunk: i * chunk + len(imgs)] = imgs
+        captions += caps
+        if (i + 1) % 5 == 0:
+            log.info("rendered %d/%d scenes", len(captions), n)
     return images, captions
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_device(name: str) -> torch.device:
+    """``cfg.device`` checked: a one-line error when CUDA is asked for and absent."""
+    from ..errors import InputError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device (cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 def _to_pixels(images_u8: np.ndarray) -> torch.Tensor:
@@ -214,6 +257,7 @@ def train_vae(vae, images: np.ndarray, cfg: ToyModelConfig, deadline: float, gen
     """L1 + MSE + KL on random crops (and flips); stops at ``cfg.vae_steps`` or ``deadline`` (time.time())."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
+    dev = _device_of(vae)
     data = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 view
     c = cfg.vae_crop
     start = time.time()
@@ -233,9 +277,10 @@ def train_vae(vae, images: np.ndarray, cfg: ToyModelConfig, deadline: float, gen
             x = x[:, :, i:i + c, j:j + c]
         if torch.rand((), generator=gen) < 0.5:
             x = x.flip(-1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        x = x.to(dev)
+        with _autocast(dev, cfg.bf16):
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
             rec = vae.decode(z).sample.float()
         l1 = (rec - x).abs().mean()
         kl = post.kl().float().mean()
@@ -263,6 +308,7 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     vae.decoder.train()
+    dev = _device_of(vae)
     data = torch.from_numpy(images).permute(0, 3, 1, 2)
     start = time.time()
     total, step = 10 ** 9, 0
@@ -277,7 +323,8 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
         z = latents[idx]
         if torch.rand((), generator=gen) < 0.5:
             x, z = x.flip(-1), z.flip(-1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        x, z = x.to(dev), z.to(dev)
+        with _autocast(dev, cfg.bf16):
             rec = vae.decode(z).sample.float()
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean()
@@ -297,8 +344,9 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """Posterior means, unscaled, ``(N, 4, h, w)`` float32."""
     out = []
+    dev = _device_of(vae)
     for i in range(0, len(images), batch):
-        out.append(vae.encode(_to_pixels(images[i:i + batch])).latent_dist.mean)
+        out.append(vae.encode(_to_pixels(images[i:i + batch]).to(dev)).latent_dist.mean.cpu())
     return torch.cat(out)
 
 
@@ -306,7 +354,7 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 def reconstruct(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        x = _to_pixels(images[i:i + batch])
+        x = _to_pixels(images[i:i + batch]).to(_device_of(vae))
         out.append(_to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
     return np.concatenate(out)
 
@@ -371,8 +419,10 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    dev = _device_of(unet)
     acp = sched.alphas_cumprod.float()
-    snr = acp / (1 - acp)
+    snr = (acp / (1 - acp)).to(dev)
+    latents, input_ids, empty_ids = latents.to(dev), input_ids.to(dev), empty_ids.to(dev)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     ema = _EMA([unet, text_encoder], cfg.ema)
@@ -380,7 +430,7 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
     step = 0
     ckpt = work / "diffusion.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")   # our own checkpoint; gen state on CPU
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -398,15 +448,15 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
     while step < cfg.unet_steps and time.time() < deadline:
         for g in opt.param_groups:
             g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
-        idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
+        idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen).to(dev)
         x0 = latents[idx]
         ids = input_ids[idx].clone()
-        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_drop
+        drop = (torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_drop).to(dev)
         ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen).to(dev)
         xt = sched.add_noise(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with _autocast(dev, cfg.bf16):
             cond = text_encoder(ids)[0]
             pred = unet(xt, t, cond).sample.float()
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
@@ -452,7 +502,7 @@ def save_pipeline(out: Path, vae, text_encoder, unet, dtype: str = "fp16") -> Pa
     from ..builder import build_clip_tokenizer
 
     sched = PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
-    mods = [copy.deepcopy(m) for m in (vae, text_encoder, unet)]
+    mods = [copy.deepcopy(m).cpu() for m in (vae, text_encoder, unet)]
     if dtype == "fp16":
         for m in mods:
             m.to(torch.float16)
@@ -589,6 +639,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     ``out_dir/pipeline`` is the diffusers folder; ``out_dir/work`` holds the dataset cache and checkpoints.
     """
     cfg = cfg or ToyModelConfig()
+    dev = train_device(cfg.device)
     t_start = time.time()
     deadline = t_start + cfg.max_minutes * 60
     torch.set_num_threads(cfg.threads)
@@ -607,7 +658,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
         d = np.load(data_file)
         images, captions = d["images"], [str(c) for c in d["captions"]]
     else:
-        images, captions = render_dataset(cfg.n_scenes, cfg.seed, cfg.size)
+        images, captions = render_dataset(cfg.n_scenes, cfg.seed, cfg.size, workers=cfg.threads)
         np.savez(data_file, images=images, captions=np.array(captions))
     timings["render_s"] = round(time.time() - t0, 1)
     log.info("dataset: %d scenes (%.0f s)", len(images), timings["render_s"])
@@ -618,8 +669,9 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     vae = build_vae(cfg)
     vae_file = work / "vae.pt"
     vae_hist: list = []
+    vae.to(dev)
     if vae_file.is_file():
-        state = torch.load(vae_file, weights_only=False)
+        state = torch.load(vae_file, weights_only=False, map_location=dev)
         vae.load_state_dict(state["vae"])
         vae_hist, vae_steps = state["history"], state["steps"]
     else:
@@ -653,9 +705,9 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     input_ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     torch.manual_seed(cfg.seed + 3)
-    unet = build_unet(cfg)
+    unet = build_unet(cfg).to(dev)
     torch.manual_seed(cfg.seed + 4)
-    text_encoder = build_text_encoder(cfg)
+    text_encoder = build_text_encoder(cfg).to(dev)
     log.info("parameters: VAE %.2f M, UNet %.2f M, text encoder %.2f M (%.2f M in the token embedding)",
              n_params(vae) / 1e6, n_params(unet) / 1e6, n_params(text_encoder) / 1e6,
              text_encoder.get_input_embeddings().weight.numel() / 1e6)
@@ -678,7 +730,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     dec_hist: list = []
     dec_steps = 0
     if dec_file.is_file():
-        state = torch.load(dec_file, weights_only=False)
+        state = torch.load(dec_file, weights_only=False, map_location=dev)
         vae.load_state_dict(state["vae"])
         dec_hist, dec_steps = state["history"], state["steps"]
     elif cfg.decoder_minutes > 0:
@@ -699,7 +751,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     pipe_dir = export(ema, unet_steps)
     from ..models import load_backbone
 
-    backbone = load_backbone(str(pipe_dir), device="cpu", dtype="fp32")
+    backbone = load_backbone(str(pipe_dir), device=str(dev), dtype="fp32")
     grid = sample_grid(backbone, out / "samples.png", steps=cfg.grid_steps, guidance=cfg.grid_guidance)
     curve = loss_curve(out / "loss.png", vae_hist + [(h[0] + vae_steps, h[1], h[2]) for h in dec_hist], unet_hist,
                        f", decoder only after {vae_steps}" if dec_hist else "")
@@ -724,6 +776,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
         "pipeline_mb": round(size_mb, 2),
         "torch": torch.__version__,
         "threads": cfg.threads,
+        "device": _device_name(dev),
         "pipeline": str(pipe_dir),
         "samples": str(grid),
         "loss_curve": str(curve),
@@ -993,7 +1046,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = ToyModelConfig(**values)
     command = "python -m clic.toyworld.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    rep = train_toy_model(a.out, cfg, resume=a.resume, command=command)
+    from ..errors import ClicError
+
+    try:
+        rep = train_toy_model(a.out, cfg, resume=a.resume, command=command)
+    except ClicError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: rep[k] for k in ("wall_time_min", "vae_steps", "unet_steps", "final_unet_mse", "vae",
                                           "pipeline", "samples")}, indent=1))
     return 0

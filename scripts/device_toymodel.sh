@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Retrain the toy model (the procedural world's text-to-image model) on the lent GPU machine, same recipe at GPU
+# scale, in one device-tool call; then unpack it here and measure it:
+#   here:   bash scripts/device_wheels.sh
+#   device: run(command="bash scripts/device_toymodel.sh", carry=[".whl"], timeout_s=600)
+#   here:   bash scripts/device_toymodel.sh --unpack FILES_AT runs/toymodel-gpu    # FILES_AT: the reply's files_at
+#           .venv/bin/python -m clic.toyworld.train --evaluate runs/toymodel-gpu/pipeline   # vs the bundled model
+# The pipeline comes back as at most 8 files (the device tool's limit): one .tgz per heavy folder, the rest, and
+# the training report, sample grid and log. TOY_MINUTES (default 5) is the training budget; TOY_ARGS adds options.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--unpack" ]; then
+  src="${2:?--unpack FILES_AT DEST}"; dest="${3:?--unpack FILES_AT DEST}"
+  mkdir -p "$dest/pipeline" && for f in "$src"/*.tgz; do tar xzf "$f" -C "$dest/pipeline"; done
+  cp "$src"/samples.png "$src"/loss.png "$src"/training.json "$src"/log.txt "$dest"/ 2>/dev/null
+  ls "$dest/pipeline"; exit 0
+fi
+OUT="${OUT:-out/device}"; mkdir -p "$OUT"; PY="${PYTHON:-python3}"; RUN="${TOY_RUN:-/tmp/toymodel}"
+exec > >(tee "$OUT/log.txt") 2>&1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clic-site .whl/*.whl \
+    || { echo "device_toymodel: installing .whl/ failed"; exit 1; }
+  export PYTHONPATH="/tmp/clic-site:$PWD/src"
+else
+  export PYTHONPATH="$PWD/src"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# GPU scale: 4x the batch, steps capped by time; 16 processes render the dataset, the VAE gets 1.5 minutes
+# shellcheck disable=SC2086
+"$PY" -m clic.toyworld.train --out "$RUN" --device "${TOY_DEVICE:-cuda}" --threads "${TOY_THREADS:-16}" \
+  --max-minutes "${TOY_MINUTES:-5}" --vae-minutes 1.5 --vae-steps 20000 --unet-steps 1000000 --unet-batch 128 \
+  --decoder-minutes 0.5 ${TOY_ARGS:-}
+rc=$?
+if [ -d "$RUN/pipeline" ]; then
+  for d in unet text_encoder vae; do tar czf "$OUT/$d.tgz" -C "$RUN/pipeline" "$d"; done
+  (cd "$RUN/pipeline" && tar czf "$OUT/rest.tgz" --exclude unet --exclude text_encoder --exclude vae .)
+  cp "$RUN"/samples.png "$RUN"/loss.png "$RUN"/training.json "$OUT"/ 2>/dev/null
+fi
+ls -la "$OUT"; exit $rc
