@@ -9,18 +9,9 @@
 # PYTHON=.venv/bin/python BENCH_MODEL=tiny BENCH_DEVICE=cpu BENCH_DTYPE=fp32 OUT=/tmp/dry bash scripts/device_bench.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-out/device}"; mkdir -p "$OUT"
-PY="${PYTHON:-python3}"; MODEL="${BENCH_MODEL:-sd14-random}"; DEVICE="${BENCH_DEVICE:-cuda}"
+source scripts/device_env.sh
+MODEL="${BENCH_MODEL:-sd14-random}"; DEVICE="${BENCH_DEVICE:-cuda}"
 DTYPE="${BENCH_DTYPE:-bf16}"; LIMIT="${BENCH_TIMEOUT:-500}"
-exec > >(tee "$OUT/log.txt") 2>&1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clic-site .whl/*.whl \
-    || { echo "device_bench: installing .whl/ failed"; exit 1; }
-  export PYTHONPATH="/tmp/clic-site:$PWD/src"
-else
-  export PYTHONPATH="$PWD/src"
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" - <<'PY' || { echo "device_bench: clic does not import (carry .whl: bash scripts/device_wheels.sh)"; exit 1; }
 import importlib.metadata as md

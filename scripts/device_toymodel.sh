@@ -15,16 +15,8 @@ if [ "${1:-}" = "--unpack" ]; then
   cp "$src"/samples.png "$src"/loss.png "$src"/training.json "$src"/log.txt "$dest"/ 2>/dev/null
   ls "$dest/pipeline"; exit 0
 fi
-OUT="${OUT:-out/device}"; mkdir -p "$OUT"; PY="${PYTHON:-python3}"; RUN="${TOY_RUN:-/tmp/toymodel}"
-exec > >(tee "$OUT/log.txt") 2>&1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clic-site .whl/*.whl \
-    || { echo "device_toymodel: installing .whl/ failed"; exit 1; }
-  export PYTHONPATH="/tmp/clic-site:$PWD/src"
-else
-  export PYTHONPATH="$PWD/src"
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/device_env.sh
+RUN="${TOY_RUN:-/tmp/toymodel}"
 # GPU scale: 4x the batch, steps capped by time; 16 processes render the dataset, the VAE gets 1.5 minutes
 # shellcheck disable=SC2086
 "$PY" -m clic.toyworld.train --out "$RUN" --device "${TOY_DEVICE:-cuda}" --threads "${TOY_THREADS:-16}" \
