@@ -63,6 +63,8 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     from ..baselines.realfill import inpainting_input
     from .train import _to_uint8
 
+    dev = backbone.device
+    pixels, masks = pixels.to(dev), masks.to(dev)
     x0 = _encode(backbone, pixels)
     mask_lat, masked = _conditioning(backbone, pixels, masks, x0.shape[-2:])
     sched = backbone.sampling_scheduler("ddim")
@@ -71,11 +73,11 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     uncond = backbone.encode_text(backbone.tokenize([""] * len(prompts)))
     ctx = torch.cat([uncond, text])
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(x0.shape, generator=gen) * sched.init_noise_sigma
+    x = torch.randn(x0.shape, generator=gen).to(dev) * sched.init_noise_sigma
     wide = unet.config.in_channels > x0.shape[1]
     for t in sched.timesteps:
         if not wide:  # blended sampling for the parent: the known region follows the noised original
-            known = sched.add_noise(x0, torch.randn(x0.shape, generator=gen), t.reshape(1))
+            known = sched.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t.reshape(1))
             x = mask_lat * x + (1 - mask_lat) * known
         inp = torch.cat([x, x])
         if wide:
@@ -95,7 +97,8 @@ def _masked_psnr(a: np.ndarray, b: np.ndarray, masks: np.ndarray) -> float:
 
 def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int = 100_000, n_scenes: int = 5000,
                      batch: int = 32, lr: float = 2e-4, warmup: int = 100, cond_drop: float = 0.1,
-                     min_snr: float = 5.0, seed: int = 0, threads: int = 1, command: str | None = None) -> dict:
+                     min_snr: float = 5.0, seed: int = 0, threads: int = 1, command: str | None = None,
+                     device: str = "cpu") -> dict:
     """Fine-tune the widened UNet of ``model_dir`` for ``minutes`` (or ``max_steps``) and write the inpainting
     pipeline to ``out_dir/pipeline``; returns the report written to ``out_dir/inpaint_training.json``."""
     from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline
@@ -103,15 +106,16 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     from ..baselines.realfill import inpainting_input, random_masks
     from ..imaging import save_png
     from ..models import load_backbone
-    from .train import SCHEDULER_CONFIG, _to_pixels, render_dataset
+    from .train import SCHEDULER_CONFIG, _to_pixels, render_dataset, train_device
 
+    dev = train_device(device)          # the networks there; data and random draws on the CPU
     torch.set_num_threads(threads)
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = load_backbone(str(model_dir), device="cpu", dtype="fp32")
+    backbone = load_backbone(str(model_dir), device=str(dev), dtype="fp32")
     size = backbone.resolution
-    images, captions = render_dataset(n_scenes, seed + 11, size)
+    images, captions = render_dataset(n_scenes, seed + 11, size, workers=threads)
     held_images, held_captions = render_dataset(16, seed + 12, size)
     gen = torch.Generator().manual_seed(seed)
     held_masks = random_masks(16, size, torch.Generator().manual_seed(seed + 13), full_p=0.0)
@@ -121,14 +125,15 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     unet = widen_unet(backbone.unet).train()
     # constant inputs once: the clean latents and the caption embeddings (VAE and text encoder are frozen); only
     # the masked-image latent changes with each step's random masks
-    latents = torch.cat([_encode(backbone, _to_pixels(images[k:k + 256])) for k in range(0, len(images), 256)])
+    latents = torch.cat([_encode(backbone, _to_pixels(images[k:k + 256]).to(dev))
+                         for k in range(0, len(images), 256)])
     with torch.no_grad():
         texts = torch.cat([backbone.encode_text(backbone.tokenize(captions[k:k + 256]))
                            for k in range(0, len(captions), 256)])
         empty_text = backbone.encode_text(backbone.tokenize([""]))[0]
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod.float()
-    snr = acp / (1 - acp)
+    snr = (acp / (1 - acp)).to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     history: list[tuple[int, float]] = []
     deadline = t_start + minutes * 60
@@ -137,13 +142,13 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        masks = random_masks(batch, size, gen)
-        x0 = latents[idx]
-        mask_lat, masked = _conditioning(backbone, _to_pixels(images[idx.numpy()]), masks, x0.shape[-2:])
-        text = texts[idx].clone()
-        text[torch.rand(batch, generator=gen) < cond_drop] = empty_text
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        masks = random_masks(batch, size, gen).to(dev)
+        x0 = latents[idx.to(dev)]
+        mask_lat, masked = _conditioning(backbone, _to_pixels(images[idx.numpy()]).to(dev), masks, x0.shape[-2:])
+        text = texts[idx.to(dev)].clone()
+        text[(torch.rand(batch, generator=gen) < cond_drop).to(dev)] = empty_text
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(dev)
         pred = unet(inpainting_input(sched.add_noise(x0, noise, t), mask_lat, masked), t, text).sample
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (snr[t].clamp(max=min_snr) / snr[t] * mse).mean() if min_snr > 0 else mse.mean()
@@ -163,12 +168,12 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     sc = PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
     pipe = StableDiffusionInpaintPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder,
                                           tokenizer=backbone.tokenizer, unet=unet, scheduler=sc, safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False).to(torch.float16)
+                                          feature_extractor=None, requires_safety_checker=False).to("cpu", torch.float16)
     pipe_dir = out / "pipeline"
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
     from .train import _to_uint8
 
-    m = held_masks[:, 0].numpy() > 0.5
+    m = held_masks[:, 0].cpu().numpy() > 0.5
     shown = _to_uint8(held_pixels * (held_masks < 0.5))
     sheet = np.concatenate([np.concatenate(list(row), axis=1) for row in (shown, parent, tuned, held_images)], axis=0)
     from PIL import Image
@@ -201,7 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads, and processes rendering the data")
+    ap.add_argument("--device", default="cpu", help="where the UNet trains: cpu or cuda")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("diffusers", "transformers"):
@@ -212,8 +218,14 @@ def main(argv=None) -> int:
 
         model = str(bundled_model())
     command = "python -m clic.toyworld.inpaint " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    rep = train_inpainting(model, a.out, a.minutes, a.max_steps, a.scenes, a.batch, a.lr, seed=a.seed,
-                           threads=a.threads, command=command)
+    from ..errors import ClicError
+
+    try:
+        rep = train_inpainting(model, a.out, a.minutes, a.max_steps, a.scenes, a.batch, a.lr, seed=a.seed,
+                               threads=a.threads, command=command, device=a.device)
+    except ClicError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(rep, indent=1))
     return 0
 
