@@ -131,3 +131,19 @@ def test_tensor_memory_counts_live_storages():
     plain, ckpt = count_learning_memory(b), count_learning_memory(b, gradient_checkpointing=True)
     assert plain["weights_gib"] == ckpt["weights_gib"] > 0
     assert plain["peak_gib"] > ckpt["peak_gib"] > plain["weights_gib"]   # checkpointing keeps fewer activations
+
+
+def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch):
+    """Out of memory in one section (or a compiler error in a lever) must not cost the sections after it."""
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "bench_sampling", oom)
+    monkeypatch.setattr(bench, "LEVERS", {"fused-adam": {"adam_impl": "fused"}, "broken": {"no_such_option": 1}})
+    r = bench.run_bench(bench.BenchOptions(model="tiny", device="cpu", steps=1, warmup=1, reference=True,
+                                           sampling=True, levers=True))
+    assert r["sampling"] is None and r["errors"]["sampling"].startswith("RuntimeError: CUDA out of memory")
+    assert r["reference"]["step_median_s"] > 0 and r["levers"]["fused-adam"]["step_median_s"] > 0
+    assert r["levers"]["broken"] is None and "lever broken" in r["errors"]
+    text = bench.format_report(r)
+    assert "**sampling failed**" in text and "| broken | failed |" in text

@@ -323,82 +323,89 @@ def as_dtype(backbone, dtype: str):
 def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
     """Everything ``opts`` asks for, on one backbone (the reference path on an fp32 one), as one JSON-able dict.
 
-    Sections run most-wanted first (learning, reference, sampling, FLOPs, profile, memory count, levers: compile is
-    last, it can take minutes); ``on_update(result)`` is called after each, so a run cut short keeps what it
-    measured, and ``log(text)`` reports each section's own wall time."""
+    Sections run most-wanted first (learning, 500-step run, sampling, FLOPs, profile, memory count, reference,
+    levers: compile is last, it can take minutes). A section that fails (out of memory, a compiler error) is
+    recorded under ``errors`` and the others still run; ``on_update(result)`` is called after each, so a run cut
+    short keeps what it measured, and ``log(text)`` reports each section's own wall time."""
     start = time.perf_counter()
     backbone = load_bench_backbone(opts.model, opts.device, opts.dtype)
     result = {"model": opts.model, "device": _device_name(backbone.device), "dtype": opts.dtype,
               "resolution": backbone.resolution, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "sections_s": {}}
 
-    def done(section: str, t0: float) -> None:
+    def finished(section: str, t0: float) -> None:
         result["sections_s"][section] = round(time.perf_counter() - t0, 1)
         if log is not None:
-            log(f"bench: {section} done in {result['sections_s'][section]} s "
+            status = "failed" if section in result.get("errors", {}) else "done"
+            log(f"bench: {section} {status} in {result['sections_s'][section]} s "
                 f"({time.perf_counter() - start:.0f} s in all)")
         if on_update is not None:
             on_update(result)
 
-    done("model", start)
+    def measure(section: str, fn, into: dict, key: str):
+        """``into[key] = fn()`` (None on failure), then report and save."""
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as exc:                       # noqa: BLE001 -- reported, and the next section runs
+            value = None
+            result.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"[:500]
+            if backbone.device.type == "cuda":
+                torch.cuda.empty_cache()
+        into[key] = value
+        finished(section, t0)
+        return value
+
+    finished("model", start)
     fast = None
     if opts.steps > 0:
-        t0 = time.perf_counter()
-        fast = result["learning"] = bench_learning(backbone, opts.steps, opts.warmup)
-        done("learning", t0)
+        fast = measure("learning", lambda: bench_learning(backbone, opts.steps, opts.warmup), result, "learning")
     if opts.wall_steps > 0:
-        t0 = time.perf_counter()
-        result["learning_wall"] = bench_learning(backbone, opts.wall_steps, 0)
-        done("learning_wall", t0)
+        measure("learning_wall", lambda: bench_learning(backbone, opts.wall_steps, 0), result, "learning_wall")
     if opts.sampling:
-        t0 = time.perf_counter()
-        result["sampling"] = bench_sampling(backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images,
-                                            opts.repeats)
-        done("sampling", t0)
+        measure("sampling", lambda: bench_sampling(
+            backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images, opts.repeats), result, "sampling")
+    flops = {}
     if opts.flops:
-        t0 = time.perf_counter()
-        result["flops"] = {"fast": count_learning_flops(backbone, tflops=opts.tflops)}
-        done("flops", t0)
+        result["flops"] = flops
+        measure("flops", lambda: count_learning_flops(backbone, tflops=opts.tflops), flops, "fast")
     if opts.profile:
-        t0 = time.perf_counter()
-        result["profile"] = profile_learning(backbone)
-        done("profile", t0)
+        measure("profile", lambda: profile_learning(backbone), result, "profile")
     if opts.tensor_memory:
-        t0 = time.perf_counter()
-        result["tensor_memory"] = {"fast": count_learning_memory(backbone), "gradient-checkpointing":
-                                   count_learning_memory(backbone, gradient_checkpointing=True)}
-        done("tensor_memory", t0)
+        measure("tensor_memory", lambda: {
+            "fast": count_learning_memory(backbone),
+            "gradient-checkpointing": count_learning_memory(backbone, gradient_checkpointing=True)},
+            result, "tensor_memory")
     if (opts.reference and fast is not None) or opts.flops:
-        t0 = time.perf_counter()
         ref_backbone = as_dtype(backbone, "fp32") if opts.dtype != "fp32" else backbone   # the reference is fp32
         if opts.reference and fast is not None:
-            ref = result["reference"] = bench_learning(ref_backbone, opts.steps, opts.warmup, reference_path=True)
-            result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
+            ref = measure("reference", lambda: bench_learning(
+                ref_backbone, opts.steps, opts.warmup, reference_path=True), result, "reference")
+            if ref is not None:
+                result["speedup_vs_reference"] = round(ref["step_median_s"] / fast["step_median_s"], 2)
         if opts.flops:
-            result["flops"]["reference"] = count_learning_flops(ref_backbone, tflops=opts.tflops,
-                                                                reference_path=True)
+            measure("flops reference", lambda: count_learning_flops(
+                ref_backbone, tflops=opts.tflops, reference_path=True), flops, "reference")
         if ref_backbone is not backbone:
             backbone = as_dtype(backbone, opts.dtype)
         # how far each measured step is from its FLOP floor: the achieved TFLOP/s
         for path, timed in (("fast", fast), ("reference", result.get("reference"))):
-            if timed is not None and path in result.get("flops", {}):
-                result["flops"][path]["achieved_tflops"] = round(result["flops"][path]["step_gflop"] / 1e3
-                                                                 / timed["step_median_s"], 4)
-        done("reference", t0)
+            if timed is not None and flops.get(path) is not None:
+                flops[path]["achieved_tflops"] = round(flops[path]["step_gflop"] / 1e3 / timed["step_median_s"], 4)
     if opts.levers and fast is not None:
         levers = result["levers"] = {}
         for name, overrides in LEVERS.items():
-            t0 = time.perf_counter()
-            levers[name] = bench_learning(backbone, opts.steps, opts.warmup, **overrides)
-            levers[name]["speedup_vs_fast"] = round(fast["step_median_s"] / levers[name]["step_median_s"], 2)
-            done(f"lever {name}", t0)
-        paying = {k: v for name, overrides in LEVERS.items() if levers[name]["speedup_vs_fast"] > 1.03
-                  for k, v in overrides.items()}
+            timed = measure(f"lever {name}", lambda o=overrides: bench_learning(
+                backbone, opts.steps, opts.warmup, **o), levers, name)
+            if timed is not None:
+                timed["speedup_vs_fast"] = round(fast["step_median_s"] / timed["step_median_s"], 2)
+        paying = {k: v for name, overrides in LEVERS.items()
+                  if levers[name] is not None and levers[name]["speedup_vs_fast"] > 1.03 for k, v in overrides.items()}
         if len(paying) > 1:
-            t0 = time.perf_counter()
-            combined = result["levers"]["combined"] = bench_learning(backbone, opts.steps, opts.warmup, **paying)
-            combined["speedup_vs_fast"] = round(fast["step_median_s"] / combined["step_median_s"], 2)
-            done("levers combined", t0)
+            combined = measure("levers combined", lambda: bench_learning(
+                backbone, opts.steps, opts.warmup, **paying), levers, "combined")
+            if combined is not None:
+                combined["speedup_vs_fast"] = round(fast["step_median_s"] / combined["step_median_s"], 2)
     return result
 
 
@@ -441,7 +448,8 @@ def format_report(result: dict) -> str:
     if levers:
         lines += _table(["lever", "step", "vs fast", "first-step extra", "peak memory"],
                         [[name, _s(v["step_median_s"]), _s(v["speedup_vs_fast"], "x"), _s(v["first_step_extra_s"]),
-                          _s(v["peak_memory_gib"], " GiB")] for name, v in levers.items()])
+                          _s(v["peak_memory_gib"], " GiB")] if v else [name, "failed", "", "", ""]
+                         for name, v in levers.items()])
     flops = result.get("flops")
     if flops:
         lines += _table(["path", "per step", "500 steps at floor", "achieved", "top operators (GFLOP)"],
@@ -450,7 +458,7 @@ def format_report(result: dict) -> str:
                           f"{v['floor_500_steps_s']:.3g} s at {v['at_tflops']:g} TFLOP/s",
                           f"{v['achieved_tflops']:.3g} TFLOP/s" if "achieved_tflops" in v else "",
                           ", ".join(f"{op} {n:g}" for op, n in list(v["by_op_gflop"].items())[:4])]
-                         for path, v in flops.items()])
+                         for path, v in flops.items() if v])
     memory = result.get("tensor_memory")
     if memory:
         lines += _table(["path", "counted peak", "of which weights"],
@@ -461,6 +469,8 @@ def format_report(result: dict) -> str:
         lines += _table(["operator", "calls / step", "self ms / step", "share"],
                         [[f"`{r['op']}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]
                          for r in profile])
+    for section, error in result.get("errors", {}).items():
+        lines += [f"**{section} failed**: `{error}`", ""]
     if result.get("sections_s"):
         lines += ["Section wall times: " + ", ".join(f"{k} {v} s" for k, v in result["sections_s"].items()), ""]
     return "\n".join(lines)
@@ -529,6 +539,8 @@ def register_cli(sub, add_model_options) -> None:
 
         result = run_bench(opts, on_update=save if args.json else None,
                            log=lambda text: print(text, file=sys.stderr, flush=True))
+        if args.json:
+            save(result)                          # with what was derived after the last section (speed-ups)
         print(json.dumps(result, indent=2))
 
     p.set_defaults(func=run)
