@@ -47,6 +47,10 @@ def test_report_of_a_bad_file(tmp_path, capsys):
     assert main(["bench", "--report", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clic: error: --report") and str(bad) in err and "\n" not in err
+    bad.write_text('{"model": "tiny"}')                 # JSON, but not a bench result
+    assert main(["bench", "--report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a `clic bench --json` result" in err and "\n" not in err
 
 
 def test_cli_writes_json(tmp_path, capsys):

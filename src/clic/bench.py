@@ -519,10 +519,12 @@ def register_cli(sub, add_model_options) -> None:
 
             path = Path(args.report)
             try:
-                result = json.loads(path.read_text())
+                text = format_report(json.loads(path.read_text()))
             except (OSError, ValueError) as exc:
                 raise InputError(f"--report {path}: not a readable bench JSON ({exc})") from None
-            print(format_report(result))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise InputError(f"--report {path}: not a `clic bench --json` result (no {exc})") from None
+            print(text)
             return
         every = args.all
         opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
