@@ -69,6 +69,21 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
         target = np.asarray(Image.open(tmp_path / case["target_mask"])) > 127
         obj = np.asarray(Image.open(tmp_path / info["target_object"])) > 127
         assert target.sum() > 0 and not (target & ~obj).any()        # the target part lies on the target object
+        # the discovery renders: the source's class, pattern and pattern colour on the same part, other objects
+        renders = [np.asarray(Image.open(tmp_path / f).convert("RGB")) for f in info["discover"]["images"]]
+        masks = [np.asarray(Image.open(tmp_path / f)) > 127 for f in info["discover"]["masks"]]
+        assert len(renders) == len(masks) == 3 and all(m.sum() > 0 for m in masks)
+        source = np.asarray(Image.open(tmp_path / case["source"]).convert("RGB"))
+        assert all(not np.array_equal(r, source) for r in renders)
+        from clic.toyworld.train import top_colours
+
+        assert all(info["discover"]["pattern_colour"] in top_colours(r, m, 2) for r, m in zip(renders, masks))
+    # the discovery renders do not disturb the cases' draws: case 0's source is still the scene of the seed's first draw
+    from clic.toyworld.world import render_scene
+
+    first = render_scene(int(np.random.default_rng(1).integers(1 << 30)), size=64, object_class="chair",
+                         pattern="crosses", part="back")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / manifest["cases"][0]["source"]).convert("RGB")), first.image)
 
 
 def test_run_and_extras_on_one_case(tmp_path):
@@ -96,12 +111,19 @@ def test_run_and_extras_on_one_case(tmp_path):
     text = summary["text_controls"]
     assert set(text) == {"text-name", "text-other"} and all(s["n"] == 1 for s in text.values())
     assert all(0.0 <= s["presence"][0] <= 1.0 for s in text.values())
+    found = summary["discover"]
+    assert set(found) == {"discover", "discover-new", "untrained", "object"} and all(s["n"] == 1 for s in found.values())
+    assert all(0.0 <= s["iou"][0] <= 1.0 and 0.0 < s["area"][0] < 1.0 for s in found.values())
+    assert found["object"]["iou"][0] > 0.1                      # the part is a good share of its object
+    assert (tmp_path / "results" / "discover" / f"{manifest['cases'][0]['id']}.png").exists()
+    assert "| discover: w* on a new image | 1 |" in (tmp_path / "results" / "extras.md").read_text()
 
     # recomputing one part keeps the others' rows
     before = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
     again = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu", parts=("text",))
     after = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
     assert after["generation"] == before["generation"] and after["matching"] == before["matching"]
+    assert after["discover"] == before["discover"]
     assert again["text_controls"] == text                      # same seeds, same words: the same transfers
 
 

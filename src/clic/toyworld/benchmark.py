@@ -4,7 +4,7 @@ analogous part of another object, scored by the pattern detector.
     python -m clic.toyworld.benchmark make --out DIR [--cases 30] [--seed 0] [--model PATH] [--steps 300]
                                            [--patterns heldout|seen] [--inpaint-model PATH]
     python -m clic.toyworld.benchmark run DIR [--out DIR/results] [--no-extras | --extras-only]
-                                              [--extras generation,matching,text]
+                                              [--extras generation,matching,text,discover]
 
 ``make`` renders the cases (source: an object with a pattern on a part; target: a plain object of the same class,
 its same part as the target mask). ``--patterns heldout`` (default) uses the three patterns the toy model never saw
@@ -36,6 +36,12 @@ then the two measurements ``clic benchmark`` does not make (:func:`extras`, from
   ``text-name`` the pattern's caption word ("a chair with a striped back": what naming the pattern achieves; for
   held-out patterns a word the model never saw) and ``text-other`` another pattern's word (how often the source
   pattern appears when something else was asked for: the chance level of ``presence``).
+- discovery (sec. 3.3, fig. 5): the source masks found automatically from several images that share the case's
+  pattern (the source and renders of other objects of its class with the same pattern, pattern colour and part;
+  ``make`` writes them as ``*_discover{k}.png``), w* and K/V learned with the plain diffusion loss for the
+  learning budget; ``iou`` of the thresholded w* maps against the true part masks, on its own images and on one
+  more render it never saw, against the whole object's IoU as a control (a method that finds the object but not
+  the part). Overlays in ``results/discover/``.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
                       "target": files["target"], "target_mask": files["target_mask"], "object_class": cls,
                       "prompt": context_prompt(cls, part)})
         truth[cid] = {"pattern": pattern, "part": part, "target_object": files["target_object"],
-                      "patterns": patterns}
+                      "patterns": patterns, "discover": _discover_set(out, cid, src, seed, i, size)}
     manifest = {
         "name": f"toyworld-{n_cases}" + ("" if patterns == "heldout" else f"-{patterns}"), "model": model or "toy",
         "learn": {"steps": steps, "lr": 1e-3},
@@ -123,6 +129,37 @@ def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = No
     (out / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     return out / "manifest.yaml"
+
+
+#: renders per case for the discovery measurement, besides the case's source: objects that share its pattern (the
+#: last one is kept out of the discovery and only searched with the found w*, as in the paper's fig. 5)
+DISCOVER_RENDERS = 3
+
+#: the token of the discovery's untrained control (the initialiser's embedding, no learning)
+UNTRAINED_TOKEN = "<w0*>"
+
+
+def _discover_set(out: Path, cid: str, src, seed: int, index: int, size: int) -> dict:
+    """Objects of the source's class with its pattern, pattern colour and part (own shapes, poses and object
+    colours, the part's far enough from the pattern's to show it, as the world keeps them when it draws the pattern
+    colour), from seeds that do not disturb the cases' own draws. Returns the files (relative to ``out``)."""
+    from .world import COLOURS
+
+    rng = np.random.default_rng([seed, index, 1])
+    images, masks = [], []
+    for k in range(DISCOVER_RENDERS):
+        while True:   # the world picks a contrasting pattern colour only when it draws it: keep the part's own far
+            scene = render_scene(int(rng.integers(1 << 30)), size=size, object_class=src.object_class,
+                                 pattern=src.pattern, part=src.part, pattern_colour=src.pattern_colour, split="any")
+            part_colour = np.asarray(scene.params["part_colours"][src.part], dtype=np.float64)
+            if np.linalg.norm(part_colour - np.asarray(COLOURS[src.pattern_colour], dtype=np.float64)) > 110:
+                break
+        for name, arr, into in ((f"discover{k}", scene.image, images),
+                                (f"discover{k}_mask", scene.part_masks[src.part].astype(np.uint8) * 255, masks)):
+            path = out / "images" / f"{cid}_{name}.png"
+            Image.fromarray(arr).save(path)
+            into.append(str(path.relative_to(out)))
+    return {"images": images, "masks": masks, "pattern_colour": src.pattern_colour}
 
 
 def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, pattern: str,
@@ -185,7 +222,7 @@ def text_words(pattern: str, patterns: str = "heldout") -> dict[str, str]:
 
 
 #: the measurements of :func:`extras`
-EXTRAS = ("generation", "matching", "text")
+EXTRAS = ("generation", "matching", "text", "discover")
 
 #: the concept-learning variants whose concepts generate (RealFill's is for its inpainting model only; the eta
 #: variants share CLiC's concept)
@@ -206,7 +243,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     from ..benchmark import Cache
     from ..concept import Concept
     from ..models import load_backbone
-    from ..roi import MatchConfig
+    from ..roi import DiscoverConfig, MatchConfig
     from .detector import PatternDetector
     from .train import part_priors
 
@@ -226,6 +263,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     priors = part_priors() if "generation" in parts else None                  # ~900 renders: once
     learn = manifest.get("learn", {})
     mcfg = MatchConfig(steps=match_steps or learn.get("steps", 300), lr=match_lr or learn.get("lr", 1e-3))
+    dcfg = DiscoverConfig(steps=mcfg.steps, lr=mcfg.lr, learn_concept=False)
 
     def concept_of(cid, method):
         key = keys.get((cid, method))
@@ -247,19 +285,22 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
             rows["matching"].append(ctx.matching(concept, mcfg, progress))
         if "text" in parts:
             rows["text"] += ctx.text_controls(manifest.get("transfer", {}), progress)
+        if "discover" in parts:
+            rows["discover"] += ctx.discovery(dcfg, results / "discover", progress)
         done = {name: sum(r["case"] == cid for r in rows[name]) for name in parts}
         print(f"{cid}: " + ", ".join(f"{name} {n} rows" for name, n in done.items()), flush=True)
 
     report = {"generation": _summary(rows["generation"], ("on_part", "off_part")),
               "roi_matching": _summary(rows["matching"], ("iou", "area")),
               "text_controls": _summary(rows["text"], ("presence", "leakage", "colour")),
+              "discover": _summary(rows["discover"], ("iou", "area")),
               "match_config": {"steps": mcfg.steps, "lr": mcfg.lr}, "images_per_concept": n_images,
               "rows": rows}
     (results / "extras.json").write_text(json.dumps(report, indent=1, default=str))
     md = _extras_markdown(report)
     (results / "extras.md").write_text(md)
     print(md)
-    return {k: report[k] for k in ("generation", "roi_matching", "text_controls")}
+    return {k: report[k] for k in ("generation", "roi_matching", "text_controls", "discover")}
 
 
 class _ExtrasCase:
@@ -330,6 +371,64 @@ class _ExtrasCase:
         return out
 
 
+    def discovery(self, cfg, out_dir: Path, progress: bool) -> list[dict]:
+        """Source masks found from several images that share the case's pattern (sec. 3.3, fig. 5): w* and K/V
+        learned with the plain diffusion loss on the source and the case's discovery renders but the last, its
+        maps thresholded on each; then the found w* searched on the last render, which the discovery never saw.
+        Rows: ``discover`` (mean IoU over the discovery images against their true part masks), ``discover-new``
+        (the unseen render), and two controls: ``untrained`` (the same map-to-mask step on a token that learned
+        nothing: its initialiser's embedding under the base model's K/V), ``object`` (the whole object as the mask:
+        what IoU a method gets for finding the object but not the part). Writes an overlay strip per case to ``out_dir``."""
+        from dataclasses import replace
+
+        import torch
+
+        from ..imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
+        from ..concept import Concept
+        from ..roi import DISCOVER_PROMPT, ROLE, Matcher, _with_article, auto_target_mask, discover, iou
+        from ..tokens import initializer_embedding
+        from .train import foreground_mask
+
+        sets = self.info.get("discover")
+        if not sets:
+            raise ValueError(f"case {self.cid} has no discovery renders: truth.json was made before they existed; "
+                             "rerun `make` with the same arguments (the cases come out the same)")
+        size, root = self.backbone.resolution, self.root
+        images = [load_image(root / self.case["source"], size)] + [load_image(root / p, size) for p in sets["images"]]
+        truths = [load_mask(root / self.case["source_mask"], size)] + [load_mask(root / p, size) for p in sets["masks"]]
+        res = discover(self.backbone, images[:-1], replace(cfg, object_class=self.cls), progress=progress)
+        found = res.masks + [auto_target_mask(self.backbone, res.matcher, images[-1])]
+        scores = [iou(f, t) for f, t in zip(found, truths)]
+        # the same maps of a token that learned nothing (its initialiser's embedding, the base model's K/V): what the
+        # learning adds to where the token attends
+        untrained = Matcher(Concept.from_training(
+            self.backbone, [UNTRAINED_TOKEN], initializer_embedding(self.backbone, cfg.initializer)[None], {},
+            role=ROLE, method="untrained", prompt=DISCOVER_PROMPT.format(token=UNTRAINED_TOKEN,
+                                                                       a_object=_with_article(self.cls))))
+        blank = [auto_target_mask(self.backbone, untrained, image) for image in images[:-1]]
+        objects = [torch.from_numpy(foreground_mask(np.asarray(to_pil(image))).astype(np.float32))[None]
+                   for image in images]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_png(grid([mask_overlay(image, mask) for image, mask in zip(images, found)], rows=1,
+                      labels=[f"IoU {v:.2f}" + (" (new)" if k == len(images) - 1 else "") for k, v in
+                              enumerate(scores)]), out_dir / f"{self.cid}.png")
+        return [{"case": self.cid, "method": "discover", "iou": float(np.mean(scores[:-1])),
+                 "area": float(np.mean([float(m.mean()) for m in found[:-1]]))},
+                {"case": self.cid, "method": "discover-new", "iou": scores[-1], "area": float(found[-1].mean())},
+                {"case": self.cid, "method": "untrained", "iou": float(np.mean([iou(f, t) for f, t in
+                                                                               zip(blank, truths)])),
+                 "area": float(np.mean([float(m.mean()) for m in blank]))},
+                {"case": self.cid, "method": "object", "iou": float(np.mean([iou(o, t) for o, t in
+                                                                            zip(objects, truths)])),
+                 "area": float(np.mean([float(o.mean()) for o in objects]))}]
+
+
+#: the discovery table's row names
+DISCOVER_ROWS = {"discover": "discover: w* maps on its own images", "discover-new": "discover: w* on a new image",
+                 "untrained": "control: an untrained token's maps on the same images",
+                 "object": "control: the whole object"}
+
+
 def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
     from ..benchmark import mean_ci
 
@@ -354,6 +453,11 @@ def _extras_markdown(report: dict) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {m} | {s['n']} | {cell(s['presence'])} | {cell(s['leakage'])} | {cell(s.get('colour'))} |"
               for m, s in report["text_controls"].items()]
+    if report.get("discover"):
+        lines += ["", "| source masks found from images sharing the pattern | cases | IoU ↑ | mask area |",
+                  "|---|---|---|---|"]
+        lines += [f"| {DISCOVER_ROWS.get(m, m)} | {s['n']} | {cell(s['iou'])} | {cell(s['area'])} |"
+                  for m, s in report["discover"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -375,8 +479,9 @@ def main(argv=None) -> int:
     p.add_argument("dir")
     p.add_argument("--out", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--no-extras", action="store_true", help="skip the generation and RoI-matching measurements")
-    p.add_argument("--extras-only", action="store_true", help="only the generation and RoI-matching measurements")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the extras (generation, RoI matching, text controls, discovery)")
+    p.add_argument("--extras-only", action="store_true", help="only the extras")
     p.add_argument("--images", type=int, default=2, help="extras: generated images per concept")
     p.add_argument("--extras", default=",".join(EXTRAS),
                    help=f"comma-separated extras to (re)compute, the others' rows are kept (default: {','.join(EXTRAS)})")
