@@ -61,6 +61,11 @@ def _with_article(word: str) -> str:
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
+def discover_prompt(object_class: str, token: str) -> str:
+    """The paper's prompt of the discovery (sec. 3.3): "an OBJECT with w* style"."""
+    return DISCOVER_PROMPT.format(token=token, a_object=_with_article(object_class))
+
+
 # ---------------------------------------------------------------------------------------------- configs
 
 
@@ -446,7 +451,7 @@ def discover(backbone, images: list[torch.Tensor], cfg: DiscoverConfig | None = 
 
     # 1. w* and K/V by the plain diffusion loss: M_soft = 1 (alpha = 1), no l_att, no l_RoI ("custom-diffusion").
     placeholder = free_placeholder(backbone, cfg.placeholder)
-    prompt = cfg.prompt or DISCOVER_PROMPT.format(token=cfg.placeholder, a_object=_with_article(cfg.object_class))
+    prompt = cfg.prompt or discover_prompt(cfg.object_class, cfg.placeholder)
     prompt = prompt.replace(cfg.placeholder, placeholder)
     dcfg = make_config("custom-diffusion", object_class=cfg.object_class, prompt=prompt, placeholder=placeholder,
                        initializer=cfg.initializer, steps=cfg.steps, lr=cfg.lr, flip_p=cfg.flip_p, seed=cfg.seed,

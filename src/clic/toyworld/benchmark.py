@@ -385,7 +385,7 @@ class _ExtrasCase:
 
         from ..imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
         from ..concept import Concept
-        from ..roi import DISCOVER_PROMPT, ROLE, Matcher, _with_article, auto_target_mask, discover, iou
+        from ..roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt, iou
         from ..tokens import initializer_embedding
         from .train import foreground_mask
 
@@ -403,8 +403,7 @@ class _ExtrasCase:
         # learning adds to where the token attends
         untrained = Matcher(Concept.from_training(
             self.backbone, [UNTRAINED_TOKEN], initializer_embedding(self.backbone, cfg.initializer)[None], {},
-            role=ROLE, method="untrained", prompt=DISCOVER_PROMPT.format(token=UNTRAINED_TOKEN,
-                                                                       a_object=_with_article(self.cls))))
+            role=ROLE, method="untrained", prompt=discover_prompt(self.cls, UNTRAINED_TOKEN)))
         blank = [auto_target_mask(self.backbone, untrained, image) for image in images[:-1]]
         objects = [torch.from_numpy(foreground_mask(np.asarray(to_pil(image))).astype(np.float32))[None]
                    for image in images]
