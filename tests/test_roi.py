@@ -19,9 +19,10 @@ from clic.errors import ConceptFileError, InputError
 from clic.imaging import to_pil
 from clic.learn import learn, make_config
 from clic.maps import token_attention_maps
+from clic.metrics import iou
 from clic.models import load_backbone
 from clic.roi import (DiscoverConfig, MaskConfig, MatchConfig, Matcher, attention_to_mask, auto_target_mask,
-                      discover, iou, learn_matcher, matcher_attention, otsu_threshold)
+                      discover, learn_matcher, matcher_attention, otsu_threshold)
 
 SIZE = 64
 BOX = (8, 56, 4, 28)      # rows, cols of the source RoI: a tall band on the left

@@ -214,13 +214,6 @@ def attention_to_mask(attention: torch.Tensor, size: int, cfg: MaskConfig | None
     return mask
 
 
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Intersection over union of two binary masks of the same shape."""
-    a, b = a.flatten() > 0.5, b.flatten() > 0.5
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union > 0 else 1.0
-
-
 # ---------------------------------------------------------------------------------------------- the matcher
 
 

@@ -331,7 +331,8 @@ class _ExtrasCase:
 
     def matching(self, concept, mcfg, progress: bool) -> dict:
         from ..imaging import load_image, load_mask
-        from ..roi import auto_target_mask, iou, learn_matcher
+        from ..metrics import iou
+        from ..roi import auto_target_mask, learn_matcher
 
         size, root = self.backbone.resolution, self.root
         source, target = load_image(root / self.case["source"], size), load_image(root / self.case["target"], size)
@@ -385,7 +386,8 @@ class _ExtrasCase:
 
         from ..imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
         from ..concept import Concept
-        from ..roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt, iou
+        from ..metrics import iou
+        from ..roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt
         from ..tokens import initializer_embedding
         from .train import foreground_mask
 
