@@ -86,7 +86,7 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
     assert np.array_equal(np.asarray(Image.open(tmp_path / manifest["cases"][0]["source"]).convert("RGB")), first.image)
 
 
-def test_run_and_extras_on_one_case(tmp_path):
+def test_run_and_extras_on_one_case(tmp_path, monkeypatch):
     """Transfer benchmark + generation + RoI matching for CLiC alone on one case: every number is produced and in
     range."""
     from clic.benchmark import run_benchmark
@@ -117,14 +117,23 @@ def test_run_and_extras_on_one_case(tmp_path):
     assert found["object"]["iou"][0] > 0.1                      # the part is a good share of its object
     assert (tmp_path / "results" / "discover" / f"{manifest['cases'][0]['id']}.png").exists()
     assert "| discover: w* on a new image | 1 |" in (tmp_path / "results" / "extras.md").read_text()
+    pipeline = summary["pipeline"]
+    assert set(pipeline) == {"discovered-masks", "true-masks"} and all(s["n"] == 1 for s in pipeline.values())
+    assert all(s["presence"][0] in (0.0, 1.0) and s["colour"][0] in (0.0, 0.5, 1.0) for s in pipeline.values())
+    assert "| discovered masks | 1 |" in (tmp_path / "results" / "extras.md").read_text()
 
-    # recomputing one part keeps the others' rows
+    # recomputing some parts keeps the others' rows; a fresh process (`run --extras-only`) has no pattern metric
+    # registered, which the pipeline's manifest names
+    from clic.benchmark import METRIC_GROUPS
+
+    monkeypatch.delitem(METRIC_GROUPS, "pattern")
     before = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
-    again = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu", parts=("text",))
+    again = extras(tmp_path, tmp_path / "results", n_images=1, match_steps=2, device="cpu", parts=("text", "pipeline"))
     after = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
     assert after["generation"] == before["generation"] and after["matching"] == before["matching"]
     assert after["discover"] == before["discover"]
     assert again["text_controls"] == text                      # same seeds, same words: the same transfers
+    assert again["pipeline"] == pipeline
 
 
 def test_text_control_words_and_seen_patterns(tmp_path):

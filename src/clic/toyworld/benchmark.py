@@ -4,7 +4,7 @@ analogous part of another object, scored by the pattern detector.
     python -m clic.toyworld.benchmark make --out DIR [--cases 30] [--seed 0] [--model PATH] [--steps 300]
                                            [--patterns heldout|seen] [--inpaint-model PATH]
     python -m clic.toyworld.benchmark run DIR [--out DIR/results] [--no-extras | --extras-only]
-                                              [--extras generation,matching,text,discover]
+                                              [--extras generation,matching,text,discover,pipeline]
 
 ``make`` renders the cases (source: an object with a pattern on a part; target: a plain object of the same class,
 its same part as the target mask). ``--patterns heldout`` (default) uses the three patterns the toy model never saw
@@ -42,6 +42,9 @@ then the two measurements ``clic benchmark`` does not make (:func:`extras`, from
   learning budget; ``iou`` of the thresholded w* maps against the true part masks, on its own images and on one
   more render it never saw, against the whole object's IoU as a control (a method that finds the object but not
   the part). Overlays in ``results/discover/``.
+- pipeline (sec. 3.3's whole automatic route): the concept learned in context on those discovery images with the
+  discovered masks, transferred as the CLiC row is; ``presence``/``leakage``/``colour``, against the same learning
+  with the true part masks.
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def text_words(pattern: str, patterns: str = "heldout") -> dict[str, str]:
 
 
 #: the measurements of :func:`extras`
-EXTRAS = ("generation", "matching", "text", "discover")
+EXTRAS = ("generation", "matching", "text", "discover", "pipeline")
 
 #: the concept-learning variants whose concepts generate (RealFill's is for its inpainting model only; the eta
 #: variants share CLiC's concept)
@@ -240,7 +243,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     """
     import yaml
 
-    from ..benchmark import Cache
+    from ..benchmark import Cache, load_manifest
     from ..concept import Concept
     from ..models import load_backbone
     from ..roi import DiscoverConfig, MatchConfig
@@ -264,6 +267,11 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     learn = manifest.get("learn", {})
     mcfg = MatchConfig(steps=match_steps or learn.get("steps", 300), lr=match_lr or learn.get("lr", 1e-3))
     dcfg = DiscoverConfig(steps=mcfg.steps, lr=mcfg.lr, learn_concept=False)
+    # the pipeline learns and transfers as the benchmark's CLiC row does (its learning and transfer configs)
+    if "pipeline" in parts:
+        register_pattern_metric(root / "truth.json")        # the manifest names it
+    clic_runs = ({r.case.id: r for r in load_manifest(root / "manifest.yaml").runs if r.variant.name == "clic"}
+                 if "pipeline" in parts else {})
 
     def concept_of(cid, method):
         key = keys.get((cid, method))
@@ -287,6 +295,8 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
             rows["text"] += ctx.text_controls(manifest.get("transfer", {}), progress)
         if "discover" in parts:
             rows["discover"] += ctx.discovery(dcfg, results / "discover", progress)
+        if "pipeline" in parts:
+            rows["pipeline"] += ctx.pipeline(dcfg, clic_runs[cid], progress)
         done = {name: sum(r["case"] == cid for r in rows[name]) for name in parts}
         print(f"{cid}: " + ", ".join(f"{name} {n} rows" for name, n in done.items()), flush=True)
 
@@ -294,13 +304,14 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
               "roi_matching": _summary(rows["matching"], ("iou", "area")),
               "text_controls": _summary(rows["text"], ("presence", "leakage", "colour")),
               "discover": _summary(rows["discover"], ("iou", "area")),
+              "pipeline": _summary(rows["pipeline"], ("presence", "leakage", "colour")),
               "match_config": {"steps": mcfg.steps, "lr": mcfg.lr}, "images_per_concept": n_images,
               "rows": rows}
     (results / "extras.json").write_text(json.dumps(report, indent=1, default=str))
     md = _extras_markdown(report)
     (results / "extras.md").write_text(md)
     print(md)
-    return {k: report[k] for k in ("generation", "roi_matching", "text_controls", "discover")}
+    return {k: report[k] for k in ("generation", "roi_matching", "text_controls", "discover", "pipeline")}
 
 
 class _ExtrasCase:
@@ -423,6 +434,52 @@ class _ExtrasCase:
                                                                             zip(objects, truths)])),
                  "area": float(np.mean([float(o.mean()) for o in objects]))}]
 
+    def pipeline(self, cfg, run, progress: bool) -> list[dict]:
+        """The paper's whole automatic route (sec. 3.3): the source masks discovered from the source and the case's
+        discovery renders but the last (:meth:`discovery`), the concept learned in context on those images with
+        them (``discover(learn_concept=True)``), transferred to the case's target as the benchmark's CLiC row is
+        (``run``: its learning and transfer configs). Control: the same learning on the same images with their
+        true part masks. Rows ``discovered-masks`` / ``true-masks``: presence, leakage, colour."""
+        from dataclasses import replace
+
+        from ..baselines import learn_concept, transfer_concept
+        from ..imaging import load_image, load_mask, to_pil
+        from ..roi import discover, restored_processors
+
+        size, root = self.backbone.resolution, self.root
+        sets = self.info["discover"]
+        images = [load_image(root / self.case["source"], size)] + [load_image(root / p, size)
+                                                                   for p in sets["images"][:-1]]
+        truths = [load_mask(root / self.case["source_mask"], size)] + [load_mask(root / p, size)
+                                                                       for p in sets["masks"][:-1]]
+        target, mask = load_image(root / self.case["target"], size), load_mask(root / self.case["target_mask"], size)
+        region, obj = mask[0].numpy() > 0.5, _object_mask(root, self.info, size)
+        colours = source_colours(images[0], truths[0])
+        out = []
+        with restored_processors(self.backbone.unet):
+            found = discover(self.backbone, images, replace(cfg, object_class=self.cls, learn_concept=True),
+                             learn_cfg=_fresh_token(self.backbone, run.learn_cfg), progress=progress)
+            true = learn_concept(self.backbone, images, truths, _fresh_token(self.backbone, run.learn_cfg),
+                                 progress=progress)
+            for name, concept in (("discovered-masks", found.concept), ("true-masks", true.concept)):
+                res = transfer_concept(self.backbone, concept, target, mask, run.transfer_cfg, progress=progress)
+                for k, seed in enumerate(res.seeds):
+                    out.append({"case": self.cid, "method": name, "seed": seed,
+                                **pattern_scores(self.det, np.asarray(to_pil(res.images[k])), region, obj,
+                                                 self.info["pattern"], colours)})
+        return out
+
+
+
+def _fresh_token(backbone, cfg):
+    """``cfg`` with a placeholder this backbone's tokenizer does not have yet (one process learns many concepts)."""
+    from dataclasses import replace
+
+    from ..tokens import free_placeholder
+
+    token = free_placeholder(backbone, cfg.placeholder)
+    return replace(cfg, placeholder=token, prompt=cfg.prompt.replace(cfg.placeholder, token) if cfg.prompt else None)
+
 
 #: the discovery table's row names
 DISCOVER_ROWS = {"discover": "discover: w* maps on its own images", "discover-new": "discover: w* on a new image",
@@ -459,6 +516,11 @@ def _extras_markdown(report: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {DISCOVER_ROWS.get(m, m)} | {s['n']} | {cell(s['iou'])} | {cell(s['area'])} |"
                   for m, s in report["discover"].items()]
+    if report.get("pipeline"):
+        lines += ["", "| CLiC learned on the source + 2 images sharing its pattern, with | transfers | presence ↑ | "
+                  "leakage ↓ | colour ↑ |", "|---|---|---|---|---|"]
+        lines += [f"| {m.replace('-', ' ')} | {s['n']} | {cell(s['presence'])} | {cell(s['leakage'])} | "
+                  f"{cell(s['colour'])} |" for m, s in report["pipeline"].items()]
     return "\n".join(lines) + "\n"
 
 
