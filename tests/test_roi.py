@@ -259,6 +259,7 @@ def test_cli_match_trains_w_star_then_reuses_it(seeing_model_dir, tmp_path, caps
     assert (out / "matcher.safetensors").exists()
     for stem in ("wide", "src"):
         assert {(out / f"{stem}_{kind}.png").exists() for kind in ("mask", "overlay", "attention")} == {True}
+    assert Image.open(out / "grid.png").size == (2 * 256, 2 * (256 + 14))
     full = Image.open(out / "wide_mask.png")
     assert full.size == (96, 64) and full.mode == "L"
     assert set(full.convert("L").tobytes()) <= {0, 255}
@@ -279,6 +280,7 @@ def test_cli_discover_writes_masks_pattern_and_concept(seeing_model_dir, tmp_pat
     assert rc == 0, capsys.readouterr().err
     assert (out / "pattern.safetensors").exists() and (out / "concept.safetensors").exists()
     assert (out / "copy0_mask.png").exists() and (out / "copy1_overlay.png").exists()
+    assert Image.open(out / "grid.png").size == (2 * 256, 2 * (256 + 14))    # masks over attention, a column each
     assert Concept.load(out / "concept.safetensors").meta["config"]["steps"] == 2
 
 

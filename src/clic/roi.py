@@ -536,6 +536,16 @@ def _mask_files(out_dir: Path, stem: str, image, mask, attention, full_size) -> 
             out_dir / f"{stem}_attention.png": heat_overlay(image, attention)}
 
 
+def _grid_file(out_dir: Path, names: list[str], images, masks, attentions) -> dict:
+    """``grid.png``: the masks over their images (top row) and the token's attention (bottom row), one column per
+    image, labelled with its name."""
+    from .imaging import grid, heat_overlay, mask_overlay
+
+    cells = [mask_overlay(im, m) for im, m in zip(images, masks)] + [heat_overlay(im, a) for im, a in
+                                                                      zip(images, attentions)]
+    return {out_dir / "grid.png": grid(cells, rows=2, labels=list(names) * 2, cell=max(256, images[0].shape[-1]))}
+
+
 def cmd_match(args) -> None:
     from .cli import dataclass_values
     from .imaging import image_size, load_image, load_mask, save_png
@@ -586,13 +596,16 @@ def cmd_match(args) -> None:
             matcher.parent.check_base(backbone, "concept")
 
     # 3. Masks, all computed before any file is written.
-    files = {}
+    files, shown = {}, []
     names = _output_names(targets)
     for path, stem, wh in zip(targets, names, target_sizes):
         image = load_image(path, size)
         attention = matcher_attention(backbone, matcher, image, mask_cfg)
         mask = attention_to_mask(attention, size, mask_cfg)
         files.update(_mask_files(out_dir, stem, image, mask, attention, wh))
+        shown.append((image, mask, attention))
+    if shown:
+        files.update(_grid_file(out_dir, names, *zip(*shown)))
     if training:
         matcher.save(matcher_out)
         print(f"{matcher_out}  token={matcher.tokens[0]}  prompt={matcher.prompt!r}")
@@ -635,6 +648,7 @@ def cmd_discover(args) -> None:
     files = {}
     for path, stem, image, mask, attention in zip(paths, _output_names(paths), images, result.masks, result.maps):
         files.update(_mask_files(out_dir, stem, image, mask, attention, sizes[0]))
+    files.update(_grid_file(out_dir, _output_names(paths), images, result.masks, result.maps))
     matcher_path = out_dir / "pattern.safetensors"
     result.matcher.save(matcher_path)
     print(f"{matcher_path}  token={result.matcher.tokens[0]}  (w* + K/V: clic match --matcher {matcher_path})")
