@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .attention import BLOCKS
 from .concept import Concept
 from .errors import ConceptFileError, InputError
+from .generate import with_article
 from .tokens import free_placeholder
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,9 @@ def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _with_article(word: str) -> str:
-    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
-
-
 def discover_prompt(object_class: str, token: str) -> str:
     """The paper's prompt of the discovery (sec. 3.3): "an OBJECT with w* style"."""
-    return DISCOVER_PROMPT.format(token=token, a_object=_with_article(object_class))
+    return DISCOVER_PROMPT.format(token=token, a_object=with_article(object_class))
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -351,7 +348,7 @@ def learn_matcher(backbone, concept: Concept, image: torch.Tensor, mask: torch.T
     index = concept.tokens.index(cfg.token) if cfg.token is not None else 0
     object_class = cfg.object_class or concept.meta.get("object_class") or "object"
     placeholder = free_placeholder(backbone, cfg.placeholder)
-    prompt = (cfg.prompt or MATCH_PROMPT.format(token=cfg.placeholder, a_object=_with_article(object_class)))
+    prompt = (cfg.prompt or MATCH_PROMPT.format(token=cfg.placeholder, a_object=with_article(object_class)))
     prompt = prompt.replace(cfg.placeholder, placeholder)
     lcfg = make_config(object_class=object_class, prompt=prompt, placeholder=placeholder, steps=cfg.steps,
                        lr=cfg.lr, token_lr=cfg.lr, use_con=False, use_roi=False, use_att=True, lambda_att=1.0,
