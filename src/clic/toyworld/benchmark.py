@@ -23,7 +23,7 @@ mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (tra
 - ``psnr`` (out of the target mask; transfers run without the pixel composite, which would make it infinite) and
   the attention localisation come from :mod:`clic.benchmark`.
 
-then the two measurements ``clic benchmark`` does not make (:func:`extras`, from the cached concepts; written to
+then the measurements ``clic benchmark`` does not make (:func:`extras`, from the cached concepts; written to
 ``results/extras.json`` and ``results/extras.md``):
 
 - generation (sec. 4.1): each concept-learning method's concept generates new objects of the case's class
@@ -40,8 +40,8 @@ then the two measurements ``clic benchmark`` does not make (:func:`extras`, from
   pattern (the source and renders of other objects of its class with the same pattern, pattern colour and part;
   ``make`` writes them as ``*_discover{k}.png``), w* and K/V learned with the plain diffusion loss for the
   learning budget; ``iou`` of the thresholded w* maps against the true part masks, on its own images and on one
-  more render it never saw, against the whole object's IoU as a control (a method that finds the object but not
-  the part). Overlays in ``results/discover/``.
+  more render it never saw, against two controls: an untrained token's maps (what the learning adds) and the whole
+  object (a method that finds the object but not the part). Overlays in ``results/discover/``.
 - pipeline (sec. 3.3's whole automatic route): the concept learned in context on those discovery images with the
   discovered masks, transferred as the CLiC row is; ``presence``/``leakage``/``colour``, against the same learning
   with the true part masks.
@@ -390,7 +390,8 @@ class _ExtrasCase:
         Rows: ``discover`` (mean IoU over the discovery images against their true part masks), ``discover-new``
         (the unseen render), and two controls: ``untrained`` (the same map-to-mask step on a token that learned
         nothing: its initialiser's embedding under the base model's K/V), ``object`` (the whole object as the mask:
-        what IoU a method gets for finding the object but not the part). Writes an overlay strip per case to ``out_dir``."""
+        what IoU a method gets for finding the object but not the part). Writes an overlay strip per case to
+        ``out_dir``."""
         from dataclasses import replace
 
         import torch
