@@ -321,6 +321,7 @@ class _ExtrasCase:
         self.root, self.case, self.info, self.backbone, self.det = root, case, info, backbone, det
         self.priors = priors
         self.cid, self.cls = case["id"], case["object_class"]
+        self.discovered = None          # the masks :meth:`discovery` found, for :meth:`pipeline`
 
     def generation(self, variant: str, concept, n_images: int, progress: bool) -> list[dict]:
         from ..generate import GenerateConfig, generate
@@ -411,6 +412,7 @@ class _ExtrasCase:
         images = [load_image(root / self.case["source"], size)] + [load_image(root / p, size) for p in sets["images"]]
         truths = [load_mask(root / self.case["source_mask"], size)] + [load_mask(root / p, size) for p in sets["masks"]]
         res = discover(self.backbone, images[:-1], replace(cfg, object_class=self.cls), progress=progress)
+        self.discovered = res.masks                       # the pipeline learns with them (no second discovery)
         found = res.masks + [auto_target_mask(self.backbone, res.matcher, images[-1])]
         scores = [iou(f, t) for f, t in zip(found, truths)]
         # the same maps of a token that learned nothing (its initialiser's embedding, the base model's K/V): what the
@@ -437,8 +439,8 @@ class _ExtrasCase:
 
     def pipeline(self, cfg, run, progress: bool) -> list[dict]:
         """The paper's whole automatic route (sec. 3.3): the source masks discovered from the source and the case's
-        discovery renders but the last (:meth:`discovery`), the concept learned in context on those images with
-        them (``discover(learn_concept=True)``), transferred to the case's target as the benchmark's CLiC row is
+        discovery renders but the last (:meth:`discovery`'s, when it ran for this case), the concept learned in
+        context on those images with them (as ``discover(learn_concept=True)`` does), transferred to the case's target as the benchmark's CLiC row is
         (``run``: its learning and transfer configs). Control: the same learning on the same images with their
         true part masks. Rows ``discovered-masks`` / ``true-masks``: presence, leakage, colour."""
         from dataclasses import replace
@@ -457,12 +459,15 @@ class _ExtrasCase:
         region, obj = mask[0].numpy() > 0.5, _object_mask(root, self.info, size)
         colours = source_colours(images[0], truths[0])
         out = []
+        masks = self.discovered
+        if masks is None:                                  # `--extras pipeline` alone
+            masks = discover(self.backbone, images, replace(cfg, object_class=self.cls, learn_concept=False),
+                             progress=progress).masks
         with restored_processors(self.backbone.unet):
-            found = discover(self.backbone, images, replace(cfg, object_class=self.cls, learn_concept=True),
-                             learn_cfg=_fresh_token(self.backbone, run.learn_cfg), progress=progress)
-            true = learn_concept(self.backbone, images, truths, _fresh_token(self.backbone, run.learn_cfg),
-                                 progress=progress)
-            for name, concept in (("discovered-masks", found.concept), ("true-masks", true.concept)):
+            concepts = [(name, learn_concept(self.backbone, images, m, _fresh_token(self.backbone, run.learn_cfg),
+                                             progress=progress).concept)
+                        for name, m in (("discovered-masks", masks), ("true-masks", truths))]
+            for name, concept in concepts:
                 res = transfer_concept(self.backbone, concept, target, mask, run.transfer_cfg, progress=progress)
                 for k, seed in enumerate(res.seeds):
                     out.append({"case": self.cid, "method": name, "seed": seed,
