@@ -139,7 +139,11 @@ def click_and_wait(page, button: str, elem_id: str, pattern: str, timeout: int =
 
 def upload(page, editor: str, path) -> None:
     """Upload into an ImageEditor and wait until the editor shows it. The editor selects the brush by itself once
-    the image is on its canvas; if it has not after a while, select it by hand (and then it must take)."""
+    the image is on its canvas; if it has not after a while, select it by hand (and then it must take).
+
+    The editor must have mounted its canvas first: a file given to it before (a fresh page's first upload) is
+    dropped with a page error ("reading 'reset_layers'") and the editor's value stays empty."""
+    page.locator(f"{editor} canvas").first.wait_for()
     page.locator(f"{editor} input[type=file]").set_input_files(str(path))
     page.locator(f"{editor} canvas").first.wait_for()
     brush = page.locator(f"{editor} button[aria-label='Brush']")
