@@ -5,7 +5,7 @@
 # Writes $OUT/bench.json (after every section: a run cut short keeps what it measured), $OUT/bench.md (the
 # markdown tables for BENCHMARKS.md: `clic bench --report`) and $OUT/log.txt. Budget: ~1 min of smoke test and
 # model build, then the sections most-wanted first; torch.compile (the last lever) takes the longest.
-# BENCH_MODEL / BENCH_DEVICE / BENCH_DTYPE / PYTHON override the defaults (a CPU dry run of this script:
+# BENCH_MODEL / BENCH_DEVICE / BENCH_DTYPE / BENCH_ARGS / BENCH_TIMEOUT / PYTHON override the defaults (a CPU dry run of this script:
 # PYTHON=.venv/bin/python BENCH_MODEL=tiny BENCH_DEVICE=cpu BENCH_DTYPE=fp32 OUT=/tmp/dry bash scripts/device_bench.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,11 @@ PY
 "$PY" -m clic bench --model tiny --device "$DEVICE" --steps 2 --warmup 1 --sampling --sampling-steps 4 \
   --images 2 --flops --json "$OUT/smoke.json" > /dev/null || { echo "device_bench: smoke test failed"; exit 1; }
 echo "device_bench: smoke test passed"
-timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --all --wall-steps 500 \
-  --tensor-memory --json "$OUT/bench.json" > /dev/null
+# BENCH_ARGS: the sections (default: all of them); e.g. a rerun after a change to the learning loop that leaves the
+# FLOP and memory counts alone: BENCH_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-blocks"
+# shellcheck disable=SC2086
+timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
+  ${BENCH_ARGS:---all --wall-steps 500 --tensor-memory} --json "$OUT/bench.json" > /dev/null
 rc=$?
 [ $rc -eq 0 ] || echo "device_bench: the benchmark stopped early (exit $rc); bench.json has the sections it finished"
 [ -f "$OUT/bench.json" ] && "$PY" -m clic bench --report "$OUT/bench.json" | tee "$OUT/bench.md"

@@ -13,7 +13,7 @@ from clic.cli import main
 @pytest.fixture
 def no_compile(monkeypatch):
     """torch.compile costs minutes on this CPU; its equality is tested in test_learn.py."""
-    monkeypatch.setattr(bench, "LEVERS", {k: v for k, v in bench.LEVERS.items() if k != "compile"})
+    monkeypatch.setattr(bench, "LEVERS", {k: v for k, v in bench.LEVERS.items() if not k.startswith("compile")})
 
 
 def test_every_section(no_compile):
@@ -151,3 +151,31 @@ def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch):
     assert r["levers"]["broken"] is None and "lever broken" in r["errors"]
     text = bench.format_report(r)
     assert "**sampling failed**" in text and "| broken | failed |" in text
+
+
+def test_fastest_levers():
+    """The combination run takes what paid, never the memory lever, and one compile (the faster)."""
+    def timed(step):
+        return {"step_median_s": step, "speedup_vs_fast": round(1.0 / step, 2)}
+
+    levers = {"gradient-checkpointing": timed(0.5), "channels-last": timed(0.99), "fused-adam": None,
+              "cudnn-benchmark": timed(0.9), "compile-blocks": timed(0.6), "compile": timed(0.55),
+              "combined": timed(0.1)}
+    assert bench.fastest_levers(levers) == ["cudnn-benchmark", "compile"]
+    levers["compile"] = None
+    assert bench.fastest_levers(levers) == ["cudnn-benchmark", "compile-blocks"]
+    assert bench.fastest_levers({"gradient-checkpointing": timed(0.5), "channels-last": timed(1.2)}) == []
+
+
+def test_reference_path_gives_self_attention_its_processors_back():
+    """The reference path computes self-attention with explicit softmax; later runs on the same model (the levers
+    after the reference in one bench) must not inherit it."""
+    from clic.learn import learn, make_config
+
+    b = bench.load_bench_backbone("tiny", "cpu")
+    before = {n: type(p) for n, p in b.unet.attn_processors.items() if ".attn2." not in n}
+    image, mask = bench._inputs(b.resolution)
+    learn(b, [image], [mask], make_config(steps=1, object_class="chair", checkpoint_every=0, reference_path=True),
+          progress=False)
+    after = {n: type(p) for n, p in b.unet.attn_processors.items() if ".attn2." not in n}
+    assert after == before and all(p.__name__ != "AttnProcessor" for p in after.values())

@@ -231,10 +231,18 @@ def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
 
 @pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")   # inside torch.compile, not ours
-def test_compiled_unet_gives_the_same_losses(tiny_model_dir):
-    """--compile-unet (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same losses."""
+@pytest.mark.parametrize("lever", ["compile_unet", "compile_blocks"])
+def test_compiled_unet_gives_the_same_losses(tiny_model_dir, lever):
+    """--compile-unet / --compile-blocks (torch.compile, 1-2 minutes of compiling on this CPU for the tiny model):
+    same losses, and the blocks run eager again afterwards."""
     _, plain = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2)
-    _, compiled = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2, compile_unet=True)
+    backbone, compiled = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2, **{lever: True})
     for a, b in zip(plain.history, compiled.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in backbone.unet.modules())
+
+
+def test_compile_levers_exclude_each_other():
+    with pytest.raises(InputError, match="--compile-unet and --compile-blocks exclude each other"):
+        make_config(compile_unet=True, compile_blocks=True).check()

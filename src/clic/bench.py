@@ -56,8 +56,14 @@ LEVERS = {
     "gradient-checkpointing": {"gradient_checkpointing": True},
     "channels-last": {"channels_last": True},
     "fused-adam": {"adam_impl": "fused"},
+    "cudnn-benchmark": {"cudnn_benchmark": True},
+    "compile-blocks": {"compile_blocks": True},
     "compile": {"compile_unet": True},
 }
+#: levers that cost speed for memory: never part of the fastest combination
+MEMORY_LEVERS = ("gradient-checkpointing",)
+#: levers that exclude each other (the fastest of them joins the combination)
+EXCLUSIVE_LEVERS = ("compile-blocks", "compile")
 
 
 def _device_name(device: torch.device) -> str:
@@ -141,7 +147,8 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
     """Wall-clock seconds of one transfer (``steps`` DDIM steps from t = 0, the first ``guided`` with the attention
     guidance step), the same transfer unguided, and a two-stage generation of ``images`` images in one batch
     (default t_s), with a concept learned for 2 steps. Best of ``repeats`` (the three take turns, so a busy machine
-    slows them alike)."""
+    slows them alike), after an untimed short run of each (``untimed_first_runs``: the one-off cost of new shapes,
+    which a first transfer in a fresh process pays on top)."""
     from .generate import GenerateConfig, generate
     from .learn import learn, make_config
     from .transfer import TransferConfig, transfer
@@ -150,18 +157,28 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
     concept = learn(backbone, [image], [mask], make_config(
         steps=2, object_class="chair", checkpoint_every=0, placeholder=free_placeholder(backbone, "<v*>")),
         progress=False).concept
-    runs = {
-        "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-            steps=steps, t_start=0, guidance_range=(0, guided), eta=1.0), progress=False),
-        "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-            steps=steps, t_start=0, eta=0.0), progress=False),
-        f"generate_{images}_s": lambda: generate(backbone, concept, GenerateConfig(
-            steps=steps, num=images, batch_size=images), progress=False),
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    def runs(n: int, n_guided: int) -> dict:
+        return {
+            "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+                steps=n, t_start=0, guidance_range=(0, n_guided), eta=1.0), progress=False),
+            "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
+                steps=n, t_start=0, eta=0.0), progress=False),
+            f"generate_{images}_s": lambda: generate(backbone, concept, GenerateConfig(
+                steps=n, num=images, batch_size=images), progress=False),
+        }
+
+    # untimed: every shape once (kernel selection, cuDNN plans, the VAE decoder's first run)
+    cold = {}
+    for name, run in runs(min(steps, 3), min(guided, 2)).items():
+        _sync(backbone.device)
+        start = time.perf_counter()
+        run()
+        _sync(backbone.device)
+        cold[name.replace("_s", "_warmup_s")] = round(time.perf_counter() - start, 3)
+    times: dict[str, list[float]] = {name: [] for name in runs(steps, guided)}
     _reset_peak(backbone.device)
     for _ in range(repeats):
-        for name, run in runs.items():
+        for name, run in runs(steps, guided).items():
             _sync(backbone.device)
             start = time.perf_counter()
             run()
@@ -169,27 +186,26 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
             times[name].append(time.perf_counter() - start)
     return {"steps": steps, "guided_steps": guided, "images": images, "repeats": repeats,
             **{name: round(min(t), 3) for name, t in times.items()},
-            "peak_memory_gib": round(_peak_memory(backbone.device), 2)}
+            "peak_memory_gib": round(_peak_memory(backbone.device), 2), "untimed_first_runs": cold}
 
 
 def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) -> list[dict]:
-    """Operators of ``steps`` learning steps (after ``warmup``), by self time on the device (CPU time without a
-    GPU): name, calls, self time (ms, per step) and share of the total."""
-    from torch.profiler import ProfilerActivity, profile
+    """Operators of ``steps`` learning steps (after ``warmup`` + 1 untraced ones; the set-up before the first step
+    and the concept's extraction after the last are outside the window), by self time on the device (CPU time
+    without a GPU): name, calls, self time (ms, per step) and share of the total."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     from .learn import learn, make_config
 
     image, mask = _inputs(backbone.resolution)
     cuda = backbone.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    def run(n):
-        learn(backbone, [image], [mask], make_config(steps=n, object_class="chair", checkpoint_every=0,
-                                                     placeholder=free_placeholder(backbone, "<v*>")), progress=False)
-
-    run(warmup)
-    with profile(activities=activities) as prof:
-        run(steps)
-        _sync(backbone.device)
+    config = make_config(steps=warmup + 1 + steps, object_class="chair", checkpoint_every=0,
+                         placeholder=free_placeholder(backbone, "<v*>"))
+    with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=steps, repeat=1),
+                 acc_events=True) as prof:
+        learn(backbone, [image], [mask], config, progress=False,
+              callback=lambda step, record: (_sync(backbone.device), prof.step()))
     events = prof.key_averages()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
@@ -296,6 +312,7 @@ class BenchOptions:
     warmup: int = 3
     reference: bool = False
     levers: bool = False
+    lever_names: tuple[str, ...] | None = None     # which of LEVERS (default: all, in their order)
     sampling: bool = False
     sampling_steps: int = 50
     images: int = 4
@@ -394,19 +411,34 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
                 flops[path]["achieved_tflops"] = round(flops[path]["step_gflop"] / 1e3 / timed["step_median_s"], 4)
     if opts.levers and fast is not None:
         levers = result["levers"] = {}
-        for name, overrides in LEVERS.items():
+        for name in opts.lever_names or LEVERS:
+            overrides = LEVERS[name]
             timed = measure(f"lever {name}", lambda o=overrides: bench_learning(
                 backbone, opts.steps, opts.warmup, **o), levers, name)
             if timed is not None:
                 timed["speedup_vs_fast"] = round(fast["step_median_s"] / timed["step_median_s"], 2)
-        paying = {k: v for name, overrides in LEVERS.items()
-                  if levers[name] is not None and levers[name]["speedup_vs_fast"] > 1.03 for k, v in overrides.items()}
-        if len(paying) > 1:
+        paying = fastest_levers(levers)
+        if paying:
+            # the paying levers together, over the --wall-steps run when there is one (compile time included)
+            n, warm = (opts.wall_steps, 0) if opts.wall_steps > 0 else (opts.steps, opts.warmup)
             combined = measure("levers combined", lambda: bench_learning(
-                backbone, opts.steps, opts.warmup, **paying), levers, "combined")
+                backbone, n, warm, **{k: v for name in paying for k, v in LEVERS[name].items()}), levers, "combined")
             if combined is not None:
+                combined["levers"] = paying
                 combined["speedup_vs_fast"] = round(fast["step_median_s"] / combined["step_median_s"], 2)
     return result
+
+
+def fastest_levers(levers: dict, gain: float = 1.03) -> list[str]:
+    """The levers measured faster than the fast path by more than ``gain``, memory levers left out, and of the
+    mutually exclusive ones the fastest."""
+    paying = [name for name, v in levers.items()
+              if name in LEVERS and name not in MEMORY_LEVERS and v is not None and v["speedup_vs_fast"] > gain]
+    exclusive = [name for name in paying if name in EXCLUSIVE_LEVERS]
+    if len(exclusive) > 1:
+        best = min(exclusive, key=lambda name: levers[name]["step_median_s"])
+        paying = [name for name in paying if name not in EXCLUSIVE_LEVERS or name == best]
+    return paying
 
 
 def _row(cells) -> str:
@@ -440,6 +472,11 @@ def format_report(result: dict) -> str:
         lines += _table(["path", "step (median)", "500 steps (est.)", "speed-up vs reference", "transfer (guided)",
                          "transfer (unguided)", f"generation of {sampling.get('images', '')}".strip(), "peak memory"],
                         rows)
+    cold = sampling.get("untimed_first_runs")
+    if cold:
+        lines += ["Transfer and generation are timed after an untimed short run of each (new shapes' one-off cost, "
+                  "paid once per process: " + ", ".join(f"{k.replace('_warmup_s', '')} {v} s" for k, v in cold.items())
+                  + ").", ""]
     wall = result.get("learning_wall")
     if wall:
         lines += [f"Measured: {wall['steps']} learning steps in one run took **{wall['wall_s']} s** wall (first "
@@ -450,6 +487,11 @@ def format_report(result: dict) -> str:
                         [[name, _s(v["step_median_s"]), _s(v["speedup_vs_fast"], "x"), _s(v["first_step_extra_s"]),
                           _s(v["peak_memory_gib"], " GiB")] if v else [name, "failed", "", "", ""]
                          for name, v in levers.items()])
+    combined = (levers or {}).get("combined")
+    if combined and combined.get("levers"):
+        lines += [f"The paying levers together ({', '.join(combined['levers'])}): {combined['steps']} learning steps "
+                  f"in one run took **{combined['wall_s']} s** wall (first step {combined['first_step_extra_s']} s "
+                  f"over the median), peak {combined['peak_memory_gib']} GiB.", ""]
     flops = result.get("flops")
     if flops:
         lines += _table(["path", "per step", "500 steps at floor", "achieved", "top operators (GFLOP)"],
@@ -492,6 +534,8 @@ def register_cli(sub, add_model_options) -> None:
                         "fp32, no caching, whole-UNet gradients) and report the speed-up")
     p.add_argument("--levers", action="store_true",
                    help="time each speed/memory lever alone (checkpointing, channels-last, fused Adam, compile)")
+    p.add_argument("--lever", action="append", choices=list(LEVERS), default=None, dest="lever_names",
+                   help="time only this lever (repeatable; implies --levers)")
     p.add_argument("--sampling", action="store_true", help="also time transfer and generation")
     p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps of transfer and generation")
     p.add_argument("--images", type=int, default=4, help="images of the generation timing (one batch)")
@@ -528,7 +572,9 @@ def register_cli(sub, add_model_options) -> None:
             return
         every = args.all
         opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
-                            warmup=args.warmup, reference=args.reference or every, levers=args.levers or every,
+                            warmup=args.warmup, reference=args.reference or every,
+                            levers=args.levers or every or bool(args.lever_names),
+                            lever_names=tuple(args.lever_names) if args.lever_names else None,
                             sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
                             repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
                             tflops=args.tflops, tensor_memory=args.tensor_memory, wall_steps=args.wall_steps)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager
+import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,7 @@ from .errors import InputError, TrainingError
 from .fileio import atomic_path
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
+from .speed import speed_levers
 from .tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ class LearnConfig:
                                       "same losses up to float rounding")
     compile_unet: bool = _opt(False, "torch.compile the UNet (the first steps pay the compile time); same losses up "
                                      "to float rounding")
+    compile_blocks: bool = _opt(False, "torch.compile each ResNet and transformer block of the UNet instead of the "
+                                       "whole (a shorter compile); same losses up to float rounding")
+    cudnn_benchmark: bool = _opt(False, "let cuDNN time each convolution shape once and keep the fastest algorithm")
     adam_impl: str = _opt("auto", "Adam kernel: auto (fused on CUDA, torch's default elsewhere), fused, foreach; "
                                   "same updates up to float rounding", choices=("auto", "fused", "foreach"))
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
@@ -112,6 +117,8 @@ class LearnConfig:
             raise InputError("all losses are switched off")
         if not 0 <= self.flip_p <= 1:
             raise InputError(f"--flip-p must be in [0, 1], got {self.flip_p}")
+        if self.compile_unet and self.compile_blocks:
+            raise InputError("--compile-unet and --compile-blocks exclude each other: compile the whole UNet or its blocks")
         if self.token_warmup_steps and not self.train_token:
             raise InputError("--token-warmup-steps needs the token to train")
         if self.train == "token" and not self.train_token:
@@ -256,26 +263,6 @@ class LearnResult:
     processors: dict
 
 
-@contextmanager
-def speed_levers(unet, cfg: LearnConfig) -> Iterator:
-    """The UNet as the learning loop calls it, with ``cfg``'s speed/memory levers on; the UNet is left as found.
-
-    gradient checkpointing (diffusers' non-reentrant checkpoint of every block), channels-last weights, and
-    ``torch.compile`` (a compiled wrapper sharing the UNet's parameters)."""
-    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
-    try:
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if cfg.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        yield torch.compile(unet) if cfg.compile_unet else unet
-    finally:
-        if cfg.gradient_checkpointing and not checkpointing:
-            unet.disable_gradient_checkpointing()
-        if cfg.channels_last:
-            unet.to(memory_format=torch.contiguous_format)
-
-
 def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: LearnConfig, out_path=None,
           log_path=None, resume: bool = False, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None,
@@ -331,11 +318,12 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
 
+    self_attention = {n: p for n, p in backbone.unet.attn_processors.items() if ".attn2." not in n}
     if cfg.reference_path:
         from diffusers.models.attention_processor import AttnProcessor
 
         explicit = {n: (p if ".attn2." in n else AttnProcessor()) for n, p in backbone.unet.attn_processors.items()}
-        backbone.unet.set_attn_processor(explicit)
+        backbone.unet.set_attn_processor(explicit)      # self-attention's own processors come back at the end
         base_params = [p for n, p in backbone.unet.named_parameters() if ".processor." not in n]
         for p in base_params:
             p.requires_grad_(True)   # gradients computed for the whole UNet (then discarded), as the official code
@@ -458,10 +446,14 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             loss = total_loss(l_con, l_att, l_roi, cfg.lambda_att if cfg.use_att else 0.0,
                               cfg.lambda_roi if cfg.use_roi else 0.0, cfg.lambda_con if cfg.use_con else 0.0)
             with step_scope:
-                if not torch.isfinite(loss):
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(f"loss became {loss.item()} at step {step}; {where} (try a lower --lr)")
                 loss.backward()
+            # the step's one wait for the device: the four loss values in one copy (then the finiteness check,
+            # before the optimizer can spread a NaN into the weights)
+            values = dict(zip(("loss", "l_con", "l_att", "l_roi"),
+                              torch.stack([loss, l_con, l_att, l_roi]).detach().float().cpu().tolist()))
+            if not math.isfinite(values["loss"]):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(f"loss became {values['loss']} at step {step}; {where} (try a lower --lr)")
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -470,8 +462,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                 for p in base_params:
                     p.grad = None
 
-            record = {"step": step, "t": int(t), "loss": loss.item(), "l_con": l_con.item(), "l_att": l_att.item(),
-                      "l_roi": l_roi.item()}
+            record = {"step": step, "t": int(t), **values}
             log_step(record, history, log_file, bar, ("l_con", "l_att", "l_roi"))
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _save_checkpoint(ckpt, step, params, optimizer, generator, cfg_json)
@@ -480,6 +471,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                 callback(step, record)
     finally:
         step_scope.close()   # a step that failed between forward and backward leaves no capture attached
+        if cfg.reference_path:
+            backbone.unet.set_attn_processor({**backbone.unet.attn_processors, **self_attention})
         levers.close()
         bar.close()
         if log_file:
