@@ -26,7 +26,7 @@ PY
   --images 2 --flops --json "$OUT/smoke.json" > /dev/null || { echo "device_bench: smoke test failed"; exit 1; }
 echo "device_bench: smoke test passed"
 # BENCH_ARGS: the sections (default: all of them); e.g. a rerun after a change to the learning loop that leaves the
-# FLOP and memory counts alone: BENCH_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-blocks"
+# FLOP and memory counts alone: BENCH_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-cudagraphs"
 # shellcheck disable=SC2086
 timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
   ${BENCH_ARGS:---all --wall-steps 500 --tensor-memory} --json "$OUT/bench.json" > /dev/null

@@ -29,7 +29,8 @@ def test_every_section(no_compile):
         r["reference"]["step_median_s"] / r["learning"]["step_median_s"], rel=0.02)
     s = r["sampling"]
     assert s["images"] == 2 and min(s["transfer_guided_s"], s["transfer_unguided_s"], s["generate_2_s"]) > 0
-    rows = r["profile"]
+    rows = r["profile"]["rows"]
+    assert r["profile"]["step_ms"] > 0 and r["profile"]["device_busy_ms"] is None     # no GPU here
     assert 0 < len(rows) <= 15 and sum(row["share"] for row in rows) <= 1.0 + 1e-6
     assert rows == sorted(rows, key=lambda row: -row["self_ms_per_step"])
 
@@ -159,11 +160,11 @@ def test_fastest_levers():
         return {"step_median_s": step, "speedup_vs_fast": round(1.0 / step, 2)}
 
     levers = {"gradient-checkpointing": timed(0.5), "channels-last": timed(0.99), "fused-adam": None,
-              "cudnn-benchmark": timed(0.9), "compile-blocks": timed(0.6), "compile": timed(0.55),
+              "compile": timed(0.55), "compile-cudagraphs": timed(0.6),
               "combined": timed(0.1)}
-    assert bench.fastest_levers(levers) == ["cudnn-benchmark", "compile"]
-    levers["compile"] = None
-    assert bench.fastest_levers(levers) == ["cudnn-benchmark", "compile-blocks"]
+    assert bench.fastest_levers(levers) == ["compile"]
+    levers["compile"], levers["channels-last"] = None, timed(0.9)
+    assert bench.fastest_levers(levers) == ["channels-last", "compile-cudagraphs"]
     assert bench.fastest_levers({"gradient-checkpointing": timed(0.5), "channels-last": timed(1.2)}) == []
 
 
@@ -179,3 +180,27 @@ def test_reference_path_gives_self_attention_its_processors_back():
           progress=False)
     after = {n: type(p) for n, p in b.unet.attn_processors.items() if ".attn2." not in n}
     assert after == before and all(p.__name__ != "AttnProcessor" for p in after.values())
+
+
+def test_profile_table_on_a_gpu():
+    """On a GPU the table holds the kernels and copies (not the operators that launched them, which would count
+    the same time twice) and says how much of the step the GPU was busy."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    def ev(key, device, self_device_us=0.0, cpu_total_us=0.0, count=2):
+        return E(key=key, device_type=device, count=count, self_device_time_total=self_device_us,
+                 self_cpu_time_total=0.0, cpu_time_total=cpu_total_us)
+
+    events = [ev("ProfilerStep*", DeviceType.CPU, cpu_total_us=200_000),
+              ev("aten::convolution", DeviceType.CPU, self_device_us=30_000),      # its kernel's time again
+              ev("sm90_conv_kernel", DeviceType.CUDA, self_device_us=30_000),
+              ev("Memcpy DtoH (Device -> Pageable)", DeviceType.CUDA, self_device_us=10_000)]
+    table = bench.profile_table(events, steps=2, cuda=True)
+    assert table["step_ms"] == 100.0 and table["device_busy_ms"] == 20.0
+    assert [r["op"] for r in table["rows"]] == ["sm90_conv_kernel", "Memcpy DtoH (Device -> Pageable)"]
+    assert [r["share"] for r in table["rows"]] == [0.75, 0.25] and table["rows"][0]["self_ms_per_step"] == 15.0
+    text = bench.format_report({"model": "m", "device": "d", "dtype": "bf16", "resolution": 512, "torch": "t",
+                                "date": "today", "profile": table})
+    assert "100.0 ms wall, the GPU busy 20.0 ms of it (20%" in text and "| `sm90_conv_kernel` | 1.0 | 15.0 | 75.0% |" in text

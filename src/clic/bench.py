@@ -56,14 +56,13 @@ LEVERS = {
     "gradient-checkpointing": {"gradient_checkpointing": True},
     "channels-last": {"channels_last": True},
     "fused-adam": {"adam_impl": "fused"},
-    "cudnn-benchmark": {"cudnn_benchmark": True},
-    "compile-blocks": {"compile_blocks": True},
     "compile": {"compile_unet": True},
+    "compile-cudagraphs": {"compile_unet": True, "compile_mode": "reduce-overhead"},
 }
 #: levers that cost speed for memory: never part of the fastest combination
 MEMORY_LEVERS = ("gradient-checkpointing",)
 #: levers that exclude each other (the fastest of them joins the combination)
-EXCLUSIVE_LEVERS = ("compile-blocks", "compile")
+EXCLUSIVE_LEVERS = ("compile", "compile-cudagraphs")
 
 
 def _device_name(device: torch.device) -> str:
@@ -206,13 +205,28 @@ def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) 
                  acc_events=True) as prof:
         learn(backbone, [image], [mask], config, progress=False,
               callback=lambda step, record: (_sync(backbone.device), prof.step()))
-    events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, attr) for e in events) or 1.0
+    return profile_table(prof.key_averages(), steps, cuda, rows)
+
+
+def profile_table(events, steps: int, cuda: bool, rows: int = 15) -> dict:
+    """Where a profiled step's time goes. ``step_ms``: the step's wall time (the profiler's step spans; each step
+    ends in a device sync). On a GPU, ``device_busy_ms``: the summed time of the kernels and copies the step ran,
+    whose shortfall from ``step_ms`` is the time the GPU waited for the host; the rows are those kernels and
+    copies by their time, shares of ``device_busy_ms``. Without a GPU the rows are operators by self CPU time."""
+    steps_total = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep"))
+    events = [e for e in events if not e.key.startswith("ProfilerStep")]
+    if cuda:
+        events = [e for e in events if getattr(e.device_type, "name", str(e.device_type)).endswith("CUDA")]
+        attr = "self_device_time_total"
+    else:
+        attr = "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:rows]
-    return [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
-             "self_ms_per_step": round(getattr(e, attr) / 1e3 / steps, 3),
-             "share": round(getattr(e, attr) / total, 4)} for e in top]
+    return {"step_ms": round(steps_total / 1e3 / steps, 2) if steps_total else None,
+            "device_busy_ms": round(total / 1e3 / steps, 2) if cuda else None,
+            "rows": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                      "self_ms_per_step": round(getattr(e, attr) / 1e3 / steps, 3),
+                      "share": round(getattr(e, attr) / (total or 1.0), 4)} for e in top]}
 
 
 def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg) -> dict:
@@ -449,6 +463,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows), ""]
 
 
+def _short(name: str, width: int = 80) -> str:
+    """A CUDA kernel's templated name cut to ``width`` characters."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
 def _s(value, unit=" s") -> str:
     return "" if value is None else f"{value}{unit}"
 
@@ -508,9 +527,15 @@ def format_report(result: dict) -> str:
                          for name, v in memory.items()])
     profile = result.get("profile")
     if profile:
-        lines += _table(["operator", "calls / step", "self ms / step", "share"],
-                        [[f"`{r['op']}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]
-                         for r in profile])
+        if isinstance(profile, list):                       # results written before the summary existed
+            profile = {"rows": profile, "step_ms": None, "device_busy_ms": None}
+        if profile["step_ms"] and profile["device_busy_ms"] is not None:
+            busy = profile["device_busy_ms"]
+            lines += [f"Profiled step: {profile['step_ms']} ms wall, the GPU busy {busy} ms of it "
+                      f"({100 * busy / profile['step_ms']:.0f}%; the rest it waited for the host).", ""]
+        lines += _table(["kernel or operator", "calls / step", "ms / step", "share"],
+                        [[f"`{_short(r['op'])}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]
+                         for r in profile["rows"]])
     for section, error in result.get("errors", {}).items():
         lines += [f"**{section} failed**: `{error}`", ""]
     if result.get("sections_s"):

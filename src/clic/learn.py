@@ -31,7 +31,7 @@ from .errors import InputError, TrainingError
 from .fileio import atomic_path
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
-from .speed import speed_levers
+from .speed import COMPILE_MODES, mark_step, speed_levers
 from .tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ class LearnConfig:
                                       "same losses up to float rounding")
     compile_unet: bool = _opt(False, "torch.compile the UNet (the first steps pay the compile time); same losses up "
                                      "to float rounding")
-    compile_blocks: bool = _opt(False, "torch.compile each ResNet and transformer block of the UNet instead of the "
-                                       "whole (a shorter compile); same losses up to float rounding")
-    cudnn_benchmark: bool = _opt(False, "let cuDNN time each convolution shape once and keep the fastest algorithm")
+    compile_mode: str = _opt("default", "torch.compile mode of --compile-unet; reduce-overhead replays the step as "
+                                        "CUDA graphs (no per-kernel launch cost on the host)", choices=COMPILE_MODES)
     adam_impl: str = _opt("auto", "Adam kernel: auto (fused on CUDA, torch's default elsewhere), fused, foreach; "
                                   "same updates up to float rounding", choices=("auto", "fused", "foreach"))
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
@@ -117,8 +116,8 @@ class LearnConfig:
             raise InputError("all losses are switched off")
         if not 0 <= self.flip_p <= 1:
             raise InputError(f"--flip-p must be in [0, 1], got {self.flip_p}")
-        if self.compile_unet and self.compile_blocks:
-            raise InputError("--compile-unet and --compile-blocks exclude each other: compile the whole UNet or its blocks")
+        if self.compile_mode != "default" and not self.compile_unet:
+            raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet")
         if self.token_warmup_steps and not self.train_token:
             raise InputError("--token-warmup-steps needs the token to train")
         if self.train == "token" and not self.train_token:
@@ -381,6 +380,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     step_scope = ExitStack()
     try:
         for step in range(start + 1, cfg.steps + 1):
+            mark_step(cfg)
             warm = step <= cfg.token_warmup_steps
             if cfg.token_warmup_steps and step in (start + 1, cfg.token_warmup_steps + 1):
                 # Break-A-Scene phase 1: only the token, at its own lr; then everything at the normal lrs
