@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, in one device-tool call: issue 7's measurement (speed and memory, SD1.4 architecture).
 #   here:   bash scripts/device_wheels.sh
-#   device: run(command="bash scripts/device_bench.sh", carry=[".whl"], timeout_s=600)
+#   device: run(command="bash scripts/device_bench.sh", carry=[".whl"], timeout_s=580)
 # Writes $OUT/bench.json (after every section: a run cut short keeps what it measured), $OUT/bench.md (the
 # markdown tables for BENCHMARKS.md: `clic bench --report`) and $OUT/log.txt. Budget: ~1 min of smoke test and
 # model build, then the sections most-wanted first; torch.compile (the last lever) takes the longest.
@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device_env.sh
 MODEL="${BENCH_MODEL:-sd14-random}"; DEVICE="${BENCH_DEVICE:-cuda}"
-DTYPE="${BENCH_DTYPE:-bf16}"; LIMIT="${BENCH_TIMEOUT:-500}"
+DTYPE="${BENCH_DTYPE:-bf16}"; LIMIT="${BENCH_TIMEOUT:-520}"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" - <<'PY' || { echo "device_bench: clic does not import (carry .whl: bash scripts/device_wheels.sh)"; exit 1; }
 import importlib.metadata as md
@@ -25,11 +25,14 @@ PY
 "$PY" -m clic bench --model tiny --device "$DEVICE" --steps 2 --warmup 1 --sampling --sampling-steps 4 \
   --images 2 --flops --json "$OUT/smoke.json" > /dev/null || { echo "device_bench: smoke test failed"; exit 1; }
 echo "device_bench: smoke test passed"
-# BENCH_ARGS: the sections (default: all of them); e.g. a rerun after a change to the learning loop that leaves the
-# FLOP and memory counts alone: BENCH_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-cudagraphs"
+# BENCH_ARGS: the sections. Default: what the next lease most needs (BENCHMARKS.md): the fast path, a measured
+# 500-step run, transfer and generation, the reference, the profile, and the CUDA-graph lever, then 500 steps with
+# it if it pays (the compile time is the lever row's first-step extra): ~7 minutes on an H200. Every section (FLOP and memory counts, all
+# levers): BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with both compiles).
+DEFAULT_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-cudagraphs"
 # shellcheck disable=SC2086
 timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
-  ${BENCH_ARGS:---all --wall-steps 500 --tensor-memory} --json "$OUT/bench.json" > /dev/null
+  ${BENCH_ARGS:-$DEFAULT_ARGS} --json "$OUT/bench.json" > /dev/null
 rc=$?
 [ $rc -eq 0 ] || echo "device_bench: the benchmark stopped early (exit $rc); bench.json has the sections it finished"
 [ -f "$OUT/bench.json" ] && "$PY" -m clic bench --report "$OUT/bench.json" | tee "$OUT/bench.md"

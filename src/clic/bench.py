@@ -433,7 +433,8 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
                 timed["speedup_vs_fast"] = round(fast["step_median_s"] / timed["step_median_s"], 2)
         paying = fastest_levers(levers)
         if paying:
-            # the paying levers together, over the --wall-steps run when there is one (compile time included)
+            # the paying levers together, over the --wall-steps run when there is one (a graph
+            # the lever run compiled is reused: its compile time is the lever row's first-step extra)
             n, warm = (opts.wall_steps, 0) if opts.wall_steps > 0 else (opts.steps, opts.warmup)
             combined = measure("levers combined", lambda: bench_learning(
                 backbone, n, warm, **{k: v for name in paying for k, v in LEVERS[name].items()}), levers, "combined")
