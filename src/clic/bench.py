@@ -173,7 +173,7 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
         start = time.perf_counter()
         run()
         _sync(backbone.device)
-        cold[name.replace("_s", "_warmup_s")] = round(time.perf_counter() - start, 3)
+        cold[name.removesuffix("_s") + "_warmup_s"] = round(time.perf_counter() - start, 3)
     times: dict[str, list[float]] = {name: [] for name in runs(steps, guided)}
     _reset_peak(backbone.device)
     for _ in range(repeats):
@@ -189,9 +189,8 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
 
 
 def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) -> list[dict]:
-    """Operators of ``steps`` learning steps (after ``warmup`` + 1 untraced ones; the set-up before the first step
-    and the concept's extraction after the last are outside the window), by self time on the device (CPU time
-    without a GPU): name, calls, self time (ms, per step) and share of the total."""
+    """:func:`profile_table` of ``steps`` learning steps (after ``warmup`` + 1 untraced ones; the set-up before the
+    first step and the concept's extraction after the last are outside the window)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from .learn import learn, make_config
