@@ -26,10 +26,12 @@ PY
   --images 2 --flops --json "$OUT/smoke.json" > /dev/null || { echo "device_bench: smoke test failed"; exit 1; }
 echo "device_bench: smoke test passed"
 # BENCH_ARGS: the sections. Default: what the next lease most needs (BENCHMARKS.md): the fast path, a measured
-# 500-step run, transfer and generation, the reference, the profile, and the CUDA-graph lever, then 500 steps with
-# it if it pays (the compile time is the lever row's first-step extra): ~7 minutes on an H200. Every section (FLOP and memory counts, all
-# levers): BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with both compiles).
-DEFAULT_ARGS="--reference --sampling --profile --wall-steps 500 --lever compile-cudagraphs"
+# 500-step run, transfer and generation eager and with the UNet as CUDA graphs, the reference, the profile, and the
+# CUDA-graph lever (torch's cudagraphs backend on the UNet and text layers: traced in seconds), then 500 steps with
+# it if it pays: ~5-6 minutes on an H200. Then, if the lease allows, Inductor's CUDA graphs (a ~2-minute compile):
+# BENCH_ARGS="--wall-steps 500 --lever compile-cudagraphs". Every section (FLOP and memory counts, all levers):
+# BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with the compiles).
+DEFAULT_ARGS="--reference --sampling --sampling-compile cudagraphs --profile --wall-steps 500 --lever cudagraphs"
 # shellcheck disable=SC2086
 timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
   ${BENCH_ARGS:-$DEFAULT_ARGS} --json "$OUT/bench.json" > /dev/null

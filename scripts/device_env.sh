@@ -10,3 +10,5 @@ else
   export PYTHONPATH="$PWD/src"
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# what torch.compile did and why (recompilations, graphs kept off CUDA graphs) goes to the log
+export TORCH_LOGS="${TORCH_LOGS-recompiles,cudagraphs}"

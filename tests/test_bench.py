@@ -18,7 +18,8 @@ def no_compile(monkeypatch):
 
 def test_every_section(no_compile):
     r = bench.run_bench(bench.BenchOptions(model="tiny", device="cpu", steps=2, warmup=1, reference=True,
-                                           levers=True, sampling=True, sampling_steps=4, images=2, profile=True))
+                                           levers=True, sampling=True, sampling_steps=4, images=2, profile=True,
+                                           sampling_compile="cudagraphs"))
     assert r["resolution"] == 64 and "CPU" in r["device"]
     for section in [r["learning"], r["reference"], *r["levers"].values()]:
         assert section["step_median_s"] > 0 and section["wall_s"] > 0 and section["steps"] == 3
@@ -29,6 +30,8 @@ def test_every_section(no_compile):
         r["reference"]["step_median_s"] / r["learning"]["step_median_s"], rel=0.02)
     s = r["sampling"]
     assert s["images"] == 2 and min(s["transfer_guided_s"], s["transfer_unguided_s"], s["generate_2_s"]) > 0
+    g = r["sampling_compiled"]
+    assert g["compile_mode"] == "cudagraphs" and min(g["transfer_guided_s"], g["generate_2_s"]) > 0
     rows = r["profile"]["rows"]
     assert r["profile"]["step_ms"] > 0 and r["profile"]["device_busy_ms"] is None     # no GPU here
     assert 0 < len(rows) <= 15 and sum(row["share"] for row in rows) <= 1.0 + 1e-6
@@ -40,6 +43,7 @@ def test_every_section(no_compile):
     assert f"{r['learning']['step_median_s']} s" in fast_row and f"{r['speedup_vs_reference']}x" in fast_row
     assert f"{s['generate_2_s']} s" in fast_row and "generation of 2" in text
     assert all(f"| {name} |" in text for name in r["levers"]) and f"`{rows[0]['op']}`" in text
+    assert f"`--compile-unet --compile-mode cudagraphs`): transfer guided **{g['transfer_guided_s']} s**" in text
 
 
 def test_report_of_a_bad_file(tmp_path, capsys):
@@ -204,3 +208,25 @@ def test_profile_table_on_a_gpu():
     text = bench.format_report({"model": "m", "device": "d", "dtype": "bf16", "resolution": 512, "torch": "t",
                                 "date": "today", "profile": table})
     assert "100.0 ms wall, the GPU busy 20.0 ms of it (20%" in text and "| `sm90_conv_kernel` | 1.0 | 15.0 | 75.0% |" in text
+
+
+def test_compile_counts_and_their_report_line():
+    """What torch.compile did is counted (a graph break splits a function into two graphs), and a compiled lever's
+    counts reach the report: on a GPU they tell whether CUDA graphs ran at all."""
+    def split(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    before = bench.compile_counts()
+    torch._dynamo.reset()
+    torch.compile(split, backend="eager")(torch.ones(3))
+    after = bench.compile_counts()
+    assert after["graphs"] - before["graphs"] == 2 and after["graph_breaks"] - before["graph_breaks"] == 1
+
+    row = {"step_median_s": 0.05, "speedup_vs_fast": 2.0, "first_step_extra_s": 90.0, "peak_memory_gib": 4.0,
+           "compile": {"graphs": 2, "graph_breaks": 0, "recompiles": 0, "cudagraph_skips": 1}}
+    text = bench.format_report({"model": "m", "device": "d", "dtype": "bf16", "resolution": 512, "torch": "t",
+                                "date": "today", "levers": {"compile-cudagraphs": row}})
+    assert ("torch.compile in `compile-cudagraphs`: 2 graphs compiled, 0 graph breaks, 0 recompilations, "
+            "CUDA graphs skipped for 1.") in text

@@ -231,24 +231,58 @@ def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
 
 @pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")   # inside torch.compile, not ours
-def test_compiled_unet_gives_the_same_losses(tiny_model_dir):
-    """--compile-unet (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same losses."""
+def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
+    """--compile-unet --compile-text (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same
+    losses; each model is one graph with no graph break (a break would split the CUDA graphs of reduce-overhead),
+    compiled once for the run (no step recompiles), and the text encoder gets its own forward back."""
+    from torch._dynamo.utils import counters
+
+    from clic.speed import text_layers
+
     _, plain = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2)
-    _, compiled = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2, compile_unet=True)
+    torch._dynamo.reset()
+    counters.clear()
+    backbone, compiled = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True)
     for a, b in zip(plain.history, compiled.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert counters["stats"]["unique_graphs"] == 2                     # the UNet's and the text layers'
+    assert sum(counters["graph_break"].values()) == 0
+    assert not counters["recompiles"]
+    assert "forward" not in vars(text_layers(backbone.text_encoder))
+
+
+def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir):
+    """--compile-mode cudagraphs (torch's cudagraphs backend: traced, not compiled; without a GPU the traced graphs
+    run as they are, and say so): same losses and weights, one graph per model, no graph break."""
+    from torch._dynamo.utils import counters
+
+    _, plain = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
+    torch._dynamo.reset()
+    counters.clear()
+    _, graphed = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True,
+                      compile_mode="cudagraphs")
+    for a, b in zip(plain.history, graphed.history):
+        for key in ("l_con", "l_att", "l_roi"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    torch.testing.assert_close(graphed.concept.embeddings, plain.concept.embeddings, rtol=1e-4, atol=3e-4)
+    assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
+    assert counters["inductor"]["cudagraph_skips"] >= 2              # on the CPU: "skipping cudagraphs due to cpu"
 
 
 def test_compile_mode_reaches_torch_compile(tiny_model_dir, monkeypatch):
     """--compile-mode reduce-overhead (CUDA graphs; only a GPU can time it) is the mode torch.compile gets, and every
-    step first marks a new CUDA-graph iteration; the mode alone, without --compile-unet, is refused."""
+    step first marks a new CUDA-graph iteration; the mode alone, without a model to compile, is refused."""
     calls, marks = [], []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append(kw) or module)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    _run(tiny_model_dir, steps=3, compile_unet=True, compile_mode="reduce-overhead")
-    assert calls == [{"mode": "reduce-overhead"}] and len(marks) == 3
+    _run(tiny_model_dir, steps=3, compile_unet=True, compile_text=True, compile_mode="reduce-overhead")
+    assert calls == [{"mode": "reduce-overhead"}] * 2 and len(marks) == 3
+    _run(tiny_model_dir, steps=2, compile_text=True, compile_mode="reduce-overhead")
+    assert len(calls) == 3 and len(marks) == 5
     _run(tiny_model_dir, steps=2, compile_unet=True)
-    assert calls[-1] == {"mode": "default"} and len(marks) == 3
-    with pytest.raises(InputError, match="--compile-mode reduce-overhead needs --compile-unet"):
+    assert calls[-1] == {"mode": "default"} and len(marks) == 5
+    _run(tiny_model_dir, steps=2, compile_unet=True, compile_mode="cudagraphs")
+    assert calls[-1] == {"backend": "cudagraphs"} and len(marks) == 7
+    with pytest.raises(InputError, match="--compile-mode reduce-overhead needs --compile-unet or --compile-text"):
         make_config(compile_mode="reduce-overhead").check()

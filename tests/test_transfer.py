@@ -272,3 +272,18 @@ def test_cli_bad_input(concept_path, files, other_tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert culprit in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_compiled_unet_gives_the_same_transfer(backbone, concept):
+    """--compile-unet --compile-mode cudagraphs (CUDA graphs on a GPU; here the traced graphs run as they are):
+    the same guided transfer, and the backbone keeps its own UNet."""
+    target, mask = random_image(seed=1), square_mask()
+    cfg = _cfg(eta=5.0, guidance_range=(2, 5))
+    plain = transfer(backbone, concept, target, mask, cfg, progress=False)
+    graphed = transfer(backbone, concept, target, mask, replace(cfg, compile_unet=True, compile_mode="cudagraphs"),
+                       progress=False)
+    torch.testing.assert_close(graphed.latents, plain.latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed.guidance_loss, plain.guidance_loss, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert "forward" not in vars(backbone.unet)
+    with pytest.raises(InputError, match="--compile-mode cudagraphs needs --compile-unet"):
+        transfer(backbone, concept, target, mask, replace(cfg, compile_mode="cudagraphs"), progress=False)

@@ -263,7 +263,8 @@ def capture_token_maps(unet, token_index: torch.Tensor, layers: Sequence[str], l
                        size: tuple[int, int] | None = None) -> Iterator[TokenMapCapture]:
     """Attach a :class:`TokenMapCapture` to ``layers`` (which must carry :class:`ClicCrossAttnProcessor`)."""
     procs = unet.attn_processors
-    capture = TokenMapCapture(token_index, latent_hw, size)
+    # on the UNet's device: a host tensor read inside the UNet would keep a compiled step off CUDA graphs
+    capture = TokenMapCapture(token_index.to(unet.device), latent_hw, size)
     attached = []
     try:
         for name in layers:

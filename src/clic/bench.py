@@ -49,6 +49,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .speed import COMPILE_MODES
 from .tokens import free_placeholder
 
 #: the levers of ``--levers``: LearnConfig overrides, each measured alone against the fast path
@@ -56,13 +57,14 @@ LEVERS = {
     "gradient-checkpointing": {"gradient_checkpointing": True},
     "channels-last": {"channels_last": True},
     "fused-adam": {"adam_impl": "fused"},
-    "compile": {"compile_unet": True},
-    "compile-cudagraphs": {"compile_unet": True, "compile_mode": "reduce-overhead"},
+    "compile": {"compile_unet": True, "compile_text": True},
+    "compile-cudagraphs": {"compile_unet": True, "compile_text": True, "compile_mode": "reduce-overhead"},
+    "cudagraphs": {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs"},
 }
 #: levers that cost speed for memory: never part of the fastest combination
 MEMORY_LEVERS = ("gradient-checkpointing",)
 #: levers that exclude each other (the fastest of them joins the combination)
-EXCLUSIVE_LEVERS = ("compile", "compile-cudagraphs")
+EXCLUSIVE_LEVERS = ("compile", "compile-cudagraphs", "cudagraphs")
 
 
 def _device_name(device: torch.device) -> str:
@@ -113,9 +115,20 @@ def _inputs(size: int):
     return image, mask
 
 
+def compile_counts() -> dict:
+    """torch.compile's running counts: graphs compiled, graph breaks, recompilations and graphs that ran without
+    CUDA graphs under ``reduce-overhead`` (the reasons: ``TORCH_LOGS=cudagraphs,recompiles,graph_breaks``)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
 def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     """Learn ``warmup + steps`` steps with ``cfg`` (LearnConfig overrides); the first step's excess over the median
-    is reported as ``first_step_extra_s`` (torch.compile's compile time, CUDA start-up)."""
+    is reported as ``first_step_extra_s`` (torch.compile's compile time, CUDA start-up). A compiled run also
+    reports what torch.compile did during it (:func:`compile_counts`)."""
     from .learn import learn, make_config
 
     image, mask = _inputs(backbone.resolution)
@@ -131,23 +144,29 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
 
     _reset_peak(backbone.device)
     config = make_config(steps=warmup + steps, object_class="chair", checkpoint_every=0, **cfg)
+    counts = compile_counts()
     _sync(backbone.device)
     t0 = last[0] = time.perf_counter()
     learn(backbone, [image], [mask], config, progress=False, callback=tick)
     wall = time.perf_counter() - t0
     step = statistics.median(times[warmup:])
+    compiled = {}
+    if config.compile_unet or config.compile_text:
+        compiled = {"compile": {k: v - counts[k] for k, v in compile_counts().items()}}
     return {"step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
             "wall_s": round(wall, 2), "steps": warmup + steps, "first_step_extra_s": round(times[0] - step, 2),
             "peak_memory_gib": round(_peak_memory(backbone.device), 2),
-            "config": {k: v for k, v in cfg.items() if k != "placeholder"}}
+            "config": {k: v for k, v in cfg.items() if k != "placeholder"}, **compiled}
 
 
-def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4, repeats: int = 1) -> dict:
+def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4, repeats: int = 1,
+                   compile_mode: str | None = None) -> dict:
     """Wall-clock seconds of one transfer (``steps`` DDIM steps from t = 0, the first ``guided`` with the attention
     guidance step), the same transfer unguided, and a two-stage generation of ``images`` images in one batch
     (default t_s), with a concept learned for 2 steps. Best of ``repeats`` (the three take turns, so a busy machine
     slows them alike), after an untimed short run of each (``untimed_first_runs``: the one-off cost of new shapes,
-    which a first transfer in a fresh process pays on top)."""
+    which a first transfer in a fresh process pays on top). ``compile_mode``: the same with ``--compile-unet
+    --compile-mode MODE`` (the untimed runs then hold the compile time)."""
     from .generate import GenerateConfig, generate
     from .learn import learn, make_config
     from .transfer import TransferConfig, transfer
@@ -156,14 +175,18 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
     concept = learn(backbone, [image], [mask], make_config(
         steps=2, object_class="chair", checkpoint_every=0, placeholder=free_placeholder(backbone, "<v*>")),
         progress=False).concept
+    speed = {"compile_unet": True, "compile_mode": compile_mode} if compile_mode else {}
+
     def runs(n: int, n_guided: int) -> dict:
         return {
             "transfer_guided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-                steps=n, t_start=0, guidance_range=(0, n_guided), eta=1.0), progress=False),
+                steps=n, t_start=0, guidance_range=(0, n_guided), eta=1.0, **speed), progress=False),
             "transfer_unguided_s": lambda: transfer(backbone, concept, image, mask, TransferConfig(
-                steps=n, t_start=0, eta=0.0), progress=False),
+                steps=n, t_start=0, eta=0.0, **speed), progress=False),
+            # the short run does both stages (base and concept UNet: each is a graph of its own when compiled)
             f"generate_{images}_s": lambda: generate(backbone, concept, GenerateConfig(
-                steps=n, num=images, batch_size=images), progress=False),
+                steps=n, num=images, batch_size=images, base_steps=1 if n < steps else None, **speed),
+                progress=False),
         }
 
     # untimed: every shape once (kernel selection, cuDNN plans, the VAE decoder's first run)
@@ -184,6 +207,7 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
             _sync(backbone.device)
             times[name].append(time.perf_counter() - start)
     return {"steps": steps, "guided_steps": guided, "images": images, "repeats": repeats,
+            **({"compile_mode": compile_mode} if compile_mode else {}),
             **{name: round(min(t), 3) for name, t in times.items()},
             "peak_memory_gib": round(_peak_memory(backbone.device), 2), "untimed_first_runs": cold}
 
@@ -328,6 +352,7 @@ class BenchOptions:
     lever_names: tuple[str, ...] | None = None     # which of LEVERS (default: all, in their order)
     sampling: bool = False
     sampling_steps: int = 50
+    sampling_compile: str | None = None             # also time sampling with the UNet compiled in this mode
     images: int = 4
     repeats: int = 1
     profile: bool = False
@@ -395,6 +420,10 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
     if opts.sampling:
         measure("sampling", lambda: bench_sampling(
             backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images, opts.repeats), result, "sampling")
+    if opts.sampling_compile:
+        measure("sampling compiled", lambda: bench_sampling(
+            backbone, opts.sampling_steps, min(30, opts.sampling_steps), opts.images, opts.repeats,
+            opts.sampling_compile), result, "sampling_compiled")
     flops = {}
     if opts.flops:
         result["flops"] = flops
@@ -496,6 +525,14 @@ def format_report(result: dict) -> str:
         lines += ["Transfer and generation are timed after an untimed short run of each (new shapes' one-off cost, "
                   "paid once per process: " + ", ".join(f"{k.replace('_warmup_s', '')} {v} s" for k, v in cold.items())
                   + ").", ""]
+    graphed = result.get("sampling_compiled")
+    if graphed:
+        g_gen = next((k for k in graphed if k.startswith("generate_")), None)
+        cold = graphed.get("untimed_first_runs", {})
+        lines += [f"With the UNet compiled (`--compile-unet --compile-mode {graphed['compile_mode']}`): transfer "
+                  f"guided **{_s(graphed['transfer_guided_s'])}**, unguided {_s(graphed['transfer_unguided_s'])}, "
+                  f"generation of {graphed['images']} {_s(graphed.get(g_gen))}; the untimed first runs (compiling) "
+                  "took " + ", ".join(f"{k.replace('_warmup_s', '')} {v} s" for k, v in cold.items()) + ".", ""]
     wall = result.get("learning_wall")
     if wall:
         lines += [f"Measured: {wall['steps']} learning steps in one run took **{wall['wall_s']} s** wall (first "
@@ -506,6 +543,11 @@ def format_report(result: dict) -> str:
                         [[name, _s(v["step_median_s"]), _s(v["speedup_vs_fast"], "x"), _s(v["first_step_extra_s"]),
                           _s(v["peak_memory_gib"], " GiB")] if v else [name, "failed", "", "", ""]
                          for name, v in levers.items()])
+    for name, v in (levers or {}).items():
+        if v and v.get("compile"):
+            c = v["compile"]
+            lines += [f"torch.compile in `{name}`: {c['graphs']} graphs compiled, {c['graph_breaks']} graph breaks, "
+                      f"{c['recompiles']} recompilations, CUDA graphs skipped for {c['cudagraph_skips']}.", ""]
     combined = (levers or {}).get("combined")
     if combined and combined.get("levers"):
         lines += [f"The paying levers together ({', '.join(combined['levers'])}): {combined['steps']} learning steps "
@@ -563,6 +605,8 @@ def register_cli(sub, add_model_options) -> None:
                    help="time only this lever (repeatable; implies --levers)")
     p.add_argument("--sampling", action="store_true", help="also time transfer and generation")
     p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps of transfer and generation")
+    p.add_argument("--sampling-compile", metavar="MODE", choices=COMPILE_MODES, default=None,
+                   help="also time transfer and generation with --compile-unet --compile-mode MODE (e.g. cudagraphs)")
     p.add_argument("--images", type=int, default=4, help="images of the generation timing (one batch)")
     p.add_argument("--repeats", type=int, default=1, help="sampling timings: best of this many")
     p.add_argument("--profile", action="store_true", help="a profiler table of a few learning steps")
@@ -600,7 +644,8 @@ def register_cli(sub, add_model_options) -> None:
                             warmup=args.warmup, reference=args.reference or every,
                             levers=args.levers or every or bool(args.lever_names),
                             lever_names=tuple(args.lever_names) if args.lever_names else None,
-                            sampling=args.sampling or every, sampling_steps=args.sampling_steps, images=args.images,
+                            sampling=args.sampling or every or bool(args.sampling_compile),
+                            sampling_steps=args.sampling_steps, sampling_compile=args.sampling_compile, images=args.images,
                             repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
                             tflops=args.tflops, tensor_memory=args.tensor_memory, wall_steps=args.wall_steps)
 

@@ -21,6 +21,7 @@ from .attention import swapped_processors
 from .errors import InputError
 from .sampling import (SamplingConfig, check_prompt, concept_applied, decode_batches, encode_prompt, opt, predict_noise,
                        seed_batches)
+from .speed import compiled_forward, mark_step
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
     base_prompt = fill_prompt(cfg.base_prompt, object_class, concept.tokens)
     check_prompt(prompt, concept.tokens)
 
-    with concept_applied(backbone, concept) as (base_procs, _):
+    with concept_applied(backbone, concept) as (base_procs, _), \
+            compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet):
         # 2. Encode both prompts
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         base_text = encode_prompt(backbone, base_prompt, cfg.negative_prompt, 1, cfg.do_cfg)
@@ -122,6 +124,7 @@ def _denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Ten
     """Steps ``steps`` of the schedule with whatever processors are installed; ``text`` holds one row per prompt."""
     text = text.repeat_interleave(x.shape[0], 0)
     for i in steps:
+        mark_step(cfg)
         t = scheduler.timesteps[i]
         noise_pred, _ = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale)
         x = scheduler.step(noise_pred, t, x, **extra).prev_sample.float()

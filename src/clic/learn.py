@@ -31,7 +31,7 @@ from .errors import InputError, TrainingError
 from .fileio import atomic_path
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
-from .speed import COMPILE_MODES, mark_step, speed_levers
+from .speed import COMPILE_MODES, compiles, mark_step, speed_levers
 from .tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,12 @@ class LearnConfig:
                                       "same losses up to float rounding")
     compile_unet: bool = _opt(False, "torch.compile the UNet (the first steps pay the compile time); same losses up "
                                      "to float rounding")
-    compile_mode: str = _opt("default", "torch.compile mode of --compile-unet; reduce-overhead replays the step as "
-                                        "CUDA graphs (no per-kernel launch cost on the host)", choices=COMPILE_MODES)
+    compile_text: bool = _opt(False, "torch.compile the text encoder's transformer layers (run forward and backward "
+                                     "every step while the token trains); same losses up to float rounding")
+    compile_mode: str = _opt("default", "torch.compile mode of --compile-unet / --compile-text: reduce-overhead "
+                                        "replays the step as CUDA graphs (no per-kernel launch cost on the host); "
+                                        "cudagraphs replays torch's own kernels as CUDA graphs (ready in seconds)",
+                             choices=COMPILE_MODES)
     adam_impl: str = _opt("auto", "Adam kernel: auto (fused on CUDA, torch's default elsewhere), fused, foreach; "
                                   "same updates up to float rounding", choices=("auto", "fused", "foreach"))
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
@@ -116,8 +120,8 @@ class LearnConfig:
             raise InputError("all losses are switched off")
         if not 0 <= self.flip_p <= 1:
             raise InputError(f"--flip-p must be in [0, 1], got {self.flip_p}")
-        if self.compile_mode != "default" and not self.compile_unet:
-            raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet")
+        if self.compile_mode != "default" and not compiles(self):
+            raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet or --compile-text")
         if self.token_warmup_steps and not self.train_token:
             raise InputError("--token-warmup-steps needs the token to train")
         if self.train == "token" and not self.train_token:
@@ -375,7 +379,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     num_t = scheduler.config.num_train_timesteps
     last_good = None
     levers = ExitStack()
-    unet = levers.enter_context(speed_levers(backbone.unet, cfg))
+    levers.enter_context(speed_levers(backbone, cfg))
+    unet = backbone.unet
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     step_scope = ExitStack()
     try:

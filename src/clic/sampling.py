@@ -24,6 +24,7 @@ import torch
 
 from .attention import ClicCrossAttnProcessor, capture_token_maps
 from .errors import InputError
+from .speed import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class SamplingConfig:
     num: int | None = opt(None, "number of images, seeds S, S+1, ... counted from the first --seeds value")
     negative_prompt: str = opt("", "prompt of the unconditional CFG branch")
     batch_size: int = opt(1, "images per UNet batch (results do not depend on it beyond float rounding)")
+    compile_unet: bool = opt(False, "torch.compile the UNet (pays off over many steps or images: the first ones pay "
+                                    "the compile time); same images up to float rounding")
+    compile_mode: str = opt("default", "torch.compile mode of --compile-unet: cudagraphs replays torch's kernels as "
+                                       "CUDA graphs (ready in seconds), reduce-overhead compiles and replays them",
+                            choices=COMPILE_MODES)
 
     def seed_list(self) -> list[int]:
         if self.num is None:
@@ -77,6 +83,8 @@ class SamplingConfig:
             raise InputError("give at least one seed")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.compile_mode != "default" and not self.compile_unet:
+            raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet")
         self.seed_list()
 
     @property

@@ -1,12 +1,17 @@
 """Speed and memory levers of the learning loop (``LearnConfig``'s options; ``clic bench --levers`` measures each).
 
-:func:`speed_levers` turns the chosen ones on around the loop and leaves the UNet as it found it:
+:func:`speed_levers` turns the chosen ones on around the loop and leaves the models as it found them:
 
 - gradient checkpointing (diffusers' non-reentrant checkpoint of every block): less memory, slower;
 - channels-last weights and inputs;
-- ``torch.compile`` of the UNet, in one of its modes: ``reduce-overhead`` replays the compiled step as CUDA
-  graphs, which removes the per-kernel launch cost of the host (BENCHMARKS.md: on the H200 the eager step is
-  bound by the host, not the GPU).
+- ``torch.compile`` of the UNet (``--compile-unet``) and of the text encoder's transformer layers
+  (``--compile-text``: the text is encoded, forward and backward, every step while the token trains; a fifth of the
+  step's kernels on SD1.4), in one of its modes (``--compile-mode``): ``reduce-overhead`` replays the compiled graphs
+  as CUDA graphs, which removes the per-kernel launch cost of the host (BENCHMARKS.md: on the H200 the eager step is
+  bound by the host, not the GPU); ``cudagraphs`` replays torch's own kernels as CUDA graphs without generating new
+  ones (torch's ``cudagraphs`` backend: the model is traced, not compiled, so it is ready in seconds instead of
+  minutes). Only the text encoder's layers are compiled, not its embedding: each learning run adds a
+  token row to the embedding table, and a graph holding the table would compile again for every run of a process.
 
 None of them changes what is computed: the losses agree with the plain loop up to float rounding.
 """
@@ -18,20 +23,56 @@ from contextlib import contextmanager
 
 import torch
 
-#: ``torch.compile`` modes offered by ``--compile-mode``
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+#: ``torch.compile`` modes offered by ``--compile-mode`` (``cudagraphs``: the backend of that name, no Inductor)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "cudagraphs")
+#: the modes that replay CUDA graphs (without a GPU they run as plain compiled, resp. traced, code)
+CUDA_GRAPH_MODES = ("reduce-overhead", "cudagraphs")
+
+
+def compiled(fn, mode: str = "default"):
+    """``torch.compile(fn)`` in one of :data:`COMPILE_MODES`."""
+    if mode == "cudagraphs":
+        return torch.compile(fn, backend="cudagraphs")
+    return torch.compile(fn, mode=mode)
+
+
+def text_layers(text_encoder) -> torch.nn.Module:
+    """The transformer layers of a CLIP text encoder (``CLIPEncoder``; transformers 4 nests it in ``text_model``)."""
+    return getattr(text_encoder, "text_model", text_encoder).encoder
+
+
+def compiles(cfg) -> bool:
+    return cfg.compile_unet or getattr(cfg, "compile_text", False)
 
 
 @contextmanager
-def speed_levers(unet, cfg) -> Iterator:
-    """The UNet as the learning loop calls it, with ``cfg``'s (a ``LearnConfig``) levers on; left as found."""
+def compiled_forward(module: torch.nn.Module, mode: str = "default", enabled: bool = True) -> Iterator[None]:
+    """Calls of ``module`` run ``torch.compile``'s version of its forward while inside; the module itself stays what
+    it was (its names, processors and state dict are untouched): an instance attribute shadows the class's forward
+    and is deleted on exit."""
+    if not enabled:
+        yield
+        return
+    module.forward = compiled(module.forward, mode)
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+@contextmanager
+def speed_levers(backbone, cfg) -> Iterator[None]:
+    """``cfg``'s (a ``LearnConfig``) levers on the UNet and text encoder while inside; the models are left as found."""
+    unet = backbone.unet
     checkpointing = getattr(unet, "is_gradient_checkpointing", False)
     try:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
-        yield torch.compile(unet, mode=cfg.compile_mode) if cfg.compile_unet else unet
+        with compiled_forward(unet, cfg.compile_mode, cfg.compile_unet), \
+                compiled_forward(text_layers(backbone.text_encoder), cfg.compile_mode, cfg.compile_text):
+            yield
     finally:
         if cfg.gradient_checkpointing and not checkpointing:
             unet.disable_gradient_checkpointing()
@@ -40,7 +81,7 @@ def speed_levers(unet, cfg) -> Iterator:
 
 
 def mark_step(cfg) -> None:
-    """Before each learning step: under CUDA graphs, tell torch that the last step's graph outputs are done with
-    (a new iteration may overwrite them)."""
-    if cfg.compile_unet and cfg.compile_mode == "reduce-overhead":
+    """Before each learning or denoising step: under CUDA graphs, tell torch that the last step's graph outputs are
+    done with (a new iteration may overwrite them)."""
+    if compiles(cfg) and cfg.compile_mode in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()

@@ -43,6 +43,7 @@ from .imaging import check_mask, resize_mask
 from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
                        generators_for, initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs,
                        token_index)
+from .speed import compiled_forward, mark_step
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     tokens = check_prompt(prompt, concept.tokens)
     target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
-    with concept_applied(backbone, concept):
+    with concept_applied(backbone, concept), compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet):
         # 2. Encode the prompt; find v* by tokenizing
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         index = token_index(backbone, prompt, tokens)
@@ -407,6 +408,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
     maps, losses = [], []
     bar = progress_bar(len(timesteps) - start, f"transfer (seed {seeds[0]}{'...' if batch > 1 else ''})", progress)
     for i in range(start, len(timesteps)):
+        mark_step(cfg)
         t = timesteps[i]
         blended = target_noised = guided = loss = None
         if cfg.blended(i):
