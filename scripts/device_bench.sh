@@ -31,7 +31,7 @@ echo "device_bench: smoke test passed"
 # it if it pays: ~5-6 minutes on an H200. Then, if the lease allows, Inductor's CUDA graphs (a ~2-minute compile):
 # BENCH_ARGS="--wall-steps 500 --lever compile-cudagraphs". Every section (FLOP and memory counts, all levers):
 # BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with the compiles).
-DEFAULT_ARGS="--reference --sampling --sampling-compile cudagraphs --profile --wall-steps 500 --lever cudagraphs"
+DEFAULT_ARGS="--reference --sampling --sampling-compile cudagraphs --profile --ops --wall-steps 500 --lever cudagraphs"
 # shellcheck disable=SC2086
 timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
   ${BENCH_ARGS:-$DEFAULT_ARGS} --json "$OUT/bench.json" > /dev/null

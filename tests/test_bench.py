@@ -149,8 +149,11 @@ def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch):
 
     monkeypatch.setattr(bench, "bench_sampling", oom)
     monkeypatch.setattr(bench, "LEVERS", {"fused-adam": {"adam_impl": "fused"}, "broken": {"no_such_option": 1}})
+    logged = []
     r = bench.run_bench(bench.BenchOptions(model="tiny", device="cpu", steps=1, warmup=1, reference=True,
-                                           sampling=True, levers=True))
+                                           sampling=True, levers=True), log=logged.append)
+    failure = next(text for text in logged if text.startswith("bench: sampling failed:"))
+    assert "Traceback" in failure and "in oom" in failure          # the log says where it failed
     assert r["sampling"] is None and r["errors"]["sampling"].startswith("RuntimeError: CUDA out of memory")
     assert r["reference"]["step_median_s"] > 0 and r["levers"]["fused-adam"]["step_median_s"] > 0
     assert r["levers"]["broken"] is None and "lever broken" in r["errors"]
@@ -230,3 +233,17 @@ def test_compile_counts_and_their_report_line():
                                 "date": "today", "levers": {"compile-cudagraphs": row}})
     assert ("torch.compile in `compile-cudagraphs`: 2 graphs compiled, 0 graph breaks, 0 recompilations, "
             "CUDA graphs skipped for 1.") in text
+
+
+def test_op_count_is_set_by_the_architecture(monkeypatch):
+    """The operators of a learning step depend on the model's layers, not on their width (so a narrow model counts
+    the host's work of a wide one); views and allocations are not counted as device work."""
+    from clic.builder import SPECS
+
+    tiny = bench.count_learning_ops(bench.load_bench_backbone("tiny"))
+    spec = SPECS["tiny"]
+    monkeypatch.setitem(SPECS, "tiny-wide", {**spec, "unet": {**spec["unet"], "block_out_channels": (64, 128)}})
+    wide = bench.count_learning_ops(bench.load_bench_backbone("tiny-wide"))
+    assert wide["ops_per_step"] == tiny["ops_per_step"] and wide["kernel_ops_per_step"] == tiny["kernel_ops_per_step"]
+    assert 0 < tiny["kernel_ops_per_step"] < tiny["ops_per_step"]
+    assert "convolution" in tiny["top_kernel_ops"] and "view" not in tiny["top_kernel_ops"]

@@ -121,7 +121,9 @@ class ClicCrossAttnProcessor(nn.Module):
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:     # SD's is 1: no kernel (and no backward one) for nothing
+            out = out / attn.rescale_output_factor
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -259,16 +261,17 @@ class TokenMapCapture:
 
 
 @contextlib.contextmanager
-def capture_token_maps(unet, token_index: torch.Tensor, layers: Sequence[str], latent_hw: tuple[int, int],
+def capture_token_maps(unet, token_index: torch.Tensor | None, layers: Sequence[str], latent_hw: tuple[int, int],
                        size: tuple[int, int] | None = None) -> Iterator[TokenMapCapture]:
     """Attach a :class:`TokenMapCapture` to ``layers`` (which must carry :class:`ClicCrossAttnProcessor`)."""
-    procs = unet.attn_processors
     # on the UNet's device: a host tensor read inside the UNet would keep a compiled step off CUDA graphs
-    capture = TokenMapCapture(token_index.to(unet.device), latent_hw, size)
+    if token_index is not None:                   # None: nothing captured (no layers)
+        token_index = token_index.to(unet.device)
+    capture = TokenMapCapture(token_index, latent_hw, size)
     attached = []
     try:
-        for name in layers:
-            proc = procs[name]
+        for name in layers:   # each layer looked up by its name (``unet.attn_processors`` walks every module)
+            proc = unet.get_submodule(name.removesuffix(".processor")).processor
             if not isinstance(proc, ClicCrossAttnProcessor):
                 raise TypeError(f"{name} has no ClicCrossAttnProcessor; call install_processors() first")
             proc.capture = capture

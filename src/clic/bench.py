@@ -21,6 +21,9 @@ Prints and writes JSON:
   state), counted op by op: what ``torch.cuda.max_memory_allocated`` reports, less the CUDA allocator's rounding and
   kernel workspaces, so an estimate of the GPU peak from any device. Fast path and with gradient checkpointing.
 
+- ``--ops``: the operators one learning step dispatches, and those of them that launch device work: the kernels an
+  eager step's host launches one by one (exact on any device; the model's architecture sets it, not its width);
+- ``--sampling-compile MODE``: ``--sampling`` again with the UNet compiled (``--compile-unet --compile-mode MODE``);
 - ``--wall-steps N``: one learning run of N steps timed end to end (the 500-step goal measured, not extrapolated);
 - ``--report bench.json``: measure nothing, print a result's markdown tables (BENCHMARKS.md's layout).
 
@@ -41,6 +44,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +287,49 @@ def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg)
             "at_tflops": tflops, "config": cfg}
 
 
+#: operators that launch no device work: views and the allocations behind new tensors
+NO_KERNEL_OPS = {"aten._unsafe_view", "aten.empty", "aten.empty_strided", "aten.empty_like", "aten.lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched (``counts``: by overload packet), e.g. within one learning step."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.no_kernel: set[str] = set(NO_KERNEL_OPS)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if func.is_view:
+            self.no_kernel.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_learning_ops(backbone, steps: int = 2, rows: int = 12, **cfg) -> dict:
+    """The operators one learning step with ``cfg`` (LearnConfig overrides) dispatches, counted between the ends of
+    the last two of ``steps + 1`` steps: ``ops_per_step`` in all and ``kernel_ops_per_step``, those that launch device
+    work (views and allocations left out: an estimate of the kernels the host launches one by one in an eager step).
+    Adam runs fused, as it does on a GPU. The count depends on the model's architecture, not on its width, resolution
+    or device; its cost is the host's (BENCHMARKS.md: the eager step on a GPU waits for it)."""
+    from .learn import learn, make_config
+
+    image, mask = _inputs(backbone.resolution)
+    counter = OpCounter()
+    marks: list[dict] = []
+    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, adam_impl="fused",
+                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+    with counter:
+        learn(backbone, [image], [mask], config, progress=False,
+              callback=lambda step, record: marks.append(dict(counter.counts)))
+    step = {op: n - marks[-2].get(op, 0) for op, n in marks[-1].items() if n > marks[-2].get(op, 0)}
+    kernels = {op: n for op, n in step.items() if op not in counter.no_kernel}
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:rows]
+    return {"ops_per_step": sum(step.values()), "kernel_ops_per_step": sum(kernels.values()),
+            "top_kernel_ops": {op.replace("aten.", ""): n for op, n in top}, "config": cfg}
+
+
 class TensorMemory(TorchDispatchMode):
     """Counts the bytes of live tensor storages: every op's outputs are tracked until their storage is freed (a weak
     reference's callback); ``base`` is what lived before (the model's weights). ``peak`` / ``current`` in bytes."""
@@ -359,6 +406,7 @@ class BenchOptions:
     flops: bool = False
     tflops: float = 400.0
     tensor_memory: bool = False
+    ops: bool = False
     wall_steps: int = 0
 
 
@@ -405,6 +453,8 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
         except Exception as exc:                       # noqa: BLE001 -- reported, and the next section runs
             value = None
             result.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"[:500]
+            if log is not None:                        # the whole traceback for the log: where it failed
+                log(f"bench: {section} failed:\n{traceback.format_exc()}")
             if backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         into[key] = value
@@ -428,6 +478,8 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
     if opts.flops:
         result["flops"] = flops
         measure("flops", lambda: count_learning_flops(backbone, tflops=opts.tflops), flops, "fast")
+    if opts.ops:
+        measure("ops", lambda: count_learning_ops(backbone), result, "ops")
     if opts.profile:
         measure("profile", lambda: profile_learning(backbone), result, "profile")
     if opts.tensor_memory:
@@ -567,6 +619,11 @@ def format_report(result: dict) -> str:
         lines += _table(["path", "counted peak", "of which weights"],
                         [[name, _s(v["peak_gib"], " GiB"), _s(v["weights_gib"], " GiB")]
                          for name, v in memory.items()])
+    ops = result.get("ops")
+    if ops:
+        lines += [f"Operators of one learning step (fast path): {ops['ops_per_step']} dispatched, "
+                  f"**{ops['kernel_ops_per_step']}** of them launch device work (views and allocations left out); "
+                  "the most frequent: " + ", ".join(f"{op} {n}" for op, n in ops["top_kernel_ops"].items()) + ".", ""]
     profile = result.get("profile")
     if profile:
         if isinstance(profile, list):                       # results written before the summary existed
@@ -618,10 +675,13 @@ def register_cli(sub, add_model_options) -> None:
     p.add_argument("--tensor-memory", action="store_true",
                    help="peak live-tensor memory of learning counted op by op (an estimate of the GPU peak from any "
                         "device), fast path and with gradient checkpointing")
+    p.add_argument("--ops", action="store_true",
+                   help="count the operators of one learning step and those that launch device work (the host's "
+                        "share of an eager step; exact on any device)")
     p.add_argument("--wall-steps", type=int, default=0,
                    help="also learn this many steps in one run and report its wall time (e.g. 500: the goal measured, "
                         "not extrapolated from the median step)")
-    p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile --flops")
+    p.add_argument("--all", action="store_true", help="--reference --levers --sampling --profile --flops --ops")
     p.add_argument("--json", default=None, help="also write the result to this JSON file (after every section)")
     p.add_argument("--report", metavar="JSON", default=None,
                    help="measure nothing: print the markdown tables of a --json result (for BENCHMARKS.md)")
@@ -647,7 +707,8 @@ def register_cli(sub, add_model_options) -> None:
                             sampling=args.sampling or every or bool(args.sampling_compile),
                             sampling_steps=args.sampling_steps, sampling_compile=args.sampling_compile, images=args.images,
                             repeats=args.repeats, profile=args.profile or every, flops=args.flops or every,
-                            tflops=args.tflops, tensor_memory=args.tensor_memory, wall_steps=args.wall_steps)
+                            tflops=args.tflops, tensor_memory=args.tensor_memory, ops=args.ops or every,
+                            wall_steps=args.wall_steps)
 
         def save(result: dict) -> None:          # after every section: a run cut short keeps what it measured
             from .fileio import atomic_path

@@ -49,15 +49,19 @@ def compiles(cfg) -> bool:
 def compiled_forward(module: torch.nn.Module, mode: str = "default", enabled: bool = True) -> Iterator[None]:
     """Calls of ``module`` run ``torch.compile``'s version of its forward while inside; the module itself stays what
     it was (its names, processors and state dict are untouched): an instance attribute shadows the class's forward
-    and is deleted on exit."""
+    until the exit."""
     if not enabled:
         yield
         return
+    shadowed = vars(module).get("forward")        # an outer compiled_forward's, put back on exit
     module.forward = compiled(module.forward, mode)
     try:
         yield
     finally:
-        del module.forward
+        if shadowed is None:
+            del module.forward
+        else:
+            module.forward = shadowed
 
 
 @contextmanager
