@@ -286,3 +286,45 @@ def test_compile_mode_reaches_torch_compile(tiny_model_dir, monkeypatch):
     assert calls[-1] == {"backend": "cudagraphs"} and len(marks) == 7
     with pytest.raises(InputError, match="--compile-mode reduce-overhead needs --compile-unet or --compile-text"):
         make_config(compile_mode="reduce-overhead").check()
+
+
+def test_compiled_step_fits_cuda_graphs(backbone, monkeypatch):
+    """What torch checks before it replays a graph as CUDA graphs, checked on the graphs of a learning step (the UNet
+    with trained K/V and the capture attached, the text encoder's layers with a trained token; forward and backward):
+    every input on the model's device (the token positions are handed in from the host), no input mutated, no op
+    CUDA graphs cannot hold. Without a GPU: the models on the meta device, where any host tensor in a graph shows."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.cudagraphs import find_input_mutations
+    from torch._inductor.utils import get_all_devices, get_first_incompatible_cudagraph_node
+    from functorch.compile import make_boxed_func
+
+    from clic import speed
+    from clic.attention import capture_token_maps, cross_attention_layers, install_processors
+    from clic.tokens import add_placeholders, concept_embedding, initializer_embedding
+
+    graphs = []
+
+    def inspect(graph_module, example_inputs):
+        graphs.append((get_all_devices(graph_module), find_input_mutations(graph_module.graph),
+                       get_first_incompatible_cudagraph_node(graph_module)))
+        return make_boxed_func(graph_module)
+
+    backend = aot_autograd(fw_compiler=inspect, bw_compiler=inspect)
+    monkeypatch.setattr(speed, "compiled", lambda fn, mode: torch.compile(fn, backend=backend))
+    unet, text_encoder = backbone.unet, backbone.text_encoder
+    for p in install_processors(unet, train_kv=True).values():
+        p.requires_grad_(True)
+    add_placeholders(backbone, ["<v*>"], initializer_embedding(backbone, "pattern")[None])
+    ids = backbone.tokenize(["a chair with <v*> style", "a photo of <v*>"])
+    unet.to("meta")
+    text_encoder.to("meta")
+    concept_embedding(text_encoder).new.requires_grad_(True)
+    with speed.compiled_forward(unet), speed.compiled_forward(speed.text_layers(text_encoder)):
+        text = backbone.encode_text(ids.to("meta"))
+        x = torch.randn(2, 4, 16, 16, device="meta")
+        with capture_token_maps(unet, torch.tensor([[5], [4]]), cross_attention_layers(unet), (16, 16)) as cap:
+            out = unet(x, torch.tensor([10, 10], device="meta"), text).sample
+        (out.mean() + cap.maps().mean()).backward()
+    assert len(graphs) == 4                      # forward and backward of the UNet and of the text layers
+    for devices, mutated, unsafe in graphs:
+        assert {d.type for d in devices} == {"meta"} and not mutated and unsafe is None
