@@ -420,8 +420,8 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
             guided = x
         noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
         x = scheduler.step(noise_pred, t, x, **extra).prev_sample.float()
-        maps.append(ca.cpu())
-        losses.append(loss.cpu() if loss is not None else torch.full((batch,), float("nan")))
+        maps.append(ca)                      # kept on the device: no wait for it at every step
+        losses.append(loss if loss is not None else torch.full((batch,), float("nan"), device=x.device))
         bar.update(1)
         if callback is not None:
             callback({"step": i, "timestep": int(t), "seeds": seeds, "latents": x, "blended": blended,
@@ -429,7 +429,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
     bar.close()
     if cfg.blended(len(timesteps)):
         x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
-    return x, torch.stack(maps), torch.stack(losses), timesteps[start:].tolist()
+    return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), timesteps[start:].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
