@@ -252,16 +252,18 @@ def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
     assert "forward" not in vars(text_layers(backbone.text_encoder))
 
 
-def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir, channels_last):
     """--compile-mode cudagraphs (torch's cudagraphs backend: traced, not compiled; without a GPU the traced graphs
-    run as they are, and say so): same losses and weights, one graph per model, no graph break."""
+    run as they are, and say so), also with channels-last: same losses and weights, one graph per model, no graph
+    break."""
     from torch._dynamo.utils import counters
 
     _, plain = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
     torch._dynamo.reset()
     counters.clear()
     _, graphed = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True,
-                      compile_mode="cudagraphs")
+                      compile_mode="cudagraphs", channels_last=channels_last)
     for a, b in zip(plain.history, graphed.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
