@@ -228,10 +228,10 @@ def test_compile_counts_and_their_report_line():
     assert after["graphs"] - before["graphs"] == 2 and after["graph_breaks"] - before["graph_breaks"] == 1
 
     row = {"step_median_s": 0.05, "speedup_vs_fast": 2.0, "first_step_extra_s": 90.0, "peak_memory_gib": 4.0,
-           "compile": {"graphs": 2, "graph_breaks": 0, "recompiles": 0, "cudagraph_skips": 1}}
+           "compile": {"graphs": 2, "graph_breaks": 0, "cudagraph_skips": 1}}
     text = bench.format_report({"model": "m", "device": "d", "dtype": "bf16", "resolution": 512, "torch": "t",
                                 "date": "today", "levers": {"compile-cudagraphs": row}})
-    assert ("torch.compile in `compile-cudagraphs`: 2 graphs compiled, 0 graph breaks, 0 recompilations, "
+    assert ("torch.compile in `compile-cudagraphs`: 2 graphs compiled, 0 graph breaks, "
             "CUDA graphs skipped for 1.") in text
 
 

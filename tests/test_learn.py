@@ -246,9 +246,8 @@ def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
     for a, b in zip(plain.history, compiled.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    assert counters["stats"]["unique_graphs"] == 2                     # the UNet's and the text layers'
+    assert counters["stats"]["unique_graphs"] == 2      # the UNet's and the text layers', nothing more for steps 2-3
     assert sum(counters["graph_break"].values()) == 0
-    assert not counters["recompiles"]
     assert "forward" not in vars(text_layers(backbone.text_encoder))
 
 

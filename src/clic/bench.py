@@ -124,12 +124,12 @@ def _inputs(size: int):
 
 
 def compile_counts() -> dict:
-    """torch.compile's running counts: graphs compiled, graph breaks, recompilations and graphs that ran without
-    CUDA graphs under ``reduce-overhead`` (the reasons: ``TORCH_LOGS=cudagraphs,recompiles,graph_breaks``)."""
+    """torch.compile's running counts: graphs compiled (a learning run compiles one per compiled model unless
+    something recompiles), graph breaks, and graphs kept off CUDA graphs under a CUDA-graph mode (the reasons, and
+    those of any recompilation: ``TORCH_LOGS=cudagraphs,recompiles,graph_breaks``)."""
     from torch._dynamo.utils import counters
 
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "recompiles": sum(counters["recompiles"].values()),
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
@@ -603,7 +603,7 @@ def format_report(result: dict) -> str:
         if v and v.get("compile"):
             c = v["compile"]
             lines += [f"torch.compile in `{name}`: {c['graphs']} graphs compiled, {c['graph_breaks']} graph breaks, "
-                      f"{c['recompiles']} recompilations, CUDA graphs skipped for {c['cudagraph_skips']}.", ""]
+                      f"CUDA graphs skipped for {c['cudagraph_skips']}.", ""]
     combined = (levers or {}).get("combined")
     if combined and combined.get("levers"):
         lines += [f"The paying levers together ({', '.join(combined['levers'])}): {combined['steps']} learning steps "
