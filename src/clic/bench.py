@@ -53,7 +53,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .speed import COMPILE_MODES
+from .speed import COMPILE_MODES, compiles
 from .tokens import free_placeholder
 
 #: the levers of ``--levers``: LearnConfig overrides, each measured alone against the fast path
@@ -159,7 +159,7 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     wall = time.perf_counter() - t0
     step = statistics.median(times[warmup:])
     compiled = {}
-    if config.compile_unet or config.compile_text:
+    if compiles(config):
         compiled = {"compile": {k: v - counts[k] for k, v in compile_counts().items()}}
     return {"step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
             "wall_s": round(wall, 2), "steps": warmup + steps, "first_step_extra_s": round(times[0] - step, 2),

@@ -380,7 +380,6 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     last_good = None
     levers = ExitStack()
     levers.enter_context(speed_levers(backbone, cfg))
-    unet = backbone.unet
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     step_scope = ExitStack()
     try:
@@ -425,7 +424,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                 capture = step_scope.enter_context(
                     capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw))
                 x_in = x_in.contiguous(memory_format=memory_format)
-                pred = unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
+                pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
             else:  # one UNet pass per branch, the maps from the first (context) pass
                 preds = []
                 for i in range(x_in.shape[0]):
