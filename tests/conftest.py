@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The tiny models' ops are too small to gain from threads (one thread is faster here), and one thread keeps a
 # shared machine usable.
@@ -79,3 +80,33 @@ def random_image(size=64, seed=0):
 def example_paths():
     root = os.path.join(os.path.dirname(__file__), "..", "src", "clic", "assets", "examples")
     return os.path.join(root, "chair.png"), os.path.join(root, "chair_mask.png")
+
+
+def on_meta(backbone):
+    """``backbone`` with its models on the meta device, where tensors have shapes but no values: code that runs
+    there never needs a value of the device (on a GPU: never waits for it)."""
+    import dataclasses
+
+    for model in (backbone.unet, backbone.vae, backbone.text_encoder):
+        model.to("meta")
+    return dataclasses.replace(backbone, device=torch.device("meta"))
+
+
+class DeviceReads(TorchDispatchMode):
+    """For models on the meta device, where no value exists: a copy to the host comes back as zeros and is counted
+    (``reads``), as is a copy from the host (``writes``). Any other use of a device value on the host fails
+    (``.item()``, ``nonzero`` and the like have no meta kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = self.writes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None:
+            src, dst = args[0].device.type, torch.device(kwargs["device"]).type
+            if (src, dst) == ("meta", "cpu"):
+                self.reads += 1
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            self.writes += (src, dst) == ("cpu", "meta")
+        return func(*args, **kwargs)

@@ -247,3 +247,18 @@ def test_op_count_is_set_by_the_architecture(monkeypatch):
     assert wide["ops_per_step"] == tiny["ops_per_step"] and wide["kernel_ops_per_step"] == tiny["kernel_ops_per_step"]
     assert 0 < tiny["kernel_ops_per_step"] < tiny["ops_per_step"]
     assert "convolution" in tiny["top_kernel_ops"] and "view" not in tiny["top_kernel_ops"]
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_step_times_of_a_loop_that_reads_its_losses_in_bursts(monkeypatch, sync_every):
+    """With --sync-every N the loop reports N steps at a time; each step of a burst gets the burst's mean time. A
+    clock that advances 2 s per step started gives a median of 2 s however the steps are reported."""
+    import clic.learn
+
+    started = [0]
+    monkeypatch.setattr(clic.learn, "mark_step", lambda cfg: started.__setitem__(0, started[0] + 1))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: 2.0 * started[0])
+    backbone = bench.load_bench_backbone("tiny", "cpu")
+    r = bench.bench_learning(backbone, steps=6, warmup=1, sync_every=sync_every)
+    assert r["sync_every"] == sync_every and r["steps"] == 7
+    assert r["step_median_s"] == 2.0 and r["first_step_extra_s"] == 0.0 and r["wall_s"] == 14.0

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import DeviceReads, on_meta
 
 from clic.attention import ClicCrossAttnProcessor
 from clic.cli import main
@@ -101,3 +102,18 @@ def test_compiled_unet_gives_the_same_images(backbone, concept):
     plain = generate(backbone, concept, cfg, progress=False)
     graphed = generate(backbone, concept, replace(cfg, compile_unet=True, compile_mode="cudagraphs"), progress=False)
     torch.testing.assert_close(graphed.latents, plain.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_the_denoising_loop_never_waits_for_the_device(tiny_model_dir, concept, monkeypatch):
+    """Both stages step without a value back from the device (on a GPU the host queues the steps without waiting):
+    on the meta device, where there are no values, nothing is read between the steps of a stage."""
+    from clic.concept import Concept
+    from clic.models import load_backbone
+
+    monkeypatch.setattr(Concept, "check_base", lambda *a, **kw: None)       # reads weight statistics: set-up
+    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    mode, seen = DeviceReads(), {}
+    with mode:
+        generate(backbone, concept, GenerateConfig(steps=STEPS, base_steps=3, num=2, batch_size=2), progress=False,
+                 callback=lambda info: seen.setdefault(info["stage"], set()).add((mode.reads, mode.writes)))
+    assert len(seen["base"]) == len(seen["concept"]) == 1

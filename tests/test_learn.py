@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_image, square_mask
+from conftest import DeviceReads, on_meta, random_image, square_mask
 
 from clic.errors import InputError, TrainingError
 from clic.learn import learn, make_config
@@ -329,3 +329,92 @@ def test_compiled_step_fits_cuda_graphs(backbone, monkeypatch):
     assert len(graphs) == 4                      # forward and backward of the UNet and of the text layers
     for devices, mutated, unsafe in graphs:
         assert {d.type for d in devices} == {"meta"} and not mutated and unsafe is None
+
+
+def test_losses_read_in_bursts_give_the_same_run(tiny_model_dir, tmp_path):
+    """--sync-every N (a GPU's default) reads the loss values back every N steps: the same run, the same log; the
+    callbacks of a burst come together, after the burst's last update; a checkpoint resumes under other speed
+    options (not under other learning options)."""
+    _, plain = _run(tiny_model_dir, steps=7, lr=1e-3, seed=2)
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    seen = {}
+
+    def snapshot(step, record):
+        procs = [p for p in backbone.unet.attn_processors.values() if hasattr(p, "trained_linears")]
+        seen[step] = procs[0].to_k.weight.detach().clone()
+
+    bursty = learn(backbone, [random_image()], [square_mask()],
+                   make_config(steps=7, object_class="chair", lr=1e-3, seed=2, sync_every=3),
+                   log_path=tmp_path / "log.jsonl", progress=False, callback=snapshot)
+    assert bursty.history == plain.history                                   # every step, the same values
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == plain.history
+    assert torch.equal(bursty.concept.embeddings, plain.concept.embeddings)
+    assert list(seen) == [1, 2, 3, 4, 5, 6, 7]
+    # reads after steps 1, 3, 6 and 7: steps 2-3 and 4-6 are reported together, after steps 3 and 6 updated
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[4], seen[6]) and not torch.equal(seen[1], seen[2])
+
+    # a checkpoint of a run with sync_every 1 resumes with sync_every 4 and another checkpoint interval...
+    kw = dict(steps=6, lr=1e-3, seed=1)
+    out = tmp_path / "c.safetensors"
+
+    def kill(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+              make_config(object_class="chair", checkpoint_every=2, **kw), out_path=out, progress=False, callback=kill)
+    resumed = learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+                    make_config(object_class="chair", checkpoint_every=3, sync_every=4, **kw), out_path=out,
+                    resume=True, progress=False)
+    _, full = _run(tiny_model_dir, **kw)
+    assert [r["step"] for r in resumed.history] == [5, 6]
+    assert torch.equal(resumed.concept.embeddings, full.concept.embeddings)
+    # ... but not with another learning rate
+    with pytest.raises(KeyboardInterrupt):
+        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+              make_config(object_class="chair", checkpoint_every=2, **kw), out_path=out, progress=False, callback=kill)
+    with pytest.raises(TrainingError, match="checkpoint was made with other options"):
+        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+              make_config(object_class="chair", **{**kw, "lr": 2e-3}), out_path=out, resume=True, progress=False)
+
+
+def test_nan_is_caught_at_the_next_read(tiny_model_dir, monkeypatch):
+    import clic.learn
+
+    calls = []
+    real = clic.learn.context_loss
+
+    def nan_at_step_4(*args, **kw):
+        calls.append(1)
+        value = real(*args, **kw)
+        return value * float("nan") if len(calls) == 4 else value
+
+    monkeypatch.setattr(clic.learn, "context_loss", nan_at_step_4)
+    with pytest.raises(TrainingError, match="loss became nan at step 4; no checkpoint was written yet"):
+        _run(tiny_model_dir, steps=10, sync_every=5)
+    assert len(calls) == 5                                           # found when step 5 read the pending values
+
+
+def test_the_loop_waits_for_the_device_only_to_read_the_losses(tiny_model_dir, monkeypatch):
+    """On a GPU the host queues work and runs on, except where it needs a value back (it then waits for everything
+    queued). With every model on the meta device the learning loop runs through, so it needs no device value
+    anywhere but in its reads of the loss values (after steps 1, 3, 6 and 7 of 7 with sync_every 3); and every copy
+    from the host goes through ``to_device`` (pinned and non-blocking on a GPU)."""
+    import clic.learn
+
+    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    sent = []
+    monkeypatch.setattr(clic.learn, "to_device", lambda x, device: sent.append(1) or x.to(device))
+    monkeypatch.setattr(clic.learn.Concept, "from_training", lambda *a, **kw: None)    # reads the weights: not the loop
+    mode, marks = DeviceReads(), {}
+
+    def mark(step, record):
+        marks[step] = (mode.reads, mode.writes, len(sent))
+
+    with mode:
+        learn(backbone, [random_image()], [square_mask()], make_config(steps=7, object_class="chair", sync_every=3),
+              progress=False, callback=mark)
+    assert {step: reads for step, (reads, _, _) in marks.items()} == {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 3, 7: 4}
+    (_, w1, s1), (_, w7, s7) = marks[1], marks[7]
+    assert w7 - w1 == s7 - s1 == 2 * 6                      # steps 2-7: the noise and the timestep, by to_device

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import random_image, square_mask
+from conftest import DeviceReads, on_meta, random_image, square_mask
 from PIL import Image
 
 from clic.cli import main
@@ -287,3 +287,18 @@ def test_compiled_unet_gives_the_same_transfer(backbone, concept):
     assert "forward" not in vars(backbone.unet)
     with pytest.raises(InputError, match="--compile-mode cudagraphs needs --compile-unet"):
         transfer(backbone, concept, target, mask, replace(cfg, compile_mode="cudagraphs"), progress=False)
+
+
+def test_the_denoising_loop_never_waits_for_the_device(tiny_model_dir, concept, monkeypatch):
+    """Blending, guidance (a backward pass per guided step) and the scheduler's step need no value back from the
+    device (on a GPU: the host queues the steps without waiting; the maps and losses come back once, at the end). On
+    the meta device, where there are no values, the loop runs through and reads nothing between its steps."""
+    from clic.concept import Concept
+
+    monkeypatch.setattr(Concept, "check_base", lambda *a, **kw: None)       # reads weight statistics: set-up
+    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    mode, seen = DeviceReads(), []
+    with mode:
+        transfer(backbone, concept, random_image(), square_mask()[0], _cfg(t_start=0, guidance_range=(0, 4), eta=1.0),
+                 progress=False, callback=lambda info: seen.append((mode.reads, mode.writes)))
+    assert len(seen) == STEPS and len(set(seen)) == 1

@@ -137,21 +137,25 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     """Learn ``warmup + steps`` steps with ``cfg`` (LearnConfig overrides); the first step's excess over the median
     is reported as ``first_step_extra_s`` (torch.compile's compile time, CUDA start-up). A compiled run also
     reports what torch.compile did during it (:func:`compile_counts`)."""
-    from .learn import learn, make_config
+    from .learn import learn, make_config, reads_losses, sync_interval
 
     image, mask = _inputs(backbone.resolution)
     cfg = {"placeholder": free_placeholder(backbone, "<v*>"), **cfg}     # every run adds its own token
+    config = make_config(steps=warmup + steps, object_class="chair", checkpoint_every=0, **cfg)
+    every = sync_interval(config, backbone.device)
     times: list[float] = []
-    last = [0.0]
+    last = [0.0, 0]                                                         # time and step of the last read
 
     def tick(step, record):
+        # the loop reports the steps since its last read of the losses together: each gets their mean time
+        if not reads_losses(step, 0, config.steps, every):
+            return
         _sync(backbone.device)
         now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+        times.extend([(now - last[0]) / (step - last[1])] * (step - last[1]))
+        last[:] = now, step
 
     _reset_peak(backbone.device)
-    config = make_config(steps=warmup + steps, object_class="chair", checkpoint_every=0, **cfg)
     counts = compile_counts()
     _sync(backbone.device)
     t0 = last[0] = time.perf_counter()
@@ -164,7 +168,7 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     return {"step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
             "wall_s": round(wall, 2), "steps": warmup + steps, "first_step_extra_s": round(times[0] - step, 2),
             "peak_memory_gib": round(_peak_memory(backbone.device), 2),
-            "config": {k: v for k, v in cfg.items() if k != "placeholder"}, **compiled}
+            "sync_every": every, "config": {k: v for k, v in cfg.items() if k != "placeholder"}, **compiled}
 
 
 def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4, repeats: int = 1,
@@ -230,7 +234,7 @@ def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) 
     image, mask = _inputs(backbone.resolution)
     cuda = backbone.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    config = make_config(steps=warmup + 1 + steps, object_class="chair", checkpoint_every=0,
+    config = make_config(steps=warmup + 1 + steps, object_class="chair", checkpoint_every=0, sync_every=1,
                          placeholder=free_placeholder(backbone, "<v*>"))
     with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=steps, repeat=1),
                  acc_events=True) as prof:
@@ -279,7 +283,7 @@ def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg)
         marks.append(counter.get_total_flops())
         by_op.append({str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()})
 
-    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0,
+    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, sync_every=1,
                          placeholder=free_placeholder(backbone, "<v*>"), **cfg)
     with sdpa_kernel(SDPBackend.MATH), counter:
         learn(backbone, [image], [mask], config, progress=False, callback=mark)
@@ -322,7 +326,7 @@ def count_learning_ops(backbone, steps: int = 2, rows: int = 12, **cfg) -> dict:
     image, mask = _inputs(backbone.resolution)
     counter = OpCounter()
     marks: list[dict] = []
-    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, adam_impl="fused",
+    config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, adam_impl="fused", sync_every=1,
                          placeholder=free_placeholder(backbone, "<v*>"), **cfg)
     with counter:
         learn(backbone, [image], [mask], config, progress=False,

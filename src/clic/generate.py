@@ -20,7 +20,7 @@ import torch
 from .attention import swapped_processors
 from .errors import InputError
 from .sampling import (SamplingConfig, check_prompt, concept_applied, decode_batches, encode_prompt, opt, predict_noise,
-                       seed_batches)
+                       host_timesteps, seed_batches)
 from .speed import compiled_forward, mark_step
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,14 @@ def _denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Ten
              extra: dict, bar, callback, info: dict) -> torch.Tensor:
     """Steps ``steps`` of the schedule with whatever processors are installed; ``text`` holds one row per prompt."""
     text = text.repeat_interleave(x.shape[0], 0)
+    on_host = host_timesteps(scheduler)
     for i in steps:
         mark_step(cfg)
-        t = scheduler.timesteps[i]
-        noise_pred, _ = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale)
-        x = scheduler.step(noise_pred, t, x, **extra).prev_sample.float()
+        noise_pred, _ = predict_noise(backbone, scheduler, x, scheduler.timesteps[i], text, cfg.guidance_scale)
+        x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
         bar.update(1)
         if callback is not None:
-            callback({**info, "step": i, "timestep": int(t), "latents": x})
+            callback({**info, "step": i, "timestep": int(on_host[i]), "latents": x})
     return x
 
 

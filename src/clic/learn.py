@@ -31,7 +31,7 @@ from .errors import InputError, TrainingError
 from .fileio import atomic_path
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
-from .speed import COMPILE_MODES, compiles, mark_step, speed_levers
+from .speed import COMPILE_MODES, GPU_SYNC_EVERY, compiles, mark_step, speed_levers, to_device
 from .tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class LearnConfig:
                                         "replays the step as CUDA graphs (no per-kernel launch cost on the host); "
                                         "cudagraphs replays torch's own kernels as CUDA graphs (ready in seconds)",
                              choices=COMPILE_MODES)
+    sync_every: int = _opt(0, "read the loss values back from the device every N steps (progress bar, log, NaN check); "
+                              "in between the host runs ahead of the GPU without waiting. 0: 1 on the CPU, "
+                              f"{GPU_SYNC_EVERY} on a GPU (the reference path: 1, as the official code)")
     adam_impl: str = _opt("auto", "Adam kernel: auto (fused on CUDA, torch's default elsewhere), fused, foreach; "
                                   "same updates up to float rounding", choices=("auto", "fused", "foreach"))
     recipe: str = _opt("paper", "preset: paper, official (the published CLiC script), or the paper's baselines "
@@ -120,6 +123,8 @@ class LearnConfig:
             raise InputError("all losses are switched off")
         if not 0 <= self.flip_p <= 1:
             raise InputError(f"--flip-p must be in [0, 1], got {self.flip_p}")
+        if self.sync_every < 0:
+            raise InputError(f"--sync-every must be >= 0, got {self.sync_every}")
         if self.compile_mode != "default" and not compiles(self):
             raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet or --compile-text")
         if self.token_warmup_steps and not self.train_token:
@@ -258,6 +263,24 @@ def log_step(record: dict, history: list, log_file, bar, shown: tuple[str, ...])
 
 # ---------------------------------------------------------------------------------------------- learning
 
+#: options that change how fast a run goes, not what it computes (beyond float rounding): a checkpoint resumes
+#: under other values of them
+SPEED_OPTIONS = ("checkpoint_every", "gradient_checkpointing", "channels_last", "compile_unet", "compile_text",
+                 "compile_mode", "adam_impl", "sync_every")
+
+
+def sync_interval(cfg: LearnConfig, device) -> int:
+    """``cfg.sync_every`` resolved for ``device``: steps between the loop's reads of the loss values."""
+    if cfg.reference_path:
+        return 1                                   # the official code reads the loss at every step
+    return cfg.sync_every or (1 if torch.device(device).type == "cpu" else GPU_SYNC_EVERY)
+
+
+def reads_losses(step: int, start: int, last: int, every: int) -> bool:
+    """Whether the loop reads the loss values back after ``step`` (and reports the steps since the last read): the
+    first step of a run (its loss at once, and its time apart), every ``every`` steps, and the last."""
+    return step == start + 1 or step == last or (step - start) % every == 0
+
 
 @dataclass
 class LearnResult:
@@ -279,7 +302,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         out_path: where the concept file goes; also names the checkpoint (``<out>.ckpt``).
         log_path: JSON-lines log of the loss terms per step.
         resume: continue from ``<out>.ckpt`` if it exists (same result as an uninterrupted run).
-        callback: called as ``callback(step, record)`` after every step.
+        callback: called as ``callback(step, record)`` for every step, when its loss values are read back from the
+            device: at once on the CPU, in bursts of ``sync_every`` steps on a GPU (:func:`reads_losses`).
         init_vectors: ``(n_tokens, dim)`` initial embeddings (e.g. w* starts from the learned v*, sec. 3.3);
             default: the embedding of ``cfg.initializer``.
     """
@@ -348,8 +372,8 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             roi_latents = backbone.encode_image(roi_px.flatten(0, 1)).unflatten(0, (len(images), n_tok))
             if cfg.flip_p > 0:
                 roi_latents_flip = backbone.encode_image(roi_px.flatten(0, 1).flip(-1)).unflatten(0, (len(images), n_tok))
-    ctx_ids = backbone.tokenize(prompt)
-    roi_ids = backbone.tokenize([cfg.roi_prompt.format(token=t) for t in tokens])
+    ctx_ids = backbone.tokenize(prompt, "cpu")                                         # positions found on the host
+    roi_ids = backbone.tokenize([cfg.roi_prompt.format(token=t) for t in tokens], "cpu")
     ctx_pos = token_positions(ctx_ids, token_ids, prompt)                            # (1, T)
     roi_pos = torch.cat([token_positions(roi_ids[j:j + 1], [token_ids[j]], cfg.roi_prompt)
                          for j in range(n_tok)])                                     # (T, 1): row j holds v_j
@@ -357,17 +381,17 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     if cfg.use_att and not layers:
         raise InputError(f"no cross-attention layer in blocks {cfg.attn_blocks} at factor {cfg.attn_factor}")
     need_ctx = cfg.use_con or cfg.use_att
-    text_ids = torch.cat(([ctx_ids] if need_ctx else []) + ([roi_ids] if cfg.use_roi else []))
+    text_ids = to_device(torch.cat(([ctx_ids] if need_ctx else []) + ([roi_ids] if cfg.use_roi else [])), device)
     # which token each batch row is mapped for: context row -> all tokens; RoI row j -> its own token
-    pos_rows = torch.cat(([ctx_pos] if need_ctx else []) +
-                         ([roi_pos.expand(-1, n_tok)] if cfg.use_roi else []))
+    pos_rows = to_device(torch.cat(([ctx_pos] if need_ctx else []) +
+                                   ([roi_pos.expand(-1, n_tok)] if cfg.use_roi else [])), device)
     constant_text = None
     if not cfg.train_token:
         with torch.no_grad():
             constant_text = backbone.encode_text(text_ids)
 
     # 3. Resume.
-    cfg_json = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    cfg_json = json.dumps({k: v for k, v in asdict(cfg).items() if k not in SPEED_OPTIONS}, sort_keys=True, default=str)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpt, start, history, log_file = open_run(out_path, log_path, resume, params, optimizer, generator, cfg_json)
 
@@ -378,6 +402,21 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
     unet_dtype = backbone.unet.dtype
     num_t = scheduler.config.num_train_timesteps
     last_good = None
+    sync_every = sync_interval(cfg, device)
+    pending: list[tuple[int, int, torch.Tensor]] = []     # (step, t, loss terms on the device) not yet read
+
+    def read_losses(last_good) -> list[dict]:
+        """The pending steps' records, their loss values read in one copy; a TrainingError at a non-finite loss."""
+        rows = torch.stack([v for _, _, v in pending]).cpu().tolist()
+        records = []
+        for (step, t, _), row in zip(pending, rows):
+            records.append({"step": step, "t": t, **dict(zip(("loss", "l_con", "l_att", "l_roi"), row))})
+            if not math.isfinite(records[-1]["loss"]):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(f"loss became {records[-1]['loss']} at step {step}; {where} (try a lower --lr)")
+        pending.clear()
+        return records
+
     levers = ExitStack()
     levers.enter_context(speed_levers(backbone, cfg))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -393,17 +432,18 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                     group["lr"] = (cfg.token_warmup_lr if warm else group["initial_lr"]) if is_token else group["initial_lr"]
                 for p in attn_params:
                     p.requires_grad_(not warm)
+            # host draws (same numbers on every device), sent without waiting for the device
             k = int(torch.randint(len(images), (1,), generator=generator))
             flip = cfg.flip_p > 0 and float(torch.rand(1, generator=generator)) < cfg.flip_p
-            t = torch.randint(0, num_t, (1,), generator=generator)
-            eps = torch.randn(latents[k:k + 1].shape, generator=generator).to(device)
+            t_host = torch.randint(0, num_t, (1,), generator=generator)
+            eps = to_device(torch.randn(latents[k:k + 1].shape, generator=generator), device)
             x0 = (latents_flip if flip else latents)[k:k + 1]
             if cfg.reference_path:  # no caching: encode the (flipped) source every step
                 with torch.no_grad():
                     x0 = backbone.encode_image(pixels[k:k + 1].flip(-1) if flip else pixels[k:k + 1])
             m_lat = masks_lat[k:k + 1].flip(-1) if flip else masks_lat[k:k + 1]       # (1, T, h, w)
             u_lat = union_lat[k:k + 1].flip(-1) if flip else union_lat[k:k + 1]
-            t = t.to(device)
+            t = to_device(t_host, device)
             x_t = scheduler.add_noise(x0, eps, t)
             target = eps if backbone.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
 
@@ -451,13 +491,11 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                               cfg.lambda_roi if cfg.use_roi else 0.0, cfg.lambda_con if cfg.use_con else 0.0)
             with step_scope:
                 loss.backward()
-            # the step's one wait for the device: the four loss values in one copy (then the finiteness check,
-            # before the optimizer can spread a NaN into the weights)
-            values = dict(zip(("loss", "l_con", "l_att", "l_roi"),
-                              torch.stack([loss, l_con, l_att, l_roi]).detach().float().cpu().tolist()))
-            if not math.isfinite(values["loss"]):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {values['loss']} at step {step}; {where} (try a lower --lr)")
+            pending.append((step, int(t_host), torch.stack([loss, l_con, l_att, l_roi]).detach().float()))
+            saves = ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
+            # the only wait for the device: the pending steps' loss values in one copy, checked finite before this
+            # step's update (with sync_every 1 no NaN ever reaches the weights; a checkpoint holds finite steps only)
+            ready = read_losses(last_good) if saves or reads_losses(step, start, cfg.steps, sync_every) else []
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -465,14 +503,13 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             if cfg.reference_path:
                 for p in base_params:
                     p.grad = None
-
-            record = {"step": step, "t": int(t), **values}
-            log_step(record, history, log_file, bar, ("l_con", "l_att", "l_roi"))
-            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if saves:
                 _save_checkpoint(ckpt, step, params, optimizer, generator, cfg_json)
                 last_good = ckpt
-            if callback:
-                callback(step, record)
+            for record in ready:
+                log_step(record, history, log_file, bar, ("l_con", "l_att", "l_roi"))
+                if callback:
+                    callback(record["step"], record)
     finally:
         step_scope.close()   # a step that failed between forward and backward leaves no capture attached
         if cfg.reference_path:

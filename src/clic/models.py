@@ -111,10 +111,11 @@ class Backbone:
         return int(self.extra.get("base_vocab_size", self.text_encoder.config.vocab_size))
 
     # -- encoders -------------------------------------------------------------------------------------------
-    def tokenize(self, prompts: list[str] | str) -> torch.Tensor:
+    def tokenize(self, prompts: list[str] | str, device=None) -> torch.Tensor:
+        """Token ids ``(B, L)`` padded to the model length, on ``device`` (default: the model's)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+                              truncation=True, return_tensors="pt").input_ids.to(device or self.device)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)[0]

@@ -112,6 +112,13 @@ def make_scheduler(backbone, cfg: SamplingConfig):
     return scheduler
 
 
+def host_timesteps(scheduler) -> torch.Tensor:
+    """The schedule's timesteps on the host, for ``scheduler.step``: DDIM and DDPM index their CPU tables with the
+    timestep and compare it with 0, which for a timestep on a GPU means a wait for the GPU at every step. (The UNet
+    and ``add_noise`` take the timesteps on the device.)"""
+    return scheduler.timesteps.cpu()
+
+
 def step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict:
     """Extra arguments of ``scheduler.step`` (diffusers' ``prepare_extra_step_kwargs``): DDIM's eta and the
     per-image generators of stochastic samplers."""
@@ -164,11 +171,14 @@ def encode_prompt(backbone, prompt: str, negative_prompt: str, batch: int, cfg: 
 
 
 def token_index(backbone, prompt: str, tokens: Sequence[str]) -> torch.Tensor:
-    """``(1, T)`` positions of ``tokens`` in the tokenized ``prompt`` (found by tokenizing)."""
+    """``(1, T)`` positions of ``tokens`` in the tokenized ``prompt`` (found by tokenizing, on the host), on the
+    backbone's device (where the capture uses them at every step)."""
+    from .speed import to_device
     from .tokens import token_positions
 
-    ids = backbone.tokenize(prompt)
-    return token_positions(ids, backbone.tokenizer.convert_tokens_to_ids(list(tokens)), prompt)
+    ids = backbone.tokenize(prompt, "cpu")
+    return to_device(token_positions(ids, backbone.tokenizer.convert_tokens_to_ids(list(tokens)), prompt),
+                     backbone.device)
 
 
 # ------------------------------------------------------------------------------------------------ one step

@@ -27,6 +27,8 @@ import torch
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "cudagraphs")
 #: the modes that replay CUDA graphs (without a GPU they run as plain compiled, resp. traced, code)
 CUDA_GRAPH_MODES = ("reduce-overhead", "cudagraphs")
+#: learning steps between reads of the loss values on a GPU (``--sync-every 0``; on the CPU it is 1)
+GPU_SYNC_EVERY = 10
 
 
 def compiled(fn, mode: str = "default"):
@@ -82,6 +84,16 @@ def speed_levers(backbone, cfg) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
         if cfg.channels_last:
             unet.to(memory_format=torch.contiguous_format)
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: a plain copy to a GPU waits until the GPU has run all the
+    work queued before it (torch synchronizes the stream after copying from pageable memory); from pinned memory
+    with ``non_blocking`` the host goes on at once (and the pinned block is not reused before the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def mark_step(cfg) -> None:

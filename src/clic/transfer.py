@@ -41,8 +41,8 @@ from .attention import BLOCKS, cross_attention_layers
 from .errors import InputError
 from .imaging import check_mask, resize_mask
 from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
-                       generators_for, initial_noise, make_scheduler, opt, predict_noise, progress_bar, step_kwargs,
-                       token_index)
+                       generators_for, host_timesteps, initial_noise, make_scheduler, opt, predict_noise, progress_bar,
+                       step_kwargs, token_index)
 from .speed import compiled_forward, mark_step
 
 log = logging.getLogger(__name__)
@@ -389,6 +389,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
     batch = len(seeds)
     scheduler = make_scheduler(backbone, cfg)                  # fresh per batch: multistep samplers keep state
     timesteps = scheduler.timesteps
+    on_host = host_timesteps(scheduler)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)                       # sigma-indexed samplers (as diffusers img2img)
     generators = generators_for(seeds)
@@ -419,17 +420,17 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
                                                  cfg.eta, cfg.guidance_optimizer)
             guided = x
         noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
-        x = scheduler.step(noise_pred, t, x, **extra).prev_sample.float()
+        x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
         maps.append(ca)                      # kept on the device: no wait for it at every step
         losses.append(loss if loss is not None else torch.full((batch,), float("nan"), device=x.device))
         bar.update(1)
         if callback is not None:
-            callback({"step": i, "timestep": int(t), "seeds": seeds, "latents": x, "blended": blended,
+            callback({"step": i, "timestep": int(on_host[i]), "seeds": seeds, "latents": x, "blended": blended,
                       "target_noised": target_noised, "guided": guided, "maps": ca, "guidance_loss": loss})
     bar.close()
     if cfg.blended(len(timesteps)):
         x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
-    return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), timesteps[start:].tolist()
+    return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), on_host[start:].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
