@@ -98,18 +98,24 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny_model_dir, tmp_path
     assert out.exists() and not (tmp_path / "killed.safetensors.ckpt").exists()
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+def _nan_at_step(monkeypatch, n: int) -> list:
+    """l_con becomes NaN at the n-th step; returns the list of calls so far."""
     import clic.learn
 
     calls = []
     real = clic.learn.context_loss
 
-    def nan_at_step_4(*args, **kw):
+    def nan_at_step_n(*args, **kw):
         calls.append(1)
         value = real(*args, **kw)
-        return value * float("nan") if len(calls) == 4 else value
+        return value * float("nan") if len(calls) == n else value
 
-    monkeypatch.setattr(clic.learn, "context_loss", nan_at_step_4)
+    monkeypatch.setattr(clic.learn, "context_loss", nan_at_step_n)
+    return calls
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    _nan_at_step(monkeypatch, 4)
     out = tmp_path / "c.safetensors"
     with pytest.raises(TrainingError, match="loss became nan at step 4; the last good checkpoint is"):
         _run(tiny_model_dir, steps=10, out=out, checkpoint_every=2)
@@ -380,17 +386,7 @@ def test_losses_read_in_bursts_give_the_same_run(tiny_model_dir, tmp_path):
 
 
 def test_nan_is_caught_at_the_next_read(tiny_model_dir, monkeypatch):
-    import clic.learn
-
-    calls = []
-    real = clic.learn.context_loss
-
-    def nan_at_step_4(*args, **kw):
-        calls.append(1)
-        value = real(*args, **kw)
-        return value * float("nan") if len(calls) == 4 else value
-
-    monkeypatch.setattr(clic.learn, "context_loss", nan_at_step_4)
+    calls = _nan_at_step(monkeypatch, 4)
     with pytest.raises(TrainingError, match="loss became nan at step 4; no checkpoint was written yet"):
         _run(tiny_model_dir, steps=10, sync_every=5)
     assert len(calls) == 5                                           # found when step 5 read the pending values
