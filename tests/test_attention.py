@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clic.attention import (ClicCrossAttnProcessor, capture_token_maps, cross_attention_layers, install_processors,
-                            swapped_processors)
+                            swapped_processors, text_kv_cached)
 
 
 def _full_softmax_maps(unet, x, t, text, token_index, layers, hw):
@@ -127,3 +127,34 @@ def test_layer_selection_by_block_and_factor(backbone):
                   "up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor"]
     with pytest.raises(ValueError):
         cross_attention_layers(unet, ("decoder",))
+
+
+def test_text_kv_cache_reuses_keys_and_values_of_the_same_text(backbone):
+    """Inside text_kv_cached, a layer projects a text tensor to K/V once: a second pass with the same tensor runs no
+    K/V projection and gives the same output to the bit; another tensor, or the same one written in place, is
+    projected anew; outside, nothing is cached."""
+    unet = backbone.unet
+    procs = install_processors(unet, train_kv=True)
+    calls = []
+    hooks = [p.to_k.register_forward_hook(lambda *a: calls.append(1)) for p in procs.values()]
+    torch.manual_seed(0)
+    x, t, text, other = torch.randn(2, 4, 16, 16), torch.tensor([300]), torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    n = len(procs)
+    with torch.no_grad():
+        plain = unet(x, t, text).sample
+        with text_kv_cached(unet):
+            first = unet(x, t, text).sample
+            assert len(calls) == 2 * n                          # both passes so far projected K/V
+            again = unet(x, t, text).sample
+            assert len(calls) == 2 * n                          # ... the cached one did not
+            assert torch.equal(again, plain) and torch.equal(first, plain)
+            unet(x, t, other)
+            assert len(calls) == 3 * n                          # another tensor: projected
+            text.mul_(2)                                        # same object, new values: projected again
+            doubled = unet(x, t, text).sample
+            assert len(calls) == 4 * n
+        assert all(p.kv_cache is None for p in procs.values())
+        torch.testing.assert_close(unet(x, t, text).sample, doubled, rtol=0, atol=0)
+        assert len(calls) == 5 * n
+    for hook in hooks:
+        hook.remove()

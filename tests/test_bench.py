@@ -262,3 +262,20 @@ def test_step_times_of_a_loop_that_reads_its_losses_in_bursts(monkeypatch, sync_
     r = bench.bench_learning(backbone, steps=6, warmup=1, sync_every=sync_every)
     assert r["sync_every"] == sync_every and r["steps"] == 7
     assert r["step_median_s"] == 2.0 and r["first_step_extra_s"] == 0.0 and r["wall_s"] == 14.0
+
+
+def test_transfer_op_count_and_the_text_kv_cache():
+    """A guided step (guidance forward and backward, then the CFG pass) launches more than an unguided one, and the
+    text K/V cache saves each cross-attention layer's projections in every forward pass."""
+    backbone = bench.load_bench_backbone("tiny")
+    cached, plain = bench.count_transfer_ops(backbone), bench.count_transfer_ops(backbone, kv_cache=False)
+    n_layers = sum(".attn2." in name for name in backbone.unet.attn_processors)
+    for kind, passes in (("guided_step", 2), ("unguided_step", 1)):
+        # per pass and layer: the K and V projections (fp32 model: no casts), each a matmul and a bias add or one addmm
+        saved = plain[kind]["kernel_ops"] - cached[kind]["kernel_ops"]
+        assert saved > 0 and saved % (passes * n_layers) == 0, (kind, saved)
+    assert cached["guided_step"]["kernel_ops"] > 2 * cached["unguided_step"]["kernel_ops"]
+    text = bench.format_report({"model": "m", "device": "d", "dtype": "fp32", "resolution": 64, "torch": "t",
+                                "date": "today", "transfer_ops": cached})
+    g, u = cached["guided_step"]["kernel_ops"], cached["unguided_step"]["kernel_ops"]
+    assert f"guided **{g}**, unguided **{u}**" in text

@@ -302,3 +302,18 @@ def test_the_denoising_loop_never_waits_for_the_device(tiny_model_dir, concept, 
         transfer(backbone, concept, random_image(), square_mask()[0], _cfg(t_start=0, guidance_range=(0, 4), eta=1.0),
                  progress=False, callback=lambda info: seen.append((mode.reads, mode.writes)))
     assert len(seen) == STEPS and len(set(seen)) == 1
+
+
+def test_cached_text_keys_and_values_give_the_same_transfer(backbone, concept, monkeypatch):
+    """The denoising loop reuses each layer's text K/V across steps (guided and CFG passes alike): the same latents,
+    maps and guidance losses, to the bit, as projecting them at every step."""
+    import contextlib
+
+    import clic.transfer
+
+    cfg = _cfg(t_start=0, guidance_range=(0, 5), eta=1.0)
+    cached = transfer(backbone, concept, random_image(), square_mask()[0], cfg, progress=False)
+    monkeypatch.setattr(clic.transfer, "text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext())
+    plain = transfer(backbone, concept, random_image(), square_mask()[0], cfg, progress=False)
+    assert torch.equal(cached.latents, plain.latents) and torch.equal(cached.attention, plain.attention)
+    torch.testing.assert_close(cached.guidance_loss, plain.guidance_loss, rtol=0, atol=0, equal_nan=True)

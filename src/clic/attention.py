@@ -65,10 +65,20 @@ class ClicCrossAttnProcessor(nn.Module):
         self.to_out = _linear_copy(attn.to_out[0]) if train_q_out else None
         self.name = ""
         self.capture: TokenMapCapture | None = None
+        self.kv_cache: dict[int, tuple] | None = None     # see text_kv_cached()
 
     def trained_linears(self) -> dict[str, nn.Linear]:
         return {k: m for k, m in (("to_k", self.to_k), ("to_v", self.to_v), ("to_q", self.to_q),
                                   ("to_out.0", self.to_out)) if m is not None}
+
+    def _key_value(self, attn, encoder_hidden_states: torch.Tensor, dtype: torch.dtype, norm: bool):
+        if norm:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if self.to_k is not None:
+            key, value = _apply(self.to_k, encoder_hidden_states), _apply(self.to_v, encoder_hidden_states)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        return key.to(dtype), value.to(dtype)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -85,14 +95,20 @@ class ClicCrossAttnProcessor(nn.Module):
 
         query = _apply(self.to_q, hidden_states) if self.to_q is not None else attn.to_q(hidden_states)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        if self.to_k is not None:
-            key, value = _apply(self.to_k, encoder_hidden_states), _apply(self.to_v, encoder_hidden_states)
+            key, value = self._key_value(attn, hidden_states, query.dtype, norm=False)
+        elif self.kv_cache is None:
+            key, value = self._key_value(attn, encoder_hidden_states, query.dtype, norm=attn.norm_cross)
         else:
-            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        key, value = key.to(query.dtype), value.to(query.dtype)
+            # the same tensor object, unchanged since (its version counter counts in-place writes)
+            stamp = (encoder_hidden_states, encoder_hidden_states._version)
+            cached = self.kv_cache.get(id(encoder_hidden_states))
+            if cached is not None and cached[0] is stamp[0] and cached[1] == stamp[1]:
+                key, value = cached[2], cached[3]
+            else:
+                key, value = self._key_value(attn, encoder_hidden_states, query.dtype, norm=attn.norm_cross)
+                if len(self.kv_cache) >= 4:                   # a few prompts' tensors at a time (CFG, guidance)
+                    self.kv_cache.pop(next(iter(self.kv_cache)))
+                self.kv_cache[id(encoder_hidden_states)] = (*stamp, key, value)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
@@ -191,6 +207,23 @@ def clic_processors(unet) -> dict[str, ClicCrossAttnProcessor]:
 
 
 @contextlib.contextmanager
+def text_kv_cached(unet, enabled: bool = True) -> Iterator[None]:
+    """Inside, each :class:`ClicCrossAttnProcessor` of ``unet`` computes the keys and values of a text-embedding
+    tensor once and reuses them whenever the same tensor object comes again. A denoising loop passes the same prompt
+    embeddings at every step, so this saves each cross-attention layer its K/V projections (and their casts around
+    the fp32 trained copies) at every step after the first: the same numbers, fewer kernels for the host to launch.
+    Only for frozen weights (sampling, never learning); off under ``torch.compile``, whose graphs hold no cache."""
+    procs = list(clic_processors(unet).values()) if enabled else []
+    for proc in procs:
+        proc.kv_cache = {}
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kv_cache = None
+
+
+@contextlib.contextmanager
 def swapped_processors(unet, processors: dict) -> Iterator[None]:
     """Temporarily run ``unet`` with ``processors``; the previous processors are restored on exit."""
     saved = dict(unet.attn_processors)
@@ -237,9 +270,10 @@ class TokenMapCapture:
         index = self.token_index.to(logits.device)
         if index.shape[0] != logits.shape[0]:                                      # one index row for all
             index = index.expand(logits.shape[0], -1)
-        lse = logits.logsumexp(-1, keepdim=True)                                    # (B, H, N, 1)
-        columns = logits.gather(-1, index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1))
-        probs = (columns - lse).exp().mean(1)                                       # (B, N, T)
+        # the whole softmax (one kernel, one backward kernel) and then its token columns: fewer kernels than the
+        # columns' exp(logit - logsumexp), whose logsumexp alone is ~9 kernels, for the same numbers
+        probs = logits.softmax(-1).gather(-1, index[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1))
+        probs = probs.mean(1)                                                       # (B, N, T)
         h, w = _map_shape(probs.shape[1], self.latent_hw)
         maps = probs.transpose(1, 2).reshape(probs.shape[0], -1, h, w)            # (B, T, h, w)
         if (h, w) != self.size:

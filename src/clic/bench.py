@@ -338,6 +338,38 @@ def count_learning_ops(backbone, steps: int = 2, rows: int = 12, **cfg) -> dict:
             "top_kernel_ops": {op.replace("aten.", ""): n for op, n in top}, "config": cfg}
 
 
+def count_transfer_ops(backbone, kv_cache: bool = True) -> dict:
+    """The operators of one guided and one unguided denoising step of a transfer (CFG, DDIM; a concept learned for
+    one step), counted as :func:`count_learning_ops` does, each step after a step of its kind (so the text K/V
+    cache, :func:`clic.attention.text_kv_cached`, is warm). ``kv_cache=False``: the same with the K/V projected
+    at every step, as before the cache (an A/B of the host's work)."""
+    import contextlib
+    from unittest import mock
+
+    from .learn import learn, make_config
+    from .transfer import TransferConfig, transfer
+
+    image, mask = _inputs(backbone.resolution)
+    concept = learn(backbone, [image], [mask], make_config(
+        steps=1, object_class="chair", checkpoint_every=0, placeholder=free_placeholder(backbone, "<v*>")),
+        progress=False).concept
+    counter = OpCounter()
+    marks: list[dict] = []
+    patch = (contextlib.nullcontext() if kv_cache else
+             mock.patch("clic.transfer.text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext()))
+    with patch, counter:
+        transfer(backbone, concept, image, mask, TransferConfig(steps=4, t_start=0, guidance_range=(0, 2), eta=1.0),
+                 progress=False, callback=lambda info: marks.append(dict(counter.counts)))
+
+    def between(a: dict, b: dict) -> dict:
+        step = {op: n - a.get(op, 0) for op, n in b.items() if n > a.get(op, 0)}
+        return {"ops": sum(step.values()),
+                "kernel_ops": sum(n for op, n in step.items() if op not in counter.no_kernel)}
+
+    return {"guided_step": between(marks[0], marks[1]), "unguided_step": between(marks[2], marks[3]),
+            "kv_cache": kv_cache}
+
+
 class TensorMemory(TorchDispatchMode):
     """Counts the bytes of live tensor storages: every op's outputs are tracked until their storage is freed (a weak
     reference's callback); ``base`` is what lived before (the model's weights). ``peak`` / ``current`` in bytes."""
@@ -488,6 +520,7 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
         measure("flops", lambda: count_learning_flops(backbone, tflops=opts.tflops), flops, "fast")
     if opts.ops:
         measure("ops", lambda: count_learning_ops(backbone), result, "ops")
+        measure("transfer ops", lambda: count_transfer_ops(backbone), result, "transfer_ops")
     if opts.profile:
         measure("profile", lambda: profile_learning(backbone), result, "profile")
     if opts.tensor_memory:
@@ -632,6 +665,11 @@ def format_report(result: dict) -> str:
         lines += [f"Operators of one learning step (fast path): {ops['ops_per_step']} dispatched, "
                   f"**{ops['kernel_ops_per_step']}** of them launch device work (views and allocations left out); "
                   "the most frequent: " + ", ".join(f"{op} {n}" for op, n in ops["top_kernel_ops"].items()) + ".", ""]
+    t_ops = result.get("transfer_ops")
+    if t_ops:
+        g, u = t_ops["guided_step"]["kernel_ops"], t_ops["unguided_step"]["kernel_ops"]
+        lines += [f"Operators launching device work in a transfer step: guided **{g}**, unguided **{u}** "
+                  f"(a 50-step transfer with 30 guided: {30 * g + 20 * u:,}).", ""]
     profile = result.get("profile")
     if profile:
         if isinstance(profile, list):                       # results written before the summary existed

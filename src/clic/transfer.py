@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import BLOCKS, cross_attention_layers
+from .attention import BLOCKS, cross_attention_layers, text_kv_cached
 from .errors import InputError
 from .imaging import check_mask, resize_mask
 from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
@@ -343,7 +343,8 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     tokens = check_prompt(prompt, concept.tokens)
     target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
-    with concept_applied(backbone, concept), compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet):
+    with concept_applied(backbone, concept), compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
+            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet):
         # 2. Encode the prompt; find v* by tokenizing
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         index = token_index(backbone, prompt, tokens)
