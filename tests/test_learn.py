@@ -414,3 +414,25 @@ def test_the_loop_waits_for_the_device_only_to_read_the_losses(tiny_model_dir, m
     assert {step: reads for step, (reads, _, _) in marks.items()} == {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 3, 7: 4}
     (_, w1, s1), (_, w7, s7) = marks[1], marks[7]
     assert w7 - w1 == s7 - s1 == 2 * 6                      # steps 2-7: the noise and the timestep, by to_device
+
+
+def test_self_attention_runs_fused_and_the_unet_is_left_as_found(tiny_model_dir):
+    """Inside the loop each self-attention layer projects Q, K, V with one frozen matmul; afterwards the UNet has its
+    own processors and parameters back, and no fused copy."""
+    backbone = load_backbone(tiny_model_dir, device="cpu")
+    before = {n: type(p).__name__ for n, p in backbone.unet.attn_processors.items() if ".attn1." in n}
+    names = set(backbone.unet.state_dict())
+    inside = {}
+
+    def on_step(step, record):
+        procs = backbone.unet.attn_processors
+        inside["types"] = {type(p).__name__ for n, p in procs.items() if ".attn1." in n}
+        inside["fused_trainable"] = [n for n, p in backbone.unet.named_parameters() if "to_qkv" in n and p.requires_grad]
+
+    learn(backbone, [random_image()], [square_mask()], make_config(steps=1, object_class="chair"), progress=False,
+          callback=on_step)
+    assert inside == {"types": {"FusedAttnProcessor2_0"}, "fused_trainable": []}
+    after = {n: type(p).__name__ for n, p in backbone.unet.attn_processors.items() if ".attn1." in n}
+    assert after == before and set(backbone.unet.state_dict()) - {n for n in backbone.unet.state_dict()
+                                                                   if ".processor." in n} <= names
+    assert not any(getattr(m, "fused_projections", False) or hasattr(m, "to_qkv") for m in backbone.unet.modules())

@@ -266,7 +266,9 @@ class TokenMapCapture:
 
     def record(self, name: str, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         # logits in fp32 even under a half-precision UNet: guidance and l_att need accurate small probabilities
-        logits = (query.float() @ key.float().transpose(-1, -2)) * scale           # (B, H, N, L)
+        # cast and made contiguous in one copy each (a strided fp32 copy would be copied again for the matmul)
+        fp32 = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+        logits = (query.to(**fp32) @ key.to(**fp32).transpose(-1, -2)) * scale       # (B, H, N, L)
         index = self.token_index.to(logits.device)
         if index.shape[0] != logits.shape[0]:                                      # one index row for all
             index = index.expand(logits.shape[0], -1)

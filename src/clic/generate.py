@@ -21,7 +21,7 @@ from .attention import swapped_processors, text_kv_cached
 from .errors import InputError
 from .sampling import (SamplingConfig, check_prompt, concept_applied, decode_batches, encode_prompt, opt, predict_noise,
                        host_timesteps, seed_batches)
-from .speed import compiled_forward, mark_step
+from .speed import compiled_forward, fused_self_attention, mark_step
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
 
     with concept_applied(backbone, concept) as (base_procs, _), \
             compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
-            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet):
+            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
         # 2. Encode both prompts
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         base_text = encode_prompt(backbone, base_prompt, cfg.negative_prompt, 1, cfg.do_cfg)

@@ -400,6 +400,9 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="learning v*", unit="step")
     unet_dtype = backbone.unet.dtype
+    # the text goes to the UNet in the dtype its cross-attention K/V projections compute in: with trained fp32 copies
+    # on every layer, fp32 (one cast a step, not one per projection and its backward)
+    text_dtype = torch.float32 if all(p.to_k is not None for p in processors.values()) else unet_dtype
     num_t = scheduler.config.num_train_timesteps
     last_good = None
     sync_every = sync_interval(cfg, device)
@@ -464,13 +467,13 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
                 capture = step_scope.enter_context(
                     capture_token_maps(backbone.unet, pos_rows, layers if cfg.use_att else [], hw))
                 x_in = x_in.contiguous(memory_format=memory_format)
-                pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(unet_dtype)).sample.float()
+                pred = backbone.unet(x_in, t.expand(x_in.shape[0]), text.to(text_dtype)).sample.float()
             else:  # one UNet pass per branch, the maps from the first (context) pass
                 preds = []
                 for i in range(x_in.shape[0]):
                     with capture_token_maps(backbone.unet, pos_rows[i:i + 1], layers if (cfg.use_att and i == 0) else [],
                                             hw) as cap_i:
-                        preds.append(backbone.unet(x_in[i:i + 1], t, text[i:i + 1].to(unet_dtype)).sample.float())
+                        preds.append(backbone.unet(x_in[i:i + 1], t, text[i:i + 1].to(text_dtype)).sample.float())
                     capture = cap_i if i == 0 else capture
                 pred = torch.cat(preds)
 

@@ -43,7 +43,7 @@ from .imaging import check_mask, resize_mask
 from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
                        generators_for, host_timesteps, initial_noise, make_scheduler, opt, predict_noise, progress_bar,
                        step_kwargs, token_index)
-from .speed import compiled_forward, mark_step
+from .speed import compiled_forward, fused_self_attention, mark_step
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
     with concept_applied(backbone, concept), compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
-            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet):
+            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
         # 2. Encode the prompt; find v* by tokenizing
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         index = token_index(backbone, prompt, tokens)
