@@ -95,6 +95,8 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
     with concept_applied(backbone, concept) as (base_procs, _), \
             compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
             text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
+        # the base stage runs the same (fused) self-attention: only the cross-attention is the base model's
+        base_procs = {**base_procs, **{n: p for n, p in backbone.unet.attn_processors.items() if ".attn1." in n}}
         # 2. Encode both prompts
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         base_text = encode_prompt(backbone, base_prompt, cfg.negative_prompt, 1, cfg.do_cfg)
