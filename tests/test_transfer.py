@@ -309,11 +309,11 @@ def test_cached_text_keys_and_values_give_the_same_transfer(backbone, concept, m
     maps and guidance losses, to the bit, as projecting them at every step."""
     import contextlib
 
-    import clic.transfer
+    import clic.sampling
 
     cfg = _cfg(t_start=0, guidance_range=(0, 5), eta=1.0)
     cached = transfer(backbone, concept, random_image(), square_mask()[0], cfg, progress=False)
-    monkeypatch.setattr(clic.transfer, "text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext())
+    monkeypatch.setattr(clic.sampling, "text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext())
     plain = transfer(backbone, concept, random_image(), square_mask()[0], cfg, progress=False)
     assert torch.equal(cached.latents, plain.latents) and torch.equal(cached.attention, plain.attention)
     torch.testing.assert_close(cached.guidance_loss, plain.guidance_loss, rtol=0, atol=0, equal_nan=True)

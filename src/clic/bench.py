@@ -356,7 +356,7 @@ def count_transfer_ops(backbone, kv_cache: bool = True) -> dict:
     counter = OpCounter()
     marks: list[dict] = []
     patch = (contextlib.nullcontext() if kv_cache else
-             mock.patch("clic.transfer.text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext()))
+             mock.patch("clic.sampling.text_kv_cached", lambda unet, enabled=True: contextlib.nullcontext()))
     with patch, counter:
         transfer(backbone, concept, image, mask, TransferConfig(steps=4, t_start=0, guidance_range=(0, 2), eta=1.0),
                  progress=False, callback=lambda info: marks.append(dict(counter.counts)))

@@ -17,11 +17,11 @@ from typing import Callable
 
 import torch
 
-from .attention import swapped_processors, text_kv_cached
+from .attention import swapped_processors
 from .errors import InputError
 from .sampling import (SamplingConfig, check_prompt, concept_applied, decode_batches, encode_prompt, opt, predict_noise,
-                       host_timesteps, seed_batches)
-from .speed import compiled_forward, fused_self_attention, mark_step
+                       host_timesteps, sampling_speedups, seed_batches)
+from .speed import mark_step
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
     base_prompt = fill_prompt(cfg.base_prompt, object_class, concept.tokens)
     check_prompt(prompt, concept.tokens)
 
-    with concept_applied(backbone, concept) as (base_procs, _), \
-            compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
-            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
+    with concept_applied(backbone, concept) as (base_procs, _), sampling_speedups(backbone, cfg):
         # the base stage runs the same (fused) self-attention: only the cross-attention is the base model's
         base_procs = {**base_procs, **{n: p for n, p in backbone.unet.attn_processors.items() if ".attn1." in n}}
         # 2. Encode both prompts

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import ClicCrossAttnProcessor, capture_token_maps
+from .attention import ClicCrossAttnProcessor, capture_token_maps, text_kv_cached
 from .errors import InputError
-from .speed import COMPILE_MODES
+from .speed import COMPILE_MODES, compiled_forward, fused_self_attention, to_device
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,6 @@ def encode_prompt(backbone, prompt: str, negative_prompt: str, batch: int, cfg: 
 def token_index(backbone, prompt: str, tokens: Sequence[str]) -> torch.Tensor:
     """``(1, T)`` positions of ``tokens`` in the tokenized ``prompt`` (found by tokenizing, on the host), on the
     backbone's device (where the capture uses them at every step)."""
-    from .speed import to_device
     from .tokens import token_positions
 
     ids = backbone.tokenize(prompt, "cpu")
@@ -239,6 +238,16 @@ def concept_applied(backbone, concept) -> Iterator[tuple[dict, dict]]:
         yield base, dict(unet.attn_processors)
     finally:
         unet.set_attn_processor(saved)
+
+
+@contextlib.contextmanager
+def sampling_speedups(backbone, cfg: SamplingConfig) -> Iterator[None]:
+    """The UNet as a denoising loop runs it fastest, for the body: compiled (``--compile-unet``), or else with each
+    layer's text K/V computed once (:func:`clic.attention.text_kv_cached`), and self-attention's Q/K/V as one matmul.
+    Enter it after the concept's processors are installed; everything is put back on exit."""
+    with compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
+            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
+        yield
 
 
 def chunks(items: Sequence, size: int) -> Iterator[list]:

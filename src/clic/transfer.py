@@ -37,13 +37,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import BLOCKS, cross_attention_layers, text_kv_cached
+from .attention import BLOCKS, cross_attention_layers
 from .errors import InputError
 from .imaging import check_mask, resize_mask
 from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
                        generators_for, host_timesteps, initial_noise, make_scheduler, opt, predict_noise, progress_bar,
-                       step_kwargs, token_index)
-from .speed import compiled_forward, fused_self_attention, mark_step
+                       sampling_speedups, step_kwargs, token_index)
+from .speed import mark_step
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     tokens = check_prompt(prompt, concept.tokens)
     target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
-    with concept_applied(backbone, concept), compiled_forward(backbone.unet, cfg.compile_mode, cfg.compile_unet), \
-            text_kv_cached(backbone.unet, enabled=not cfg.compile_unet), fused_self_attention(backbone.unet):
+    with concept_applied(backbone, concept), sampling_speedups(backbone, cfg):
         # 2. Encode the prompt; find v* by tokenizing
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         index = token_index(backbone, prompt, tokens)
