@@ -25,14 +25,13 @@ PY
 "$PY" -m clic bench --model tiny --device "$DEVICE" --steps 2 --warmup 1 --sampling --sampling-steps 4 \
   --images 2 --flops --json "$OUT/smoke.json" > /dev/null || { echo "device_bench: smoke test failed"; exit 1; }
 echo "device_bench: smoke test passed"
-# BENCH_ARGS: the sections. Default: what the next lease most needs (BENCHMARKS.md): the fast path, a measured
-# 500-step run, transfer and generation eager and with the UNet as CUDA graphs, the reference, the profile, and the
-# CUDA-graph levers (torch's cudagraphs backend on the UNet and text layers, traced in seconds; and the same with
-# channels-last), then 500 steps with the faster if it pays: ~6-7 minutes on an H200. Then, if the lease allows,
-# Inductor's CUDA graphs (a ~2-minute compile):
-# BENCH_ARGS="--steps 10 --wall-steps 500 --lever compile-cudagraphs". Every section (FLOP and memory counts, all levers):
-# BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with the compiles).
-DEFAULT_ARGS="--reference --sampling --sampling-compile cudagraphs --profile --ops --wall-steps 500 --lever cudagraphs --lever cudagraphs-channels-last"
+# BENCH_ARGS: the sections. Default: what the next lease most needs (BENCHMARKS.md): the fast path (the defaults:
+# CUDA graphs on a GPU), a measured 500-step run, transfer and generation, the profile (eager and with graphs), the
+# reference, the eager step as a lever (what the graphs gain; its first loss checks they compute the same), then
+# Inductor's CUDA graphs (a ~2-minute compile; 500 steps with it if it pays): ~5 minutes on an H100 (h100-run1's
+# sections). The UNet compiled for sampling too: add --sampling-compile cudagraphs. Every section (FLOP and memory
+# counts, all levers): BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with the compiles).
+DEFAULT_ARGS="--reference --sampling --profile --wall-steps 500 --lever eager --lever compile-cudagraphs"
 # shellcheck disable=SC2086
 timeout "$LIMIT" "$PY" -m clic bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
   ${BENCH_ARGS:-$DEFAULT_ARGS} --json "$OUT/bench.json" > /dev/null

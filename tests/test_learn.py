@@ -257,24 +257,50 @@ def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
     assert "forward" not in vars(text_layers(backbone.text_encoder))
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
-def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir, channels_last):
+@pytest.mark.parametrize("options", [
+    {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs"},
+    {"cuda_graphs": "on"},                                           # the same, channels-last: a GPU's default
+], ids=["compile-mode-cudagraphs", "cuda-graphs-on"])
+def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir, options):
     """--compile-mode cudagraphs (torch's cudagraphs backend: traced, not compiled; without a GPU the traced graphs
-    run as they are, and say so), also with channels-last: same losses and weights, one graph per model, no graph
-    break."""
+    run as they are, and say so), and --cuda-graphs on (that with channels-last, the default on a GPU): same losses
+    and weights, one graph per model, no graph break."""
     from torch._dynamo.utils import counters
 
     _, plain = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
     torch._dynamo.reset()
     counters.clear()
-    _, graphed = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True,
-                      compile_mode="cudagraphs", channels_last=channels_last)
+    _, graphed = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, **options)
     for a, b in zip(plain.history, graphed.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     torch.testing.assert_close(graphed.concept.embeddings, plain.concept.embeddings, rtol=1e-4, atol=3e-4)
     assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
     assert counters["inductor"]["cudagraph_skips"] >= 2              # on the CPU: "skipping cudagraphs due to cpu"
+
+
+def test_cuda_graphs_resolved_for_the_device():
+    """--cuda-graphs auto turns CUDA graphs on (UNet and text layers through the cudagraphs backend, channels-last)
+    for a CUDA device only, and not for the reference path, gradient checkpointing or a run that sets a compile or
+    memory-format option itself; on/off are obeyed anywhere; on with options of its own is refused."""
+    from clic.speed import GRAPH_OPTIONS, with_cuda_graphs
+
+    def resolved(device, **kw):
+        cfg = with_cuda_graphs(make_config(**kw), device)
+        return cfg.cuda_graphs, {k: getattr(cfg, k) for k in GRAPH_OPTIONS}
+
+    graphs = ("on", GRAPH_OPTIONS)
+    eager = ("off", {"compile_unet": False, "compile_text": False, "compile_mode": "default", "channels_last": False})
+    assert resolved("cuda") == graphs and resolved(torch.device("cuda", 1)) == graphs
+    assert resolved("cpu") == eager and resolved("mps") == eager
+    assert resolved("cpu", cuda_graphs="on") == graphs and resolved("cuda", cuda_graphs="off") == eager
+    assert resolved("cuda", reference_path=True)[0] == "off"
+    assert resolved("cuda", gradient_checkpointing=True)[0] == "off"
+    assert resolved("cuda", channels_last=True) == ("off", {**eager[1], "channels_last": True})
+    assert resolved("cuda", compile_unet=True)[1]["compile_text"] is False
+    for kw in ({"compile_unet": True}, {"channels_last": True}, {"reference_path": True}):
+        with pytest.raises(InputError, match="--cuda-graphs on sets the compile"):
+            make_config(cuda_graphs="on", **kw).check()
 
 
 def test_compile_mode_reaches_torch_compile(tiny_model_dir, monkeypatch):

@@ -3,15 +3,17 @@
 Prints and writes JSON:
 
 - learning: median step time after warm-up, its 500-step extrapolation and the measured wall time, peak memory
-  (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS of the process);
+  (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS of the process), with the defaults (the fast path: on a
+  GPU with CUDA graphs, ``--cuda-graphs auto``);
 - ``--reference``: the same for the reference path (the official code's computation: explicit softmax in every
   attention layer, fp32, no caching of latents or text, context and RoI as separate UNet passes, gradients for the
   whole UNet) and the speed-up;
-- ``--levers``: the fast path with each speed/memory lever on alone (gradient checkpointing, channels-last, fused
-  Adam, torch.compile with its compile time) and with all that paid together;
+- ``--levers``: the fast path with each speed/memory lever on alone (eager, i.e. without CUDA graphs; gradient
+  checkpointing, channels-last, fused Adam, torch.compile with its compile time) and with all that paid together;
 - ``--sampling``: transfer (``--sampling-steps`` DDIM steps from t = 0, the first 30 with attention guidance), the
   same transfer unguided, and two-stage generation of ``--images`` images in one batch;
-- ``--profile``: a torch.profiler table of a few learning steps (operators by self time: where the time goes);
+- ``--profile``: a torch.profiler table of a few eager learning steps (kernels or operators by self time: where the
+  time goes), and on a GPU the wall and busy time of a step with CUDA graphs;
 - ``--flops``: the floating-point operations of one learning step, fast and reference path (counted by
   ``torch.utils.flop_counter`` with attention in its math form, i.e. the algorithm's FLOPs, not a kernel's), by
   operator, and the floor they put on 500 steps at a given throughput (``--tflops``, default 400 TFLOP/s: a
@@ -53,11 +55,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .speed import COMPILE_MODES, compiles
+from .speed import COMPILE_MODES, compiles, with_cuda_graphs
 from .tokens import free_placeholder
 
 #: the levers of ``--levers``: LearnConfig overrides, each measured alone against the fast path
 LEVERS = {
+    # the fast path with --cuda-graphs off: what the defaults cost without CUDA graphs (on the CPU: the fast path)
+    "eager": {"cuda_graphs": "off"},
     "gradient-checkpointing": {"gradient_checkpointing": True},
     "channels-last": {"channels_last": True},
     "fused-adam": {"adam_impl": "fused"},
@@ -143,10 +147,13 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     cfg = {"placeholder": free_placeholder(backbone, "<v*>"), **cfg}     # every run adds its own token
     config = make_config(steps=warmup + steps, object_class="chair", checkpoint_every=0, **cfg)
     every = sync_interval(config, backbone.device)
+    resolved = with_cuda_graphs(config, backbone.device)
     times: list[float] = []
     last = [0.0, 0]                                                         # time and step of the last read
+    losses: list[float] = []
 
     def tick(step, record):
+        losses.append(record["loss"])
         # the loop reports the steps since its last read of the losses together: each gets their mean time
         if not reads_losses(step, 0, config.steps, every):
             return
@@ -163,12 +170,16 @@ def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:
     wall = time.perf_counter() - t0
     step = statistics.median(times[warmup:])
     compiled = {}
-    if compiles(config):
+    if compiles(resolved):
         compiled = {"compile": {k: v - counts[k] for k, v in compile_counts().items()}}
     return {"step_median_s": round(step, 4), "steps_500_estimate_s": round(500 * step, 1),
             "wall_s": round(wall, 2), "steps": warmup + steps, "first_step_extra_s": round(times[0] - step, 2),
             "peak_memory_gib": round(_peak_memory(backbone.device), 2),
-            "sync_every": every, "config": {k: v for k, v in cfg.items() if k != "placeholder"}, **compiled}
+            "sync_every": every, "cuda_graphs": resolved.cuda_graphs,
+            # the same seed gives every run the same draws: the first loss (before any update) agrees across levers
+            # up to float rounding, a check that a lever computes what the fast path does
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "config": {k: v for k, v in cfg.items() if k != "placeholder"}, **compiled}
 
 
 def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4, repeats: int = 1,
@@ -224,9 +235,10 @@ def bench_sampling(backbone, steps: int = 50, guided: int = 30, images: int = 4,
             "peak_memory_gib": round(_peak_memory(backbone.device), 2), "untimed_first_runs": cold}
 
 
-def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) -> list[dict]:
-    """:func:`profile_table` of ``steps`` learning steps (after ``warmup`` + 1 untraced ones; the set-up before the
-    first step and the concept's extraction after the last are outside the window)."""
+def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15, **cfg) -> dict:
+    """:func:`profile_table` of ``steps`` learning steps with ``cfg`` (LearnConfig overrides; default: the eager
+    step, ``--cuda-graphs off``), after ``warmup`` + 1 untraced ones; the set-up before the first step and the
+    concept's extraction after the last are outside the window."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from .learn import learn, make_config
@@ -235,7 +247,7 @@ def profile_learning(backbone, steps: int = 3, warmup: int = 2, rows: int = 15) 
     cuda = backbone.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     config = make_config(steps=warmup + 1 + steps, object_class="chair", checkpoint_every=0, sync_every=1,
-                         placeholder=free_placeholder(backbone, "<v*>"))
+                         placeholder=free_placeholder(backbone, "<v*>"), **{"cuda_graphs": "off", **cfg})
     with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=steps, repeat=1),
                  acc_events=True) as prof:
         learn(backbone, [image], [mask], config, progress=False,
@@ -267,7 +279,7 @@ def profile_table(events, steps: int, cuda: bool, rows: int = 15) -> dict:
 def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg) -> dict:
     """FLOPs of one learning step with ``cfg`` (LearnConfig overrides): the count between the ends of the last two
     of ``steps + 1`` steps (so the one-off work before the first step, e.g. caching the source latent, is apart:
-    ``setup_gflop``). Attention runs in its math form while counting, so SDPA's matmuls are counted on every
+    ``setup_gflop``). The eager step (``--cuda-graphs off`` unless ``cfg`` says otherwise). Attention runs in its math form while counting, so SDPA's matmuls are counted on every
     device. ``floor_500_steps_s``: 500 steps at ``tflops`` TFLOP/s."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -284,7 +296,7 @@ def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg)
         by_op.append({str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()})
 
     config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, sync_every=1,
-                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+                         placeholder=free_placeholder(backbone, "<v*>"), **{"cuda_graphs": "off", **cfg})
     with sdpa_kernel(SDPBackend.MATH), counter:
         learn(backbone, [image], [mask], config, progress=False, callback=mark)
     step = marks[-1] - marks[-2]
@@ -319,7 +331,8 @@ def count_learning_ops(backbone, steps: int = 2, rows: int = 12, **cfg) -> dict:
     """The operators one learning step with ``cfg`` (LearnConfig overrides) dispatches, counted between the ends of
     the last two of ``steps + 1`` steps: ``ops_per_step`` in all and ``kernel_ops_per_step``, those that launch device
     work (views and allocations left out: an estimate of the kernels the host launches one by one in an eager step).
-    Adam runs fused, as it does on a GPU. The count depends on the model's architecture, not on its width, resolution
+    Adam runs fused, as it does on a GPU; the step is the eager one (``--cuda-graphs off``: a replayed graph
+    dispatches nothing). The count depends on the model's architecture, not on its width, resolution
     or device; its cost is the host's (BENCHMARKS.md: the eager step on a GPU waits for it)."""
     from .learn import learn, make_config
 
@@ -327,7 +340,7 @@ def count_learning_ops(backbone, steps: int = 2, rows: int = 12, **cfg) -> dict:
     counter = OpCounter()
     marks: list[dict] = []
     config = make_config(steps=steps + 1, object_class="chair", checkpoint_every=0, adam_impl="fused", sync_every=1,
-                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+                         placeholder=free_placeholder(backbone, "<v*>"), **{"cuda_graphs": "off", **cfg})
     with counter:
         learn(backbone, [image], [mask], config, progress=False,
               callback=lambda step, record: marks.append(dict(counter.counts)))
@@ -417,7 +430,7 @@ def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
     modules = (backbone.unet, backbone.vae, backbone.text_encoder)
     weights = TensorMemory.storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
     config = make_config(steps=steps, object_class="chair", checkpoint_every=0,
-                         placeholder=free_placeholder(backbone, "<v*>"), **cfg)
+                         placeholder=free_placeholder(backbone, "<v*>"), **{"cuda_graphs": "off", **cfg})
     gc.collect()
     # learn() leaves its trained cross-attention copies installed: put the processors found back afterwards, so
     # that every count starts from the same base model
@@ -523,6 +536,8 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
         measure("transfer ops", lambda: count_transfer_ops(backbone), result, "transfer_ops")
     if opts.profile:
         measure("profile", lambda: profile_learning(backbone), result, "profile")
+        if backbone.device.type == "cuda":     # and the default GPU step: how busy CUDA graphs keep the GPU
+            measure("profile graphs", lambda: profile_learning(backbone, cuda_graphs="on"), result, "profile_graphs")
     if opts.tensor_memory:
         measure("tensor_memory", lambda: {
             "fast": count_learning_memory(backbone),
@@ -552,6 +567,8 @@ def run_bench(opts: BenchOptions, on_update=None, log=None) -> dict:
                 backbone, opts.steps, opts.warmup, **o), levers, name)
             if timed is not None:
                 timed["speedup_vs_fast"] = round(fast["step_median_s"] / timed["step_median_s"], 2)
+                if fast.get("loss_first"):
+                    timed["loss_first_rel_diff"] = round(abs(timed["loss_first"] / fast["loss_first"] - 1), 5)
         paying = fastest_levers(levers)
         if paying:
             # the paying levers together, over the --wall-steps run when there is one (a graph
@@ -603,7 +620,8 @@ def format_report(result: dict) -> str:
     fast, ref, sampling = result.get("learning"), result.get("reference"), result.get("sampling") or {}
     gen = next((k for k in sampling if k.startswith("generate_")), None)
     if fast:
-        rows = [["fast", _s(fast["step_median_s"]), _s(fast["steps_500_estimate_s"]),
+        graphs = " (CUDA graphs)" if fast.get("cuda_graphs") == "on" else ""
+        rows = [[f"fast{graphs}", _s(fast["step_median_s"]), _s(fast["steps_500_estimate_s"]),
                  _s(result.get("speedup_vs_reference"), "x"), _s(sampling.get("transfer_guided_s")),
                  _s(sampling.get("transfer_unguided_s")), _s(sampling.get(gen)) if gen else "",
                  _s(fast["peak_memory_gib"], " GiB")]]
@@ -632,10 +650,11 @@ def format_report(result: dict) -> str:
                   f"step {wall['first_step_extra_s']} s over the median), peak {wall['peak_memory_gib']} GiB.", ""]
     levers = result.get("levers")
     if levers:
-        lines += _table(["lever", "step", "vs fast", "first-step extra", "peak memory"],
+        lines += _table(["lever", "step", "vs fast", "first-step extra", "peak memory", "first loss vs fast"],
                         [[name, _s(v["step_median_s"]), _s(v["speedup_vs_fast"], "x"), _s(v["first_step_extra_s"]),
-                          _s(v["peak_memory_gib"], " GiB")] if v else [name, "failed", "", "", ""]
-                         for name, v in levers.items()])
+                          _s(v["peak_memory_gib"], " GiB"),
+                          f"{100 * v['loss_first_rel_diff']:.3g}%" if "loss_first_rel_diff" in v else ""]
+                         if v else [name, "failed", "", "", "", ""] for name, v in levers.items()])
     for name, v in (levers or {}).items():
         if v and v.get("compile"):
             c = v["compile"]
@@ -662,7 +681,7 @@ def format_report(result: dict) -> str:
                          for name, v in memory.items()])
     ops = result.get("ops")
     if ops:
-        lines += [f"Operators of one learning step (fast path): {ops['ops_per_step']} dispatched, "
+        lines += [f"Operators of one eager learning step (fast path, `--cuda-graphs off`): {ops['ops_per_step']} dispatched, "
                   f"**{ops['kernel_ops_per_step']}** of them launch device work (views and allocations left out); "
                   "the most frequent: " + ", ".join(f"{op} {n}" for op, n in ops["top_kernel_ops"].items()) + ".", ""]
     t_ops = result.get("transfer_ops")
@@ -670,13 +689,17 @@ def format_report(result: dict) -> str:
         g, u = t_ops["guided_step"]["kernel_ops"], t_ops["unguided_step"]["kernel_ops"]
         lines += [f"Operators launching device work in a transfer step: guided **{g}**, unguided **{u}** "
                   f"(a 50-step transfer with 30 guided: {30 * g + 20 * u:,}).", ""]
+    graphs = result.get("profile_graphs")
+    if graphs and graphs.get("step_ms") and graphs.get("device_busy_ms") is not None:
+        lines += [f"Profiled step with CUDA graphs: {graphs['step_ms']} ms wall, the GPU busy "
+                  f"{graphs['device_busy_ms']} ms of it ({100 * graphs['device_busy_ms'] / graphs['step_ms']:.0f}%).", ""]
     profile = result.get("profile")
     if profile:
         if isinstance(profile, list):                       # results written before the summary existed
             profile = {"rows": profile, "step_ms": None, "device_busy_ms": None}
         if profile["step_ms"] and profile["device_busy_ms"] is not None:
             busy = profile["device_busy_ms"]
-            lines += [f"Profiled step: {profile['step_ms']} ms wall, the GPU busy {busy} ms of it "
+            lines += [f"Profiled eager step (`--cuda-graphs off`): {profile['step_ms']} ms wall, the GPU busy {busy} ms of it "
                       f"({100 * busy / profile['step_ms']:.0f}%; the rest it waited for the host).", ""]
         lines += _table(["kernel or operator", "calls / step", "ms / step", "share"],
                         [[f"`{_short(r['op'])}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]

@@ -31,7 +31,8 @@ from .errors import InputError, TrainingError
 from .fileio import atomic_path
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
-from .speed import COMPILE_MODES, GPU_SYNC_EVERY, compiles, mark_step, speed_levers, to_device
+from .speed import (COMPILE_MODES, CUDA_GRAPHS, GPU_SYNC_EVERY, compiles, mark_step, sets_graph_options, speed_levers,
+                    to_device, with_cuda_graphs)
 from .tokens import add_placeholders, concept_embedding, initializer_embedding, token_positions
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,12 @@ class LearnConfig:
                                         "replays the step as CUDA graphs (no per-kernel launch cost on the host); "
                                         "cudagraphs replays torch's own kernels as CUDA graphs (ready in seconds)",
                              choices=COMPILE_MODES)
+    cuda_graphs: str = _opt("auto", "replay the UNet and the text layers as CUDA graphs (torch's cudagraphs backend, "
+                                    "channels-last UNet; the first step pays a capture of ~15 s, then the host no "
+                                    "longer launches every kernel: 2.3x faster steps on an H100). auto: on for a CUDA "
+                                    "device unless --reference-path, --gradient-checkpointing or a --compile / "
+                                    "--channels-last option is given; same losses up to float rounding",
+                            choices=CUDA_GRAPHS)
     sync_every: int = _opt(0, "read the loss values back from the device every N steps (progress bar, log, NaN check); "
                               "in between the host runs ahead of the GPU without waiting. 0: 1 on the CPU, "
                               f"{GPU_SYNC_EVERY} on a GPU (the reference path: 1, as the official code)")
@@ -127,6 +134,9 @@ class LearnConfig:
             raise InputError(f"--sync-every must be >= 0, got {self.sync_every}")
         if self.compile_mode != "default" and not compiles(self):
             raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet or --compile-text")
+        if self.cuda_graphs == "on" and (sets_graph_options(self) or self.reference_path):
+            raise InputError("--cuda-graphs on sets the compile and memory-format options itself (and is not for "
+                             "--reference-path): give one or the other")
         if self.token_warmup_steps and not self.train_token:
             raise InputError("--token-warmup-steps needs the token to train")
         if self.train == "token" and not self.train_token:
@@ -266,7 +276,7 @@ def log_step(record: dict, history: list, log_file, bar, shown: tuple[str, ...])
 #: options that change how fast a run goes, not what it computes (beyond float rounding): a checkpoint resumes
 #: under other values of them
 SPEED_OPTIONS = ("checkpoint_every", "gradient_checkpointing", "channels_last", "compile_unet", "compile_text",
-                 "compile_mode", "adam_impl", "sync_every")
+                 "compile_mode", "cuda_graphs", "adam_impl", "sync_every")
 
 
 def sync_interval(cfg: LearnConfig, device) -> int:
@@ -314,6 +324,7 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         raise InputError("every source image needs the same number of masks")
     cfg.check(n_tok)
     device = backbone.device
+    cfg = with_cuda_graphs(cfg, device)
     tokens = cfg.tokens(n_tok)
     prompt = cfg.context_prompt(n_tok)
 
