@@ -103,8 +103,8 @@ class LearnConfig:
                                         "cudagraphs replays torch's own kernels as CUDA graphs (ready in seconds)",
                              choices=COMPILE_MODES)
     cuda_graphs: str = _opt("auto", "replay the UNet and the text layers as CUDA graphs (torch's cudagraphs backend, "
-                                    "channels-last UNet; the first step pays a capture of ~15 s, then the host no "
-                                    "longer launches every kernel: 2.3x faster steps on an H100). auto: on for a CUDA "
+                                    "channels-last UNet; the first run of a process pays 15-40 s of capture, then the "
+                                    "host no longer launches every kernel: 2.3-3.7x faster steps on an H100). auto: on for a CUDA "
                                     "device unless --reference-path, --gradient-checkpointing or a --compile / "
                                     "--channels-last option is given; same losses up to float rounding",
                             choices=CUDA_GRAPHS)

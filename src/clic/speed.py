@@ -32,8 +32,8 @@ GPU_SYNC_EVERY = 10
 #: ``--cuda-graphs`` values (``auto``: on for a CUDA device, see :func:`with_cuda_graphs`)
 CUDA_GRAPHS = ("auto", "on", "off")
 #: what ``--cuda-graphs on`` sets: the UNet and the text encoder's layers traced by torch's ``cudagraphs`` backend and
-#: replayed as CUDA graphs, the UNet channels-last (BENCHMARKS.md, H100: 500 steps in 18.7 s instead of 36.2 s, after
-#: a one-off capture of ~14 s; the fastest learning lever measured)
+#: replayed as CUDA graphs, the UNet channels-last (BENCHMARKS.md, H100: 500 steps in 18.6 s instead of 36.2 s, after
+#: a one-off capture of 14-36 s; of the levers ready in seconds, the fastest measured)
 GRAPH_OPTIONS = {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs", "channels_last": True}
 
 
@@ -61,7 +61,7 @@ def sets_graph_options(cfg) -> bool:
 def with_cuda_graphs(cfg, device):
     """``cfg`` with ``--cuda-graphs`` resolved for ``device``: ``on`` sets :data:`GRAPH_OPTIONS`; ``auto`` does so on
     a CUDA device unless the run computes like the official code (``--reference-path``), saves memory
-    (``--gradient-checkpointing``: the graphs' static buffers cost ~2 GiB more on SD1.4) or sets a compile or
+    (``--gradient-checkpointing``: with the graphs the peak is 1.6-2.1 GiB higher on SD1.4) or sets a compile or
     memory-format option itself; ``off``, and ``auto`` elsewhere, leave ``cfg`` as it is. The result says ``on``
     or ``off``."""
     import dataclasses
