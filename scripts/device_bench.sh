@@ -28,7 +28,7 @@ echo "device_bench: smoke test passed"
 # BENCH_ARGS: the sections. Default: what the next lease most needs (BENCHMARKS.md): the fast path (the defaults:
 # CUDA graphs on a GPU), a measured 500-step run, transfer and generation, the profile (eager and with graphs), the
 # reference, the eager step as a lever (what the graphs gain; its first loss checks they compute the same), then
-# Inductor's CUDA graphs (a ~2-minute compile; 500 steps with it if it pays): ~5 minutes on an H100 (h100-run1's
+# Inductor's CUDA graphs (a ~2-minute compile; 500 steps with it if it pays): ~5.5 minutes on an H100 (h100-run2's
 # sections). The UNet compiled for sampling too: add --sampling-compile cudagraphs. Every section (FLOP and memory
 # counts, all levers): BENCH_ARGS="--all --wall-steps 500 --tensor-memory" (over 10 minutes with the compiles).
 DEFAULT_ARGS="--reference --sampling --profile --wall-steps 500 --lever eager --lever compile-cudagraphs"
