@@ -55,7 +55,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .speed import COMPILE_MODES, compiles, with_cuda_graphs
+from .speed import COMPILE_MODES, GRAPH_OPTIONS, compiles, with_cuda_graphs
 from .tokens import free_placeholder
 
 #: the levers of ``--levers``: LearnConfig overrides, each measured alone against the fast path
@@ -70,8 +70,8 @@ LEVERS = {
     "cudagraphs": {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs"},
     # once the host is out of the loop the GPU's own time counts: cuDNN's NCHW <-> NHWC conversions around every
     # bf16 convolution were a fifth of it on the H200 (run 2's profile), and channels-last removes them
-    "cudagraphs-channels-last": {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs",
-                                 "channels_last": True},
+    # (what --cuda-graphs on sets: the default on a GPU since the H100's run 1)
+    "cudagraphs-channels-last": dict(GRAPH_OPTIONS),
 }
 #: levers that cost speed for memory: never part of the fastest combination
 MEMORY_LEVERS = ("gradient-checkpointing",)
@@ -279,8 +279,8 @@ def profile_table(events, steps: int, cuda: bool, rows: int = 15) -> dict:
 def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg) -> dict:
     """FLOPs of one learning step with ``cfg`` (LearnConfig overrides): the count between the ends of the last two
     of ``steps + 1`` steps (so the one-off work before the first step, e.g. caching the source latent, is apart:
-    ``setup_gflop``). The eager step (``--cuda-graphs off`` unless ``cfg`` says otherwise). Attention runs in its math form while counting, so SDPA's matmuls are counted on every
-    device. ``floor_500_steps_s``: 500 steps at ``tflops`` TFLOP/s."""
+    ``setup_gflop``). The eager step (``--cuda-graphs off`` unless ``cfg`` says otherwise). Attention runs in its
+    math form while counting, so SDPA's matmuls are counted on every device. ``floor_500_steps_s``: 500 steps at ``tflops`` TFLOP/s."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -681,7 +681,8 @@ def format_report(result: dict) -> str:
                          for name, v in memory.items()])
     ops = result.get("ops")
     if ops:
-        lines += [f"Operators of one eager learning step (fast path, `--cuda-graphs off`): {ops['ops_per_step']} dispatched, "
+        lines += [f"Operators of one eager learning step (fast path, `--cuda-graphs off`): {ops['ops_per_step']} "
+                  "dispatched, "
                   f"**{ops['kernel_ops_per_step']}** of them launch device work (views and allocations left out); "
                   "the most frequent: " + ", ".join(f"{op} {n}" for op, n in ops["top_kernel_ops"].items()) + ".", ""]
     t_ops = result.get("transfer_ops")
@@ -699,7 +700,8 @@ def format_report(result: dict) -> str:
             profile = {"rows": profile, "step_ms": None, "device_busy_ms": None}
         if profile["step_ms"] and profile["device_busy_ms"] is not None:
             busy = profile["device_busy_ms"]
-            lines += [f"Profiled eager step (`--cuda-graphs off`): {profile['step_ms']} ms wall, the GPU busy {busy} ms of it "
+            lines += [f"Profiled eager step (`--cuda-graphs off`): {profile['step_ms']} ms wall, the GPU busy {busy} "
+                      "ms of it "
                       f"({100 * busy / profile['step_ms']:.0f}%; the rest it waited for the host).", ""]
         lines += _table(["kernel or operator", "calls / step", "ms / step", "share"],
                         [[f"`{_short(r['op'])}`", r["calls_per_step"], r["self_ms_per_step"], f"{100 * r['share']:.1f}%"]

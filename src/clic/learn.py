@@ -104,9 +104,9 @@ class LearnConfig:
                              choices=COMPILE_MODES)
     cuda_graphs: str = _opt("auto", "replay the UNet and the text layers as CUDA graphs (torch's cudagraphs backend, "
                                     "channels-last UNet; the first run of a process pays 15-40 s of capture, then the "
-                                    "host no longer launches every kernel: 2.3-3.7x faster steps on an H100). auto: on for a CUDA "
-                                    "device unless --reference-path, --gradient-checkpointing or a --compile / "
-                                    "--channels-last option is given; same losses up to float rounding",
+                                    "host no longer launches every kernel: 2.3-3.7x faster steps on an H100). auto: "
+                                    "on for a CUDA device unless --reference-path, --gradient-checkpointing or a "
+                                    "--compile / --channels-last option is given; same losses up to float rounding",
                             choices=CUDA_GRAPHS)
     sync_every: int = _opt(0, "read the loss values back from the device every N steps (progress bar, log, NaN check); "
                               "in between the host runs ahead of the GPU without waiting. 0: 1 on the CPU, "
