@@ -4,7 +4,7 @@
 #   here:   bash scripts/device_wheels.sh
 #   device: run(command="bash scripts/device_toymodel.sh", carry=[".whl"], timeout_s=600)
 #   here:   bash scripts/device_toymodel.sh --unpack FILES_AT runs/toymodel-gpu    # FILES_AT: the reply's files_at
-#           .venv/bin/python -m clic.toyworld.train --evaluate runs/toymodel-gpu/pipeline   # vs the bundled model
+#           .venv/bin/python -m clic_lab.toyworld.train --evaluate runs/toymodel-gpu/pipeline   # vs the bundled model
 # The pipeline comes back as at most 8 files (the device tool's limit): one .tgz per heavy folder, the rest, and
 # the training report, sample grid and log. TOY_MINUTES (default 5) is the training budget; TOY_ARGS adds options.
 set -uo pipefail
@@ -20,7 +20,7 @@ RUN="${TOY_RUN:-/tmp/toymodel}"
 # GPU scale: 8x the batch (a model this small leaves a GPU idle at 32), steps capped by time; 16 processes render
 # the dataset, the VAE gets 1 minute, the decoder half a minute, the UNet the rest (~3 minutes of the default 5)
 # shellcheck disable=SC2086
-"$PY" -m clic.toyworld.train --out "$RUN" --device "${TOY_DEVICE:-cuda}" --threads "${TOY_THREADS:-16}" \
+"$PY" -m clic_lab.toyworld.train --out "$RUN" --device "${TOY_DEVICE:-cuda}" --threads "${TOY_THREADS:-16}" \
   --max-minutes "${TOY_MINUTES:-5}" --vae-minutes 1 --vae-steps 20000 --unet-steps 1000000 --unet-batch 256 \
   --decoder-minutes 0.5 ${TOY_ARGS:-}
 rc=$?

@@ -23,8 +23,8 @@ def test_clic_subcommand_help(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["clic.toyworld.train", "clic.toyworld.inpaint", "clic.toyworld.detector",
-                                    "clic.toyworld.benchmark"])
+@pytest.mark.parametrize("module", ["clic_lab.toyworld.train", "clic_lab.toyworld.inpaint", "clic_lab.toyworld.detector",
+                                    "clic_lab.toyworld.benchmark"])
 def test_module_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--help"])

@@ -11,8 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from clic.toyworld.benchmark import extras, make_cases, register_pattern_metric
-from clic.toyworld.inpaint import train_inpainting, widen_unet
+from clic_lab.toyworld.benchmark import extras, make_cases, register_pattern_metric
+from clic_lab.toyworld.inpaint import train_inpainting, widen_unet
 
 
 def test_widened_unet_predicts_what_its_parent_does(backbone):
@@ -75,11 +75,11 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
         assert len(renders) == len(masks) == 3 and all(m.sum() > 0 for m in masks)
         source = np.asarray(Image.open(tmp_path / case["source"]).convert("RGB"))
         assert all(not np.array_equal(r, source) for r in renders)
-        from clic.toyworld.train import top_colours
+        from clic_lab.toyworld.train import top_colours
 
         assert all(info["discover"]["pattern_colour"] in top_colours(r, m, 2) for r, m in zip(renders, masks))
     # the discovery renders do not disturb the cases' draws: case 0's source is still the scene of the seed's first draw
-    from clic.toyworld.world import render_scene
+    from clic_lab.toyworld.world import render_scene
 
     first = render_scene(int(np.random.default_rng(1).integers(1 << 30)), size=64, object_class="chair",
                          pattern="crosses", part="back")
@@ -142,8 +142,8 @@ def test_text_control_words_and_seen_patterns(tmp_path):
     from transformers import CLIPTokenizer
 
     from clic.demo import bundled_model
-    from clic.toyworld.benchmark import PATTERN_SETS, SEEN_PATTERNS, text_words
-    from clic.toyworld.world import TRAIN_PATTERNS
+    from clic_lab.toyworld.benchmark import PATTERN_SETS, SEEN_PATTERNS, text_words
+    from clic_lab.toyworld.world import TRAIN_PATTERNS
 
     tok = CLIPTokenizer.from_pretrained(bundled_model() / "tokenizer")
     for patterns, group in PATTERN_SETS.items():
@@ -163,8 +163,8 @@ def test_scores_of_a_source_against_itself(tmp_path):
     and the pattern's, as the world drew them: source_colours reads them off the case's source); a colour pair it
     does not have scores 0."""
     from clic.demo import bundled_model
-    from clic.toyworld.benchmark import pattern_scores, source_colours
-    from clic.toyworld.detector import PatternDetector
+    from clic_lab.toyworld.benchmark import pattern_scores, source_colours
+    from clic_lab.toyworld.detector import PatternDetector
 
     make_cases(tmp_path, n_cases=1, model=str(bundled_model()), steps=2, sample_steps=4, patterns="seen")
     case = yaml.safe_load((tmp_path / "manifest.yaml").read_text())["cases"][0]

@@ -1,4 +1,4 @@
-"""The bundled toy text-to-image model (src/clic/assets/toymodel) and its trainer (clic.toyworld.train)."""
+"""The bundled toy text-to-image model (src/clic/assets/toymodel) and its trainer (clic_lab.toyworld.train)."""
 
 import json
 from pathlib import Path
@@ -9,9 +9,9 @@ import torch
 
 import clic
 from clic.models import load_backbone
-from clic.toyworld import render_scene
-from clic.toyworld.detector import PatternDetector
-from clic.toyworld.train import (ToyModelConfig, eval_prompts, foreground_mask, generate, part_priors,
+from clic_lab.toyworld import render_scene
+from clic_lab.toyworld.detector import PatternDetector
+from clic_lab.toyworld.train import (ToyModelConfig, eval_prompts, foreground_mask, generate, part_priors,
                                  part_region, score_images, train_toy_model)
 
 TOYMODEL = Path(clic.__file__).resolve().parent / "assets" / "toymodel"
@@ -121,7 +121,7 @@ def test_train_toy_model_tiny(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_train_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
-    from clic.toyworld.train import main
+    from clic_lab.toyworld.train import main
 
     assert main(["--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
@@ -131,7 +131,7 @@ def test_train_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
 
 def test_render_dataset_is_the_same_with_workers():
     """The dataset depends on (n, seed) only: rendered in parallel processes it is the same arrays and captions."""
-    from clic.toyworld.train import render_dataset
+    from clic_lab.toyworld.train import render_dataset
 
     one = render_dataset(1003, 5, size=32)
     two = render_dataset(1003, 5, size=32, workers=2)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clic.toyworld import (
+from clic_lab.toyworld import (
     CLASSES,
     COLOURS,
     HELD_OUT_COMBOS,
@@ -145,7 +145,7 @@ def test_every_pattern_and_class_renders():
 
 
 def test_contact_sheet(tmp_path):
-    from clic.toyworld import write_contact_sheet
+    from clic_lab.toyworld import write_contact_sheet
 
     sheet = contact_sheet(sample_scenes(6, seed=2), cols=3, zoom=2)
     assert sheet.size[0] > 0 and sheet.size[1] > 0
@@ -156,7 +156,7 @@ def test_contact_sheet(tmp_path):
 def test_shipped_detector_classifies_fresh_renders():
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
-    from clic.toyworld.detector import DEFAULT_WEIGHTS, LABELS, PatternDetector
+    from clic_lab.toyworld.detector import DEFAULT_WEIGHTS, LABELS, PatternDetector
 
     assert DEFAULT_WEIGHTS.exists() and DEFAULT_WEIGHTS.stat().st_size < 2_000_000
     det = PatternDetector.load()

@@ -37,7 +37,7 @@ Sharding: every process takes the cases ``i`` with ``i % num_processes == proces
     clic benchmark M.yaml --out DIR --merge-only                                              # merge again
 
 Metrics are pluggable: :func:`register_metric` adds a named group of columns computed from a :class:`Sample` (e.g. a
-pattern detector's presence score from :mod:`clic.toyworld`); name it in the manifest's ``metrics``. Note that the
+pattern detector's presence score from :mod:`clic_lab.toyworld`); name it in the manifest's ``metrics``. Note that the
 manifest is checked against the metrics registered when it is loaded.
 """
 

@@ -7,7 +7,7 @@
 4. write the images, masks, attention overlays, a grid and a short report (report.md, report.json).
 
 It runs on the toy model shipped in the package (``clic/assets/toymodel``, trained on the procedural world of
-:mod:`clic.toyworld`); without it (or with ``--model tiny``) on a tiny random model built on the fly, which
+:mod:`clic_lab.toyworld`); without it (or with ``--model tiny``) on a tiny random model built on the fly, which
 only shows the mechanics. ``--model`` takes SD1.4 or any diffusers checkpoint; then the learning rate and
 step counts of the paper apply unless given.
 """
@@ -119,7 +119,7 @@ def _detect(moved, target_mask, gen) -> dict:
     import numpy as np
 
     from .imaging import to_pil
-    from .toyworld.detector import PatternDetector
+    from clic_lab.toyworld.detector import PatternDetector
 
     det = PatternDetector.load()
     image = np.asarray(to_pil(moved.images[0]))

@@ -1,9 +1,9 @@
 """The quality benchmark on the procedural world: held-out patterns learned from one image, transferred to the
 analogous part of another object, scored by the pattern detector.
 
-    python -m clic.toyworld.benchmark make --out DIR [--cases 30] [--seed 0] [--model PATH] [--steps 300]
+    python -m clic_lab.toyworld.benchmark make --out DIR [--cases 30] [--seed 0] [--model PATH] [--steps 300]
                                            [--patterns heldout|seen] [--inpaint-model PATH]
-    python -m clic.toyworld.benchmark run DIR [--out DIR/results] [--no-extras | --extras-only]
+    python -m clic_lab.toyworld.benchmark run DIR [--out DIR/results] [--no-extras | --extras-only]
                                               [--extras generation,matching,text,discover,pipeline]
 
 ``make`` renders the cases (source: an object with a pattern on a part; target: a plain object of the same class,
@@ -13,7 +13,7 @@ model draws from their names (stripes, waves, hatching; :data:`SEEN_PATTERNS`): 
 pattern, in which colours, on which part, which separates the methods where the held-out split is limited by what the
 small model can draw at all. ``make`` writes ``manifest.yaml`` (CLiC, Custom Diffusion, Break-A-Scene, CLiC with
 the official code's l_RoI, the three loss ablations and an eta sweep; RealFill too when ``--inpaint-model`` names the toy
-inpainting model of :mod:`clic.toyworld.inpaint`) plus ``truth.json`` (each case's pattern and the target's object
+inpainting model of :mod:`clic_lab.toyworld.inpaint`) plus ``truth.json`` (each case's pattern and the target's object
 mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (transfer):
 
 - ``presence``: the detector finds the source pattern inside the target region of the result (1/0);
@@ -28,7 +28,7 @@ then the measurements ``clic benchmark`` does not make (:func:`extras`, from the
 
 - generation (sec. 4.1): each concept-learning method's concept generates new objects of the case's class
   ("a photo of a chair, with <v*> style", default t_s); ``on_part``: the detector finds the pattern on the
-  analogous part (the part's expected region, :func:`clic.toyworld.train.part_region`); ``off_part``: on the rest
+  analogous part (the part's expected region, :func:`clic_lab.toyworld.train.part_region`); ``off_part``: on the rest
   of the object;
 - RoI matching (sec. 3.3): w* learned from CLiC's concept on the source mask finds the target mask
   (:func:`clic.roi.auto_target_mask`); ``iou`` against the true part mask;
@@ -184,15 +184,15 @@ def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, 
 def source_colours(source, source_mask) -> list[str]:
     """The two main named colours of the source region (the part's colour and its pattern's); ``source``
     ``(3, R, R)`` in [-1, 1], ``source_mask`` ``(1, R, R)``, as the benchmark loads them."""
-    from ..imaging import to_pil
+    from clic.imaging import to_pil
     from .train import top_colours
 
     return top_colours(np.asarray(to_pil(source)), source_mask[0].cpu().numpy() > 0.5, 2)
 
 
 def register_pattern_metric(truth_path) -> None:
-    from ..benchmark import register_metric
-    from ..imaging import to_pil
+    from clic.benchmark import register_metric
+    from clic.imaging import to_pil
     from .detector import PatternDetector
 
     root = Path(truth_path).parent
@@ -243,10 +243,10 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     """
     import yaml
 
-    from ..benchmark import Cache, load_manifest
-    from ..concept import Concept
-    from ..models import load_backbone
-    from ..roi import DiscoverConfig, MatchConfig
+    from clic.benchmark import Cache, load_manifest
+    from clic.concept import Concept
+    from clic.models import load_backbone
+    from clic.roi import DiscoverConfig, MatchConfig
     from .detector import PatternDetector
     from .train import part_priors
 
@@ -324,8 +324,8 @@ class _ExtrasCase:
         self.discovered = None          # the masks :meth:`discovery` found, for :meth:`pipeline`
 
     def generation(self, variant: str, concept, n_images: int, progress: bool) -> list[dict]:
-        from ..generate import GenerateConfig, generate
-        from ..imaging import to_pil
+        from clic.generate import GenerateConfig, generate
+        from clic.imaging import to_pil
         from .train import foreground_mask, part_region
 
         priors = self.priors
@@ -342,9 +342,9 @@ class _ExtrasCase:
         return out
 
     def matching(self, concept, mcfg, progress: bool) -> dict:
-        from ..imaging import load_image, load_mask
-        from ..metrics import iou
-        from ..roi import auto_target_mask, learn_matcher
+        from clic.imaging import load_image, load_mask
+        from clic.metrics import iou
+        from clic.roi import auto_target_mask, learn_matcher
 
         size, root = self.backbone.resolution, self.root
         source, target = load_image(root / self.case["source"], size), load_image(root / self.case["target"], size)
@@ -359,10 +359,10 @@ class _ExtrasCase:
         cross-attention weights), the benchmark's transfer settings otherwise."""
         from dataclasses import fields
 
-        from ..concept import Concept
-        from ..imaging import load_image, load_mask, to_pil
-        from ..tokens import initializer_embedding
-        from ..transfer import TransferConfig, transfer
+        from clic.concept import Concept
+        from clic.imaging import load_image, load_mask, to_pil
+        from clic.tokens import initializer_embedding
+        from clic.transfer import TransferConfig, transfer
 
         size, root = self.backbone.resolution, self.root
         target, mask = load_image(root / self.case["target"], size), load_mask(root / self.case["target_mask"], size)
@@ -397,11 +397,11 @@ class _ExtrasCase:
 
         import torch
 
-        from ..imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
-        from ..concept import Concept
-        from ..metrics import iou
-        from ..roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt
-        from ..tokens import initializer_embedding
+        from clic.imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
+        from clic.concept import Concept
+        from clic.metrics import iou
+        from clic.roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt
+        from clic.tokens import initializer_embedding
         from .train import foreground_mask
 
         sets = self.info.get("discover")
@@ -445,9 +445,9 @@ class _ExtrasCase:
         true part masks. Rows ``discovered-masks`` / ``true-masks``: presence, leakage, colour."""
         from dataclasses import replace
 
-        from ..baselines import learn_concept, transfer_concept
-        from ..imaging import load_image, load_mask, to_pil
-        from ..roi import discover, restored_processors
+        from clic.baselines import learn_concept, transfer_concept
+        from clic.imaging import load_image, load_mask, to_pil
+        from clic.roi import discover, restored_processors
 
         size, root = self.backbone.resolution, self.root
         sets = self.info["discover"]
@@ -481,7 +481,7 @@ def _fresh_token(backbone, cfg):
     """``cfg`` with a placeholder this backbone's tokenizer does not have yet (one process learns many concepts)."""
     from dataclasses import replace
 
-    from ..tokens import free_placeholder
+    from clic.tokens import free_placeholder
 
     token = free_placeholder(backbone, cfg.placeholder)
     return replace(cfg, placeholder=token, prompt=cfg.prompt.replace(cfg.placeholder, token) if cfg.prompt else None)
@@ -494,7 +494,7 @@ DISCOVER_ROWS = {"discover": "discover: w* maps on its own images", "discover-ne
 
 
 def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
-    from ..benchmark import mean_ci
+    from clic.benchmark import mean_ci
 
     out = {}
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -531,7 +531,7 @@ def _extras_markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clic.toyworld.benchmark")
+    parser = argparse.ArgumentParser(prog="python -m clic_lab.toyworld.benchmark")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("make")
     p.add_argument("--out", required=True)
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--inpaint-model", default=None,
-                   help="the toy inpainting model (python -m clic.toyworld.inpaint): adds RealFill")
+                   help="the toy inpainting model (python -m clic_lab.toyworld.inpaint): adds RealFill")
     p.add_argument("--patterns", default="heldout", choices=tuple(PATTERN_SETS),
                    help="heldout: patterns the toy model never saw; seen: patterns it draws from their names")
     p = sub.add_parser("run")
@@ -558,13 +558,13 @@ def main(argv=None) -> int:
     if args.cmd == "make":
         model = args.model
         if model is None:
-            from ..demo import bundled_model
+            from clic.demo import bundled_model
 
             model = str(bundled_model())
         print(make_cases(args.out, args.cases, args.seed, model, args.steps, args.sample_steps,
                          inpaint_model=args.inpaint_model, patterns=args.patterns))
         return 0
-    from ..benchmark import run_benchmark
+    from clic.benchmark import run_benchmark
 
     root = Path(args.dir)
     out = args.out or root / "results"

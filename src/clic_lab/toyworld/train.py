@@ -9,9 +9,9 @@ guidance. The result is a diffusers ``StableDiffusionPipeline`` folder with the 
 
 ::
 
-    python -m clic.toyworld.train --out runs/toymodel --max-minutes 72 --vae-minutes 14   # train (background it)
-    python -m clic.toyworld.train --out runs/toymodel --resume              # continue after a crash
-    python -m clic.toyworld.train --evaluate src/clic/assets/toymodel       # measure how well it draws
+    python -m clic_lab.toyworld.train --out runs/toymodel --max-minutes 72 --vae-minutes 14   # train (background it)
+    python -m clic_lab.toyworld.train --out runs/toymodel --resume              # continue after a crash
+    python -m clic_lab.toyworld.train --evaluate src/clic/assets/toymodel       # measure how well it draws
 
 Phases (each is skipped on ``--resume`` when its output exists in ``OUT/work/``): render the dataset once
 (numpy arrays), train the VAE on random crops, encode every image to latents once, train UNet + text encoder
@@ -43,7 +43,7 @@ import torch
 from .world import (CLASSES, COLOURS, HELD_OUT_COMBOS, PATTERN_ADJECTIVES, PATTERNABLE_PARTS, TRAIN_PATTERNS, allowed_pairs,
                     render_scene, scene_seeds)
 
-log = logging.getLogger("clic.toyworld.train")
+log = logging.getLogger("clic_lab.toyworld.train")
 
 __all__ = ["ToyModelConfig", "train_toy_model", "evaluate_toy_model", "generate", "sample_grid", "main",
            "GRID_PROMPTS", "foreground_mask", "part_region"]
@@ -142,7 +142,7 @@ def build_vae(cfg: ToyModelConfig):
 def build_text_encoder(cfg: ToyModelConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..builder import CLIP_VOCAB_SIZE
+    from clic.builder import CLIP_VOCAB_SIZE
 
     conf = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, hidden_size=cfg.text_hidden,
@@ -216,7 +216,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 def train_device(name: str) -> torch.device:
     """``cfg.device`` checked: a one-line error when CUDA is asked for and absent."""
-    from ..errors import InputError
+    from clic.errors import InputError
 
     try:
         device = torch.device(name)
@@ -499,7 +499,7 @@ def save_pipeline(out: Path, vae, text_encoder, unet, dtype: str = "fp16") -> Pa
     """Write a StableDiffusionPipeline folder (safetensors; ``dtype`` weights) atomically-ish."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from ..builder import build_clip_tokenizer
+    from clic.builder import build_clip_tokenizer
 
     sched = PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
     mods = [copy.deepcopy(m).cpu() for m in (vae, text_encoder, unet)]
@@ -558,8 +558,8 @@ def generate(backbone, prompts: Sequence[str], seeds: Sequence[int], steps: int 
 
 
 def _backbone_from_modules(vae, text_encoder, unet):
-    from ..builder import build_clip_tokenizer
-    from ..models import Backbone
+    from clic.builder import build_clip_tokenizer
+    from clic.models import Backbone
 
     tok = build_clip_tokenizer()
     sc = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
@@ -699,7 +699,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     log.info("latents %s, scaling factor %.4f (%.0f s)", tuple(latents.shape), scaling, timings["encode_s"])
 
     # 4. UNet + text encoder
-    from ..builder import build_clip_tokenizer
+    from clic.builder import build_clip_tokenizer
 
     tok = build_clip_tokenizer()
     input_ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -751,7 +751,7 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
 
     # 6. outputs
     pipe_dir = export(ema, unet_steps)
-    from ..models import load_backbone
+    from clic.models import load_backbone
 
     backbone = load_backbone(str(pipe_dir), device=str(dev), dtype="fp32")
     grid = sample_grid(backbone, out / "samples.png", steps=cfg.grid_steps, guidance=cfg.grid_guidance)
@@ -956,7 +956,7 @@ def evaluate_toy_model(model_dir, n: int = 60, n_plain: int = 12, seeds_per_prom
     """Generate ``seeds_per_prompt`` images for each of ``n`` patterned and ``n_plain`` plain training prompts
     (:func:`eval_prompts`) and score them with the shipped pattern detector (:func:`score_images`). The same
     scoring on real renders of the same prompts (unseen seeds) is reported as the metric's ceiling."""
-    from ..models import load_backbone
+    from clic.models import load_backbone
     from .detector import PatternDetector
 
     t0 = time.time()
@@ -1021,7 +1021,7 @@ def _add_config_options(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clic.toyworld.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clic_lab.toyworld.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output folder (pipeline/, samples.png, loss.png, training.json, work/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out (reuses dataset, VAE, checkpoints)")
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="measure a trained pipeline folder instead of training")
@@ -1047,8 +1047,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(ToyModelConfig) if getattr(a, f.name) is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = ToyModelConfig(**values)
-    command = "python -m clic.toyworld.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    from ..errors import ClicError
+    command = "python -m clic_lab.toyworld.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    from clic.errors import ClicError
 
     try:
         rep = train_toy_model(a.out, cfg, resume=a.resume, command=command)

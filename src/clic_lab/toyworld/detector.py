@@ -11,7 +11,7 @@ an evaluation tool: "does the region carry pattern X after editing?".
 
 Weights are stored with safetensors (no pickle)::
 
-    python -m clic.toyworld.detector --out src/clic/assets/toyworld_detector.safetensors
+    python -m clic_lab.toyworld.detector --out src/clic_lab/toyworld/assets/detector.safetensors
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = [
 LABELS: Tuple[str, ...] = ("none",) + PATTERNS
 
 #: Shipped weights.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "toyworld_detector.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "detector.safetensors"
 
 REF_SIZE = 64  # the detector looks at images at this scale
 CROP = 32  # window side at REF_SIZE
@@ -339,7 +339,7 @@ def train_detector(
         "n_train_scenes": str(n),
         "epochs": str(epochs),
         "size": str(size),
-        "command": f"python -m clic.toyworld.detector --n {n} --seed {seed} --epochs {epochs}",
+        "command": f"python -m clic_lab.toyworld.detector --n {n} --seed {seed} --epochs {epochs}",
     }
     det = PatternDetector(net, width=width, meta=meta)
     metrics = evaluate_detector(det, n=n_eval, seed=seed, size=size)

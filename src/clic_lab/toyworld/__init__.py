@@ -1,11 +1,11 @@
 """Procedural toy world with exact ground truth for CLiC experiments.
 
-- :mod:`clic.toyworld.world`: seeded renderer of part-structured objects with
+- :mod:`clic_lab.toyworld.world`: seeded renderer of part-structured objects with
   local patterns (:func:`render_scene`, :func:`sample_scenes`, :class:`Scene`).
-- :mod:`clic.toyworld.detector`: small CNN saying which pattern fills a region
+- :mod:`clic_lab.toyworld.detector`: small CNN saying which pattern fills a region
   (:class:`PatternDetector`; shipped weights in ``clic/assets``). Imported lazily
   because it needs torch.
-- :mod:`clic.toyworld.grid`: contact sheets for eyeballing scenes and masks.
+- :mod:`clic_lab.toyworld.grid`: contact sheets for eyeballing scenes and masks.
 
 See ``README.md`` in this folder.
 """
@@ -30,7 +30,7 @@ from .world import (
 )
 
 # Imported on first use: the detector needs torch, and keeping grid out of the
-# eager imports lets ``python -m clic.toyworld.grid`` run without a warning.
+# eager imports lets ``python -m clic_lab.toyworld.grid`` run without a warning.
 _LAZY = {
     "PatternDetector": "detector",
     "train_detector": "detector",

@@ -10,7 +10,7 @@ and VAE frozen and shared with the parent. Seeded; writes a ``StableDiffusionInp
 safetensors), ``inpaint_training.json`` (command, steps, loss at start and end, in-mask PSNR of 16 held-out
 inpaintings before and after) and a sheet ``samples.png`` (rows: masked input, parent, fine-tuned, truth)::
 
-    python -m clic.toyworld.inpaint --model src/clic/assets/toymodel --out runs/toyinpaint --minutes 20
+    python -m clic_lab.toyworld.inpaint --model src/clic/assets/toymodel --out runs/toyinpaint --minutes 20
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger("clic.toyworld.inpaint")
+log = logging.getLogger("clic_lab.toyworld.inpaint")
 
 
 def widen_unet(unet):
@@ -60,7 +60,7 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     """DDIM inpainting of ``masks`` (1 = fill) in ``pixels`` (``(N, 3, R, R)`` in [-1, 1]) with a 9-channel ``unet``
     (a 4-channel one gets plain text-to-image sampling with the known region blended back each step, which is
     the parent model's best effort). Returns uint8 ``(N, R, R, 3)``."""
-    from ..baselines.realfill import inpainting_input
+    from clic.baselines.realfill import inpainting_input
     from .train import _to_uint8
 
     dev = backbone.device
@@ -103,9 +103,9 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     pipeline to ``out_dir/pipeline``; returns the report written to ``out_dir/inpaint_training.json``."""
     from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline
 
-    from ..baselines.realfill import inpainting_input, random_masks
-    from ..imaging import save_png
-    from ..models import load_backbone
+    from clic.baselines.realfill import inpainting_input, random_masks
+    from clic.imaging import save_png
+    from clic.models import load_backbone
     from .train import SCHEDULER_CONFIG, _to_pixels, render_dataset, train_device
 
     dev = train_device(device)          # the networks there; data and random draws on the CPU
@@ -197,7 +197,7 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m clic.toyworld.inpaint", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clic_lab.toyworld.inpaint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="the text-to-image parent (default: the bundled toy model)")
     ap.add_argument("--out", required=True, help="output folder (pipeline/, samples.png, inpaint_training.json)")
     ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
@@ -214,11 +214,11 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     model = a.model
     if model is None:
-        from ..demo import bundled_model
+        from clic.demo import bundled_model
 
         model = str(bundled_model())
-    command = "python -m clic.toyworld.inpaint " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    from ..errors import ClicError
+    command = "python -m clic_lab.toyworld.inpaint " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    from clic.errors import ClicError
 
     try:
         rep = train_inpainting(model, a.out, a.minutes, a.max_steps, a.scenes, a.batch, a.lr, seed=a.seed,
