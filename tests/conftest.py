@@ -47,7 +47,8 @@ def backbone(tiny_model_dir):
 @pytest.fixture(scope="session")
 def concept_path(tiny_model_dir, tmp_path_factory):
     """A concept learned for 3 steps on the tiny model (shared by the transfer and generation tests)."""
-    from clic.learn import learn, make_config
+    from clic.config import learn_config as make_config
+    from clic.learn import learn
     from clic.models import load_backbone
 
     backbone = load_backbone(tiny_model_dir, device="cpu")

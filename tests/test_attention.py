@@ -5,6 +5,7 @@ import torch
 
 from clic.attention import (ClicCrossAttnProcessor, capture_token_maps, cross_attention_layers, install_processors,
                             swapped_processors, text_kv_cached)
+from clic_lab.bench.reference import ExplicitSoftmaxCrossAttn
 
 
 def _full_softmax_maps(unet, x, t, text, token_index, layers, hw):
@@ -43,7 +44,8 @@ def _full_softmax_maps(unet, x, t, text, token_index, layers, hw):
 @pytest.mark.parametrize("trained", [False, True])
 def test_capture_equals_full_softmax_reference(backbone, explicit, trained):
     unet = backbone.unet
-    install_processors(unet, train_kv=trained, train_q_out=trained, explicit_softmax=explicit)
+    install_processors(unet, train_kv=trained, train_q_out=trained,
+                       processor_class=ExplicitSoftmaxCrossAttn if explicit else ClicCrossAttnProcessor)
     if trained:  # make the copies differ from the base weights
         with torch.no_grad():
             for proc in unet.attn_processors.values():
@@ -96,7 +98,8 @@ def test_untrained_processor_matches_stock_diffusers(backbone):
     with torch.no_grad():
         ref = unet(x, t, text).sample
         for explicit in (False, True):
-            install_processors(unet, train_kv=True, train_q_out=True, explicit_softmax=explicit)
+            install_processors(unet, train_kv=True, train_q_out=True,
+                               processor_class=ExplicitSoftmaxCrossAttn if explicit else ClicCrossAttnProcessor)
             torch.testing.assert_close(unet(x, t, text).sample, ref, rtol=1e-4, atol=1e-5)
     # self-attention untouched
     assert all(type(v).__name__ == "AttnProcessor2_0" for k, v in unet.attn_processors.items() if ".attn1." in k)

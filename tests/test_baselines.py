@@ -9,6 +9,7 @@ from clic import baselines
 from clic.baselines import realfill
 from clic.cli import main
 from clic.concept import Concept
+from clic.config import GenerateConfig, InpaintConfig, RealFillConfig, generate_config, learn_config, transfer_config
 from clic.errors import InputError, ModelError
 from clic.losses import attention_loss, context_loss, soft_mask
 from clic.models import load_backbone
@@ -31,54 +32,50 @@ def _trainable(backbone):
 
 
 def test_methods_map_onto_their_recipes():
-    cd = baselines.learn_config("custom-diffusion", object_class="chair")
+    cd = learn_config("custom-diffusion", object_class="chair")
     assert (cd.recipe, cd.alpha, cd.use_att, cd.use_roi, cd.train) == ("custom-diffusion", 1.0, False, False, "kv")
     assert (cd.optimizer, cd.weight_decay, cd.grad_clip, cd.flip_p) == ("adamw", 1e-2, 1.0, 0.5)
     assert cd.context_prompt() == "a chair with <v*> style"      # the paper's "an OBJECT with v* style" template
-    bas = baselines.learn_config("break-a-scene")
+    bas = learn_config("break-a-scene")
     assert (bas.steps, bas.token_warmup_steps, bas.token_warmup_lr, bas.lr) == (800, 400, 5e-4, 2e-6)
     assert (bas.alpha, bas.attn_norm, bas.lambda_att, bas.attn_blocks) == (0.0, "max", 0.01, ("down", "up"))
     assert bas.context_prompt() == "a photo of <v*>" and not bas.use_roi
     # fewer steps: the token-only phase stays half of them, as 400 of 800
-    assert baselines.learn_config("break-a-scene", steps=10).token_warmup_steps == 5
-    assert baselines.learn_config("break-a-scene", steps=10, token_warmup_steps=2).token_warmup_steps == 2
-    clic = baselines.learn_config("clic")
-    assert clic.recipe == "paper" and baselines.learn_config("clic", "official").recipe == "official"
-    # the older spelling `--recipe custom-diffusion` still means the baseline
-    assert baselines.learn_config("clic", "custom-diffusion").recipe == "custom-diffusion"
-    rf = baselines.learn_config("realfill", steps=3)
-    assert isinstance(rf, baselines.RealFillConfig) and rf.steps == 3
+    assert learn_config("break-a-scene", steps=10).token_warmup_steps == 5
+    assert learn_config("break-a-scene", steps=10, token_warmup_steps=2).token_warmup_steps == 2
+    clic = learn_config()
+    assert clic.recipe == "paper" and learn_config("official").recipe == "official"
+    # one selector: the recipe names the baseline
+    assert learn_config("custom-diffusion").recipe == "custom-diffusion"
+    rf = learn_config("realfill", steps=3)
+    assert isinstance(rf, RealFillConfig) and rf.steps == 3
     assert (rf.batch_size, rf.lr, rf.prompt_dropout, rf.max_rectangles) == (16, 1e-5, 0.1, 29)
     assert rf.train_prompt() == "a photo of <v*>"
 
 
 def test_bad_method_options_are_refused():
-    with pytest.raises(InputError, match="unknown method"):
-        baselines.learn_config("dreambooth")
-    with pytest.raises(InputError, match="--batch-size applies to --method realfill only"):
-        baselines.learn_config("clic", batch_size=4)
+    with pytest.raises(InputError, match="unknown recipe"):
+        learn_config("dreambooth")
+    with pytest.raises(InputError, match="--batch-size do not apply to CLiC"):
+        learn_config("paper", batch_size=4)
     with pytest.raises(InputError, match="--alpha do not apply to RealFill"):
-        baselines.learn_config("realfill", alpha=0.3)
-    with pytest.raises(InputError, match="does not apply to --method break-a-scene"):
-        baselines.learn_config("break-a-scene", "official")
+        learn_config("realfill", alpha=0.3)
     with pytest.raises(InputError, match="one mask per image"):
-        baselines.learn_config("realfill").check(2)
+        learn_config("realfill").check(2)
 
 
 def test_transfer_and_generation_defaults_per_method():
-    assert baselines.transfer_config("clic").eta == 1.0
-    assert baselines.transfer_config("custom-diffusion").eta == 0.0
-    assert baselines.transfer_config("break-a-scene").eta == 0.0
-    rf = baselines.transfer_config("realfill")
-    assert isinstance(rf, baselines.InpaintConfig)
+    assert transfer_config("paper").eta == 1.0
+    assert transfer_config("custom-diffusion").eta == 0.0
+    assert transfer_config("break-a-scene").eta == 0.0
+    rf = transfer_config("realfill")
+    assert isinstance(rf, InpaintConfig)
     assert (rf.steps, rf.scheduler, rf.guidance_scale, rf.composite) == (200, "ddpm", 1.0, True)
     with pytest.raises(InputError, match="--eta do not apply"):
-        baselines.transfer_config("realfill", eta=1.0)
-    from clic.generate import GenerateConfig
-
-    assert baselines.generate_config("clic") == GenerateConfig()       # the paper's two stages
-    assert baselines.generate_config("realfill").base_steps == 0
-    assert baselines.generate_config("break-a-scene", base_steps=3).base_steps == 3
+        transfer_config("realfill", eta=1.0)
+    assert generate_config("paper") == GenerateConfig()                # the paper's two stages
+    assert generate_config("realfill").base_steps == 0
+    assert generate_config("break-a-scene", base_steps=3).base_steps == 3
 
 
 # ---------------------------------------------------------------------------------------------- loss forms
@@ -141,7 +138,7 @@ def test_recipe_baselines_train_save_load_transfer(tiny_model_dir, tmp_path, met
     def on_step(step, record):
         seen[step] = _trainable(backbone)
 
-    cfg = baselines.learn_config(method, object_class="chair", steps=2, lr=1e-3, token_warmup_lr=1e-2)
+    cfg = learn_config(method, object_class="chair", steps=2, lr=1e-3, token_warmup_lr=1e-2)
     out = tmp_path / f"{method}.safetensors"
     result = baselines.learn_concept(backbone, [random_image()], [square_mask()], cfg, out_path=out,
                                      progress=False, callback=on_step)
@@ -156,15 +153,15 @@ def test_recipe_baselines_train_save_load_transfer(tiny_model_dir, tmp_path, met
         assert seen[1] == seen[2]
         assert result.history[0]["l_att"] == 0 and result.history[0]["l_roi"] == 0
     concept = Concept.load(out)
-    assert baselines.method_of(concept) == method
+    assert baselines.recipe_of(concept) == method
     backbone = load_backbone(tiny_model_dir, device="cpu")
     before = dict(backbone.unet.attn_processors)
-    tcfg = baselines.transfer_config(method, steps=4, t_start=1)
+    tcfg = transfer_config(method, steps=4, t_start=1)
     res = baselines.transfer_concept(backbone, concept, random_image(seed=3), square_mask(box=(20, 40, 10, 40)),
                                      tcfg, progress=False)
     assert res.images.shape == (1, 3, 64, 64) and res.guided_steps == []             # eta = 0: no guidance
     assert dict(backbone.unet.attn_processors) == before
-    gen = baselines.generate_concept(backbone, concept, baselines.generate_config(method, steps=1), progress=False)
+    gen = baselines.generate_concept(backbone, concept, generate_config(method, steps=1), progress=False)
     assert gen.images.shape == (1, 3, 64, 64) and gen.base_steps == 0
 
 
@@ -176,7 +173,7 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
     def on_step(step, record):
         seen[step] = _trainable(backbone)
 
-    cfg = baselines.learn_config("realfill", object_class="chair", steps=2, batch_size=2, micro_batch=1, lr=1e-3,
+    cfg = learn_config("realfill", object_class="chair", steps=2, batch_size=2, micro_batch=1, lr=1e-3,
                                  checkpoint_every=1)
     out = tmp_path / "rf.safetensors"
     result = baselines.learn_concept(backbone, [random_image()], [square_mask()], cfg, out_path=out,
@@ -190,7 +187,7 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert out.exists() and not (tmp_path / "rf.safetensors.ckpt").exists()
     concept = Concept.load(out)
-    assert baselines.method_of(concept) == "realfill" and concept.meta["prompt"] == "a photo of <v*>"
+    assert baselines.recipe_of(concept) == "realfill" and concept.meta["prompt"] == "a photo of <v*>"
     assert {k.rsplit(".", 2)[-2] for k in concept.attn_weights} == {"to_k", "to_v"}
 
     # loss only inside M_s: with an empty weight map nothing would be learned, with the mask something is
@@ -198,12 +195,12 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
 
     backbone = load_backbone(tiny_inpaint_dir, device="cpu")
     target, mask = random_image(seed=5), square_mask(box=(20, 40, 10, 40))
-    res = baselines.transfer_concept(backbone, concept, target, mask, baselines.transfer_config("realfill", steps=2),
+    res = baselines.transfer_concept(backbone, concept, target, mask, transfer_config("realfill", steps=2),
                                      progress=False)
     assert res.images.shape == (1, 3, 64, 64) and res.attention.shape[:3] == (2, 1, 1)
     far = realfill.paste_alpha(mask)[0] == 0                  # outside the dilated, blurred mask: the target exactly
     assert torch.equal(res.images[0][far.expand(3, -1, -1)], target[far.expand(3, -1, -1)])
-    gen = baselines.generate_concept(backbone, concept, baselines.generate_config("realfill", steps=1),
+    gen = baselines.generate_concept(backbone, concept, generate_config("realfill", steps=1),
                                      progress=False)
     assert gen.images.shape == (1, 3, 64, 64)
 
@@ -211,27 +208,27 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
 def test_realfill_needs_an_inpainting_model(tiny_model_dir):
     backbone = load_backbone(tiny_model_dir, device="cpu")
     with pytest.raises(ModelError, match="needs an inpainting model"):
-        realfill.learn_realfill(backbone, [random_image()], [square_mask()], baselines.learn_config("realfill"))
+        realfill.learn_realfill(backbone, [random_image()], [square_mask()], learn_config("realfill"))
 
 
 def test_realfill_inpainting_equals_the_stock_pipeline(tiny_inpaint_dir, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     from clic.imaging import to_pil
-    from clic.sampling import concept_applied
+    from clic.concept import applied_concept
 
     backbone = load_backbone(tiny_inpaint_dir, device="cpu")
-    cfg = baselines.learn_config("realfill", steps=1, batch_size=1, lr=1e-2)
+    cfg = learn_config("realfill", steps=1, batch_size=1, lr=1e-2)
     concept = baselines.learn_concept(backbone, [random_image()], [square_mask()], cfg, progress=False).concept
     backbone = load_backbone(tiny_inpaint_dir, device="cpu")
     target = torch.from_numpy(__import__("numpy").asarray(to_pil(random_image(seed=7)), dtype="float32")
                               ).permute(2, 0, 1) / 127.5 - 1
     mask = square_mask(box=(16, 48, 8, 40))
-    tcfg = baselines.transfer_config("realfill", steps=3, scheduler="ddim", guidance_scale=2.0, composite=False,
+    tcfg = transfer_config("realfill", steps=3, scheduler="ddim", guidance_scale=2.0, composite=False,
                                      seeds=(4,))
     ours = baselines.transfer_concept(backbone, concept, target, mask, tcfg, progress=False)
 
-    with concept_applied(backbone, concept):
+    with applied_concept(backbone, concept):
         pipe = StableDiffusionInpaintPipeline(
             vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
             scheduler=DDIMScheduler.from_config(backbone.scheduler_config, clip_sample=False),
@@ -249,24 +246,25 @@ def test_realfill_inpainting_equals_the_stock_pipeline(tiny_inpaint_dir, tmp_pat
 def test_cli_learn_method_and_baseline_transfer(tiny_model_dir, tiny_inpaint_dir, tmp_path, example_paths, capsys):
     image, mask = example_paths
     out = tmp_path / "rf.safetensors"
-    base = ["learn", "--image", image, "--mask", mask, "--device", "cpu", "-q", "--object-class", "chair"]
-    assert main(base + ["--method", "realfill", "--model", tiny_inpaint_dir, "--steps", "1", "--batch-size", "2",
-                        "--out", str(out)]) == 0, capsys.readouterr().err
+    sources = ["--image", image, "--mask", mask, "--device", "cpu", "-q", "--object-class", "chair"]
+    base = ["learn", *sources]
+    assert main(["realfill", "learn", *sources, "--model", tiny_inpaint_dir, "--steps", "1", "--batch-size", "2",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
     assert "l_realfill=" in capsys.readouterr().out and out.exists()
     assert main(["baselines", "transfer", str(out), "--target", image, "--mask", mask, "--out", str(tmp_path / "t"),
                  "--steps", "2", "-q", "--device", "cpu"]) == 0, capsys.readouterr().err
     assert (tmp_path / "t" / "seed0.png").exists() and (tmp_path / "t" / "grid.png").exists()
     cd = tmp_path / "cd.safetensors"
-    assert main(base + ["--method", "custom-diffusion", "--model", tiny_model_dir, "--steps", "1",
+    assert main(base + ["--recipe", "custom-diffusion", "--model", tiny_model_dir, "--steps", "1",
                         "--out", str(cd)]) == 0, capsys.readouterr().err
     assert Concept.load(cd).meta["method"] == "custom-diffusion"
     capsys.readouterr()
     # refused before any model loads: one line, exit code 2
-    for extra, message in ((["--method", "realfill", "--alpha", "0.3"], "--alpha do not apply to RealFill"),
-                           (["--batch-size", "2"], "applies to --method realfill only"),
-                           (["--method", "realfill", "--save-maps", str(tmp_path)], "--save-maps")):
-        assert main(base + ["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors"),
-                            *extra]) == 2
+    for command, extra, message in ((["realfill", "learn", *sources], ["--alpha", "0.3"], "--alpha"),
+                                    (base, ["--batch-size", "2"], "--batch-size"),
+                                    (["realfill", "learn", *sources], ["--save-maps", str(tmp_path)], "--save-maps")):
+        assert main(command + ["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors"),
+                               *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert main(["baselines", "list"]) == 0

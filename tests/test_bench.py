@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from clic import bench
+from clic_lab import bench
 from clic.cli import main
 
 
@@ -94,7 +94,7 @@ def test_flop_count_of_a_learning_step():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clic.bench import count_learning_flops, load_bench_backbone
+    from clic_lab.bench import count_learning_flops, load_bench_backbone
 
     b = load_bench_backbone("tiny", "cpu")
     fast = count_learning_flops(b, steps=2)
@@ -117,7 +117,7 @@ def test_flop_count_of_a_learning_step():
 def test_tensor_memory_counts_live_storages():
     """Hand-counted: views add nothing, freed tensors leave, tensors kept only by autograd for backward stay until
     backward has run; the peak includes what lived before (``base``)."""
-    from clic.bench import TensorMemory, count_learning_memory, load_bench_backbone
+    from clic_lab.bench import TensorMemory, count_learning_memory, load_bench_backbone
 
     mb4 = 1000 * 1000 * 4
     x = torch.randn(1000, 1000, requires_grad=True)
@@ -178,13 +178,13 @@ def test_fastest_levers():
 def test_reference_path_gives_self_attention_its_processors_back():
     """The reference path computes self-attention with explicit softmax; later runs on the same model (the levers
     after the reference in one bench) must not inherit it."""
-    from clic.learn import learn, make_config
+    from clic.config import learn_config as make_config
 
     b = bench.load_bench_backbone("tiny", "cpu")
     before = {n: type(p) for n, p in b.unet.attn_processors.items() if ".attn2." not in n}
     image, mask = bench._inputs(b.resolution)
-    learn(b, [image], [mask], make_config(steps=1, object_class="chair", checkpoint_every=0, reference_path=True),
-          progress=False)
+    bench.learn_reference(b, [image], [mask], make_config(steps=1, object_class="chair", checkpoint_every=0),
+                          progress=False)
     after = {n: type(p) for n, p in b.unet.attn_processors.items() if ".attn2." not in n}
     assert after == before and all(p.__name__ != "AttnProcessor" for p in after.values())
 

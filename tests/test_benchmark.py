@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from clic import benchmark
+from clic_lab import compare as benchmark
 from clic.cli import main
 
 

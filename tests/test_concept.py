@@ -6,7 +6,8 @@ from conftest import random_image, square_mask
 
 from clic.concept import Concept, export_diffusers, load_exported
 from clic.errors import ConceptFileError
-from clic.learn import learn, make_config
+from clic.config import learn_config as make_config
+from clic.learn import learn
 from clic.models import load_backbone
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from clic.cli import main
-from clic.demo import bundled_model
+from clic.models import bundled_model
 
 
 def _check_outputs(out):

@@ -7,9 +7,12 @@ import torch
 from conftest import DeviceReads, on_meta, random_image, square_mask
 
 from clic.errors import InputError, TrainingError
-from clic.learn import learn, make_config
+from clic.concept import applied_concept
+from clic.config import learn_config as make_config
+from clic.learn import learn
 from clic.maps import token_attention_maps
 from clic.models import load_backbone
+from clic_lab.bench.reference import learn_reference
 
 
 def _run(model_dir, steps=3, out=None, **kw):
@@ -49,7 +52,7 @@ def test_exactly_the_intended_parameters_train(tiny_model_dir):
     name = next(iter(procs))
     base_k = base_unet[name.replace(".processor", ".to_k.weight")]
     assert not torch.equal(procs[name].to_k.weight, base_k)
-    init = backbone.text_encoder.get_input_embeddings().base.weight[backbone.tokenizer.convert_tokens_to_ids("pattern")]
+    init = backbone.text_encoder.get_input_embeddings().weight[backbone.tokenizer.convert_tokens_to_ids("pattern")]
     assert not torch.equal(result.concept.embeddings[0], init)
 
 
@@ -139,7 +142,8 @@ def test_attention_loss_alone_moves_v_star_attention_onto_the_mask(tiny_model_di
         backbone = load_backbone(tiny_model_dir, device="cpu")
         cfg = make_config(steps=steps, lr=lr, use_con=False, use_roi=False, object_class="chair", flip_p=0.0)
         result = learn(backbone, [image], [mask], cfg, progress=False)
-        maps = token_attention_maps(backbone, backbone.encode_image(image[None]), cfg.context_prompt(), ["<v*>"])
+        with applied_concept(backbone, result.concept):
+            maps = token_attention_maps(backbone, backbone.encode_image(image[None]), cfg.context_prompt(), ["<v*>"])
         ious.append(_iou_top(maps[0], small))
         if steps > 1:
             l_att = [r["l_att"] for r in result.history]
@@ -208,7 +212,8 @@ def test_fast_path_matches_the_reference_path(tiny_model_dir):
     """The optimised computation (SDPA, one UNet batch, cached latents/text, only trainable grads) gives the same
     losses and the same learned weights as the official code's way of computing them."""
     _, fast = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
-    _, ref = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, reference_path=True)
+    ref = learn_reference(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+                          make_config(steps=3, lr=1e-3, seed=2, object_class="chair"))
     for a, b in zip(fast.history, ref.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
@@ -294,11 +299,10 @@ def test_cuda_graphs_resolved_for_the_device():
     assert resolved("cuda") == graphs and resolved(torch.device("cuda", 1)) == graphs
     assert resolved("cpu") == eager and resolved("mps") == eager
     assert resolved("cpu", cuda_graphs="on") == graphs and resolved("cuda", cuda_graphs="off") == eager
-    assert resolved("cuda", reference_path=True)[0] == "off"
     assert resolved("cuda", gradient_checkpointing=True)[0] == "off"
     assert resolved("cuda", channels_last=True) == ("off", {**eager[1], "channels_last": True})
     assert resolved("cuda", compile_unet=True)[1]["compile_text"] is False
-    for kw in ({"compile_unet": True}, {"channels_last": True}, {"reference_path": True}):
+    for kw in ({"compile_unet": True}, {"channels_last": True}):
         with pytest.raises(InputError, match="--cuda-graphs on sets the compile"):
             make_config(cuda_graphs="on", **kw).check()
 

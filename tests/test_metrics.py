@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clic import metrics
+from clic_lab.compare import metrics
 from clic.cli import main
 from clic.errors import ModelError
 

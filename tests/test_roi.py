@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clic.cli import main
-from clic.concept import Concept
+from clic.concept import Concept, applied_concept
 from clic.errors import ConceptFileError, InputError
 from clic.imaging import to_pil
-from clic.learn import learn, make_config
+from clic.config import learn_config as make_config
+from clic.learn import learn
 from clic.maps import token_attention_maps
-from clic.metrics import iou
+from clic_lab.compare.metrics import iou
 from clic.models import load_backbone
 from clic.roi import (DiscoverConfig, MaskConfig, MatchConfig, Matcher, attention_to_mask, auto_target_mask,
                       discover, learn_matcher, matcher_attention, otsu_threshold)
@@ -225,8 +226,9 @@ def test_two_masks_on_one_image_each_token_attends_to_its_own_region(seeing_mode
     backbone = load_backbone(seeing_model_dir, device="cpu")
     cfg = make_config(steps=40, lr=3e-3, use_con=False, use_roi=False, object_class="necklace", flip_p=0.0)
     result = learn(backbone, [image], [masks], cfg, progress=False)
-    maps = token_attention_maps(backbone, backbone.encode_image(image[None]), cfg.context_prompt(2),
-                                result.concept.tokens)
+    with applied_concept(backbone, result.concept):
+        maps = token_attention_maps(backbone, backbone.encode_image(image[None]), cfg.context_prompt(2),
+                                    result.concept.tokens)
     small = F.interpolate(masks[None], size=maps.shape[-2:], mode="area")[0] > 0.5
     for j in range(2):
         own, other = float(maps[j][small[j]].mean()), float(maps[j][small[1 - j]].mean())
@@ -275,8 +277,10 @@ def test_cli_discover_writes_masks_pattern_and_concept(seeing_model_dir, tmp_pat
     images, _ = _pattern_copies()
     paths = [_png(im, tmp_path / f"copy{k}.png") for k, im in enumerate(images[:2])]
     out = tmp_path / "found"
+    (tmp_path / "learn.yaml").write_text("steps: 2\n")                   # the in-context learning's options
     rc = main(["discover", "--model", seeing_model_dir, "--device", "cpu", "--image", paths[0], "--image", paths[1],
-               "--object-class", "chair", "--steps", "2", "--learn-steps", "2", "--out", str(out), "-q"])
+               "--object-class", "chair", "--steps", "2", "--learn-config", str(tmp_path / "learn.yaml"),
+               "--out", str(out), "-q"])
     assert rc == 0, capsys.readouterr().err
     assert (out / "pattern.safetensors").exists() and (out / "concept.safetensors").exists()
     assert (out / "copy0_mask.png").exists() and (out / "copy1_overlay.png").exists()

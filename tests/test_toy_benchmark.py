@@ -34,7 +34,7 @@ def test_widened_unet_predicts_what_its_parent_does(backbone):
 
 @pytest.fixture(scope="module")
 def toy_inpaint_dir(tmp_path_factory):
-    from clic.demo import bundled_model
+    from clic.models import bundled_model
 
     out = tmp_path_factory.mktemp("toyinpaint")
     report = train_inpainting(bundled_model(), out, minutes=5, max_steps=2, n_scenes=16, batch=4)
@@ -52,7 +52,7 @@ def test_toy_inpainting_model_is_an_sd_inpainting_pipeline(toy_inpaint_dir):
 
 
 def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
-    from clic.demo import bundled_model
+    from clic.models import bundled_model
 
     path = make_cases(tmp_path, n_cases=7, seed=1, model=str(bundled_model()), steps=2, sample_steps=4,
                       inpaint_model=str(toy_inpaint_dir))
@@ -89,8 +89,8 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
 def test_run_and_extras_on_one_case(tmp_path, monkeypatch):
     """Transfer benchmark + generation + RoI matching for CLiC alone on one case: every number is produced and in
     range."""
-    from clic.benchmark import run_benchmark
-    from clic.demo import bundled_model
+    from clic_lab.compare import run_benchmark
+    from clic.models import bundled_model
 
     make_cases(tmp_path, n_cases=1, model=str(bundled_model()), steps=2, sample_steps=4)
     manifest = yaml.safe_load((tmp_path / "manifest.yaml").read_text())
@@ -124,7 +124,7 @@ def test_run_and_extras_on_one_case(tmp_path, monkeypatch):
 
     # recomputing some parts keeps the others' rows; a fresh process (`run --extras-only`) has no pattern metric
     # registered, which the pipeline's manifest names
-    from clic.benchmark import METRIC_GROUPS
+    from clic_lab.compare import METRIC_GROUPS
 
     monkeypatch.delitem(METRIC_GROUPS, "pattern")
     before = json.loads((tmp_path / "results" / "extras.json").read_text())["rows"]
@@ -141,7 +141,7 @@ def test_text_control_words_and_seen_patterns(tmp_path):
     the toy model's vocabulary; ``--patterns seen`` cases use only the patterns the toy model was trained on."""
     from transformers import CLIPTokenizer
 
-    from clic.demo import bundled_model
+    from clic.models import bundled_model
     from clic_lab.toyworld.benchmark import PATTERN_SETS, SEEN_PATTERNS, text_words
     from clic_lab.toyworld.world import TRAIN_PATTERNS
 
@@ -162,7 +162,7 @@ def test_scores_of_a_source_against_itself(tmp_path):
     """Scored against its own region, a rendered source has its pattern present and both of its colours (the part's
     and the pattern's, as the world drew them: source_colours reads them off the case's source); a colour pair it
     does not have scores 0."""
-    from clic.demo import bundled_model
+    from clic.models import bundled_model
     from clic_lab.toyworld.benchmark import pattern_scores, source_colours
     from clic_lab.toyworld.detector import PatternDetector
 

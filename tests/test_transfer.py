@@ -13,10 +13,11 @@ from clic.cli import main
 from clic.concept import export_diffusers, load_exported
 from clic.errors import InputError
 from clic.imaging import resize_mask
+from clic.config import learn_config
+from clic.config import transfer_config as make_config
 from clic.learn import learn
-from clic.learn import make_config as learn_config
 from clic.models import load_backbone
-from clic.transfer import TransferConfig, feather_mask, make_config, transfer
+from clic.transfer import TransferConfig, feather_mask, transfer
 
 STEPS = 10
 

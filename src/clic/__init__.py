@@ -1,14 +1,23 @@
 """CLiC: Concept Learning in Context (Safaee et al.), a reference implementation on diffusers.
 
-The pieces, one module per idea of the paper:
+The method, one module per idea of the paper (the data path: image -> concept -> edited image):
 
 - :mod:`clic.models`     load a Stable Diffusion checkpoint (hub id or folder), pick device/dtype
 - :mod:`clic.builder`    build random-init pipelines offline (tiny, SD1.4-sized) and the CLIP tokenizer
+- :mod:`clic.config`     the options of every job and the named recipes that preset them
+- :mod:`clic.imaging`    image and mask I/O, overlays, grids
+- :mod:`clic.tokens`     placeholder tokens v* and their trainable embedding rows
 - :mod:`clic.attention`  cross-attention processor: trainable K/V (Custom Diffusion) + token maps CA(v*, x_t)
 - :mod:`clic.losses`     l_con (eq. 2-3), l_att (eq. 1), l_RoI (eq. 4), total (eq. 5)
-- :mod:`clic.learn`      in-context concept learning (sec. 3.1)
-- :mod:`clic.concept`    the concept file (safetensors) and diffusers export
-- :mod:`clic.cli`        the ``clic`` command
+- :mod:`clic.learn`      in-context concept learning (sec. 3.1); :mod:`clic.runs` its checkpoints and logs
+- :mod:`clic.concept`    the concept file (safetensors), applying it to a model, diffusers export
+- :mod:`clic.transfer`   concept transfer (sec. 3.2); :mod:`clic.sampling` the pieces of the denoising loops
+- :mod:`clic.generate`   two-stage generation (sec. 4.1)
+- :mod:`clic.roi`        RoI matching: automatic target and source masks (sec. 3.3)
+- :mod:`clic.baselines`  Custom Diffusion, Break-A-Scene, RealFill (sec. 4.2)
+
+Around it, never imported by it: the ``clic`` command (:mod:`clic.cli`), the web page (:mod:`clic.ui`) and the
+research tools (:mod:`clic_lab`: speed bench, comparison runner, toy world, demo).
 """
 
 __version__ = "0.1.0"

@@ -6,11 +6,11 @@ One processor class, :class:`ClicCrossAttnProcessor`, is installed on the UNet's
 (a) optionally holds trainable fp32 copies of ``to_k``/``to_v`` (Custom Diffusion) and of ``to_q``/``to_out``
     (the official CLiC code's ``train_q_out=True``), and
 (b) when a :class:`TokenMapCapture` is attached, records, differentiably, the attention probabilities of a few
-    token columns. Only those columns of the softmax are formed: ``p_j = exp(logit_j - logsumexp(logits))``;
-    the attention *output* always comes from ``scaled_dot_product_attention``.
+    token columns: the softmax of the fp32 logits, of which only those columns are kept; the attention *output*
+    always comes from ``scaled_dot_product_attention`` (:meth:`ClicCrossAttnProcessor.attend`).
 
 Maps flow back through the capture object owned by the caller (:func:`capture_token_maps`), never through a
-global store.
+global store; processors swapped for a while are put back by :func:`restored_processors`.
 """
 
 from __future__ import annotations
@@ -49,16 +49,14 @@ class ClicCrossAttnProcessor(nn.Module):
         attn: the diffusers ``Attention`` module the processor serves (its weights are copied, never changed).
         train_kv: hold trainable copies of ``to_k`` and ``to_v`` (Custom Diffusion).
         train_q_out: also hold trainable copies of ``to_q`` and ``to_out[0]`` (official CLiC code).
-        explicit_softmax: compute the output with an explicit softmax instead of SDPA (the reference path
-            used by ``clic bench``; results agree to float tolerance).
+
+    A subclass may compute the attention output its own way by overriding :meth:`attend`.
     """
 
-    def __init__(self, attn=None, train_kv: bool = False, train_q_out: bool = False,
-                 explicit_softmax: bool = False):
+    def __init__(self, attn=None, train_kv: bool = False, train_q_out: bool = False):
         super().__init__()
         self.train_kv = train_kv
         self.train_q_out = train_q_out
-        self.explicit_softmax = explicit_softmax
         self.to_k = _linear_copy(attn.to_k) if train_kv else None
         self.to_v = _linear_copy(attn.to_v) if train_kv else None
         self.to_q = _linear_copy(attn.to_q) if train_q_out else None
@@ -122,13 +120,7 @@ class ClicCrossAttnProcessor(nn.Module):
         if self.capture is not None:
             self.capture.record(self.name, query, key, attn.scale)
 
-        if self.explicit_softmax:
-            scores = (query @ key.transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            out = scores.softmax(-1) @ value
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = self.attend(query, key, value, attention_mask, attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
 
         out = _apply(self.to_out, out) if self.to_out is not None else attn.to_out[0](out)
@@ -140,6 +132,12 @@ class ClicCrossAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:     # SD's is 1: no kernel (and no backward one) for nothing
             out = out / attn.rescale_output_factor
         return out
+
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax(Q K^T * scale + mask) V for ``(B, heads, N, d)`` queries, by SDPA."""
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -178,8 +176,10 @@ def cross_attention_layers(unet, blocks: Iterable[str] = ("up",), factor: int | 
 
 
 def install_processors(unet, train_kv: bool = True, train_q_out: bool = False, layers: Sequence[str] | None = None,
-                       explicit_softmax: bool = False) -> dict[str, ClicCrossAttnProcessor]:
-    """Put a :class:`ClicCrossAttnProcessor` on every cross-attention layer; self-attention is left as it is.
+                       processor_class: type[ClicCrossAttnProcessor] = ClicCrossAttnProcessor
+                       ) -> dict[str, ClicCrossAttnProcessor]:
+    """Put a :class:`ClicCrossAttnProcessor` (or ``processor_class``) on every cross-attention layer; self-attention
+    is left as it is.
 
     ``layers`` limits which cross-attention layers get trainable copies (default: all 16 in SD1.x, as Custom
     Diffusion); the others get a plain (non-trainable) processor so that maps can still be captured there.
@@ -194,8 +194,7 @@ def install_processors(unet, train_kv: bool = True, train_q_out: bool = False, l
             continue
         attn = modules[name[: -len(".processor")]]
         train = trainable is None or name in trainable
-        proc = ClicCrossAttnProcessor(attn, train_kv=train_kv and train, train_q_out=train_q_out and train,
-                                      explicit_softmax=explicit_softmax)
+        proc = processor_class(attn, train_kv=train_kv and train, train_q_out=train_q_out and train)
         proc.name = name
         processors[name] = clic_procs[name] = proc
     unet.set_attn_processor(processors)
@@ -224,14 +223,22 @@ def text_kv_cached(unet, enabled: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def swapped_processors(unet, processors: dict) -> Iterator[None]:
-    """Temporarily run ``unet`` with ``processors``; the previous processors are restored on exit."""
+def restored_processors(unet) -> Iterator[dict]:
+    """Whatever the body installs on ``unet``, its attention processors are the same objects afterwards (as
+    diffusers' PAG pipelines put ``unet.attn_processors`` back). Yields the processors found."""
     saved = dict(unet.attn_processors)
-    unet.set_attn_processor(dict(processors))
     try:
-        yield
+        yield dict(saved)
     finally:
         unet.set_attn_processor(saved)
+
+
+@contextlib.contextmanager
+def swapped_processors(unet, processors: dict) -> Iterator[None]:
+    """Temporarily run ``unet`` with ``processors``; the previous processors are restored on exit."""
+    with restored_processors(unet):
+        unet.set_attn_processor(dict(processors))
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ capture

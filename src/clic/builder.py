@@ -24,6 +24,10 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
 
@@ -71,8 +75,6 @@ def build_clip_tokenizer(pad_token: str = EOS):
     Vocabulary order as in CLIP: 256 byte symbols, the same with ``</w>``, 48894 merges, then the
     start and end tokens (ids 49406, 49407). SD1.x pads with the end token, SD2.x with "!".
     """
-    from transformers import CLIPTokenizer
-
     lines = gzip.open(find_bpe_vocab()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_VOCAB_SIZE - 2 * 256 - 2]]
     symbols = list(_bytes_to_unicode().values())
@@ -173,8 +175,6 @@ def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
 
     A random-init VAE with SD's factor gives latents of std ~0.04; noised to any t > 0 the UNet then sees almost
     nothing of the image, and neither attention maps nor losses can follow its content (see :data:`TINY_VAE`)."""
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(seed)
     size = vae.config.sample_size
     cells = [2 ** (2 + k % 4) for k in range(n)]                   # 4, 8, 16, 32 cells per side, then again
@@ -188,10 +188,6 @@ def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
 def build_pipeline(kind: str, seed: int = 0):
     """A random-init ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for the inpainting kinds) of one
     of :data:`SPECS` (seeded per component)."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if kind not in SPECS:
         raise ModelError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
     spec = SPECS[kind]

@@ -10,24 +10,34 @@ Layout (format ``clic-concept/1``):
 
 Loading checks the file is a clic concept and that it was made for the backbone it is applied to. Files are
 never unpickled.
+
+:func:`applied_concept` applies a concept to a backbone for the body of a ``with`` (for sampling, or trainable for
+learning) and leaves the backbone as it found it: vocabulary, embedding rows, attention processors and
+``requires_grad`` flags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .attention import ClicCrossAttnProcessor, install_processors
+from .attention import ClicCrossAttnProcessor, clic_processors, install_processors, restored_processors
 from .errors import ConceptFileError
 from .fileio import atomic_path
-from .tokens import add_placeholders, concept_embedding
+from .tokens import ConceptTokenEmbedding, concept_embedding, restored_vocabulary, set_placeholders
+
+#: what a concept's attention weights train as (``train`` of :meth:`Concept.apply`): None = frozen
+TRAINABLE = (None, "kv", "kv+q+out", "token")
 
 FORMAT = "clic-concept/1"
 EXPORT_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
@@ -58,9 +68,20 @@ class Concept:
         }
         return cls(list(tokens), embeddings.detach().float().cpu().clone(), weights, info)
 
+    @classmethod
+    def untrained(cls, tokens: list[str], embeddings: torch.Tensor) -> "Concept":
+        """The starting point of learning: the tokens at their initial embeddings ``(n_tokens, dim)``, no attention
+        weights of its own (it is built for the backbone at hand: no base model to check)."""
+        return cls(list(tokens), embeddings.detach().float(), {}, {})
+
     @property
     def trains_q_out(self) -> bool:
         return any(".to_q." in k for k in self.attn_weights)
+
+    @property
+    def layers(self) -> list[str]:
+        """The cross-attention layers (processor keys) the concept has weights for."""
+        return sorted({_split_key(k)[0] for k in self.attn_weights})
 
     # -- file -----------------------------------------------------------------------------------------------
     def save(self, path, dtype: torch.dtype = torch.float32) -> Path:
@@ -78,8 +99,6 @@ class Concept:
         if not path.is_file():
             raise ConceptFileError(f"{path}: concept file not found")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             tensors = load_file(str(path))
@@ -113,26 +132,34 @@ class Concept:
         if self.embeddings.shape[1] != backbone.text_encoder.config.hidden_size:
             raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text encoder")
 
-    def apply(self, backbone, name: str = "concept", explicit_softmax: bool = False) -> dict[str, ClicCrossAttnProcessor]:
-        """Add the concept's tokens (or refresh their embeddings if added before) and install its cross-attention
-        weights on ``backbone.unet``.
+    def apply(self, backbone, name: str = "concept", train: str | None = None,
+              processor_class: type[ClicCrossAttnProcessor] = ClicCrossAttnProcessor
+              ) -> dict[str, ClicCrossAttnProcessor]:
+        """Add the concept's tokens (or refresh their embeddings if they are there) and install its cross-attention
+        weights on ``backbone.unet``, for good: :func:`applied_concept` does the same for the body of a ``with``.
 
-        Returns the installed processors; ``backbone.unet.attn_processors`` before the call is the base model.
+        ``train`` (learning): ``"kv"`` / ``"kv+q+out"`` puts trainable fp32 copies of those matrices on every
+        cross-attention layer (the concept's weights where it has them, the base model's elsewhere); ``"token"``
+        and None keep them frozen. A concept without attention weights (a token only, e.g. w*, sec. 3.3) keeps
+        the cross-attention processors that are installed (e.g. another concept's K/V), or gets plain ones.
+        Returns the cross-attention processors (``{layer name: processor}``).
         """
-        self.check_base(backbone, name)
-        parsed = [(_split_key(k), v) for k, v in self.attn_weights.items()]
-        layers = sorted({layer for (layer, _, _), _ in parsed})
-        emb = concept_embedding(backbone.text_encoder)
-        if self.tokens and all(t in emb.tokens for t in self.tokens):
-            # applied before in this process (learn(), an earlier apply()): same ids, new rows
-            with torch.no_grad():
-                for token, vector in zip(self.tokens, self.embeddings):
-                    emb.new[emb.tokens.index(token)] = vector.to(emb.new.device)
+        if train not in TRAINABLE:
+            raise ValueError(f"unknown trainable set {train!r}; use one of {TRAINABLE}")
+        if self.meta:                       # a file names its base model; an untrained concept is this backbone's
+            self.check_base(backbone, name)
+        unet = backbone.unet
+        set_placeholders(backbone, self.tokens, self.embeddings)
+        if train in ("kv", "kv+q+out"):
+            procs = install_processors(unet, train_kv=True, train_q_out=train == "kv+q+out",
+                                       processor_class=processor_class)
+        elif self.attn_weights:
+            procs = install_processors(unet, train_kv=True, train_q_out=self.trains_q_out, layers=self.layers,
+                                       processor_class=processor_class)
         else:
-            add_placeholders(backbone, self.tokens, self.embeddings.to(backbone.device))
-        procs = install_processors(backbone.unet, train_kv=bool(layers), train_q_out=self.trains_q_out,
-                                   layers=layers, explicit_softmax=explicit_softmax)
-        for (layer, sub, param), value in parsed:
+            procs = clic_processors(unet) or install_processors(unet, train_kv=False, processor_class=processor_class)
+        for key, value in self.attn_weights.items():
+            layer, sub, param = _split_key(key)
             if layer not in procs or sub not in procs[layer].trained_linears():
                 raise ConceptFileError(f"{name}: layer {layer}.{sub} does not exist in {backbone.model_id}")
             target = getattr(procs[layer].trained_linears()[sub], param)
@@ -142,8 +169,76 @@ class Concept:
             with torch.no_grad():
                 target.copy_(value)
         for proc in procs.values():
-            proc.requires_grad_(False)
+            proc.requires_grad_(train in ("kv", "kv+q+out"))
         return procs
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+@dataclass
+class AppliedConcept:
+    """A concept installed on a backbone (inside :func:`applied_concept`)."""
+
+    token_ids: list[int]
+    embedding: ConceptTokenEmbedding                    # the text encoder's; its last rows are the concept's tokens
+    processors: dict[str, ClicCrossAttnProcessor]       # the cross-attention processors
+    base_processors: dict                               # the processors found, trained copies made plain
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        """The concept tokens' embeddings ``(n_tokens, dim)`` (trainable when learning)."""
+        return self.embedding.new[-len(self.token_ids):]
+
+    @property
+    def attention_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for proc in self.processors.values() for p in proc.parameters()]
+
+
+def base_processors(processors: dict) -> dict:
+    """The base model's processors: our processors with trained copies become plain ones (base weights, still able
+    to capture maps); any other processor (the stock ones of a fresh backbone) is kept."""
+    out = {}
+    for name, proc in processors.items():
+        if isinstance(proc, ClicCrossAttnProcessor) and proc.trained_linears():
+            plain = type(proc)()
+            plain.name = name
+            proc = plain
+        out[name] = proc
+    return out
+
+
+@contextlib.contextmanager
+def restored_model(backbone) -> Iterator[None]:
+    """Whatever the body does to the backbone's tokens, processors and ``requires_grad`` flags, they are as they were
+    afterwards."""
+    modules = (backbone.unet, backbone.text_encoder, backbone.vae)
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    with restored_vocabulary(backbone), restored_processors(backbone.unet):
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def applied_concept(backbone, concept: Concept, train: str | None = None, train_token: bool = False,
+                    name: str = "concept", processor_class: type[ClicCrossAttnProcessor] = ClicCrossAttnProcessor
+                    ) -> Iterator[AppliedConcept]:
+    """Apply ``concept`` to ``backbone`` (:meth:`Concept.apply`) for the body; afterwards the backbone is as it was:
+    same vocabulary, embedding rows, attention processors and ``requires_grad`` flags. Nothing else has to be
+    reloaded to get the base model back.
+
+    ``train`` and ``train_token`` make the cross-attention copies and the token rows trainable (learning).
+    """
+    with restored_model(backbone):
+        found = dict(backbone.unet.attn_processors)
+        procs = concept.apply(backbone, name, train=train, processor_class=processor_class)
+        embedding = concept_embedding(backbone.text_encoder)
+        embedding.new.requires_grad_(train is not None and train_token)
+        ids = backbone.tokenizer.convert_tokens_to_ids(list(concept.tokens))
+        yield AppliedConcept(ids, embedding, procs, base_processors(found))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -183,8 +278,6 @@ def export_diffusers(concept: Concept, backbone, out_dir) -> Path:
 
 def load_exported(pipe, export_dir) -> None:
     """Load exported files into a stock ``StableDiffusionPipeline`` with diffusers' own classes only."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
-
     export_dir = Path(export_dir)
     state = load_file(str(export_dir / EXPORT_WEIGHTS))
     pipe.load_textual_inversion(str(export_dir), weight_name=EXPORT_EMBEDS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 from .fileio import atomic_path
@@ -97,6 +97,18 @@ def load_mask(path, size: int, image_size: tuple[int, int] | None = None, thresh
     return mask
 
 
+def load_full_size(image_path, mask_path, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image ``(3, H, W)`` in [-1, 1] and its binary mask ``(1, H, W)`` at the image's own size, read as
+    :func:`load_image` / :func:`load_mask` read them (same modes, alpha and threshold), without the crop."""
+    image = _open(image_path)
+    pixels = np.round(_to_float(image) * 255).astype(np.float32) / 127.5 - 1.0
+    values = _mask_values(_open(mask_path))
+    if values.shape != (image.height, image.width):
+        values = _resize_2d(values, (image.height, image.width))
+    mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), mask
+
+
 def check_mask(mask: torch.Tensor, name="mask", allow_full: bool = False) -> None:
     if mask.sum() == 0:
         raise InputError(f"{name}: mask is empty (no pixel above the threshold)")
@@ -156,8 +168,6 @@ def mask_overlay(image: torch.Tensor, mask: torch.Tensor, color=(255, 40, 40), s
 
 def grid(images: list[Image.Image], rows: int = 1, labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
     """Images in a rows x cols grid (row-major), resized to a common cell size, optional labels above."""
-    from PIL import ImageDraw
-
     cols = -(-len(images) // rows)
     cell = cell or max(max(im.width, im.height) for im in images)
     pad = 14 if labels else 0

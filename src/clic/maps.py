@@ -1,14 +1,14 @@
 """CA(token, x_t) on a given image: noise its latent to a few timesteps, run the UNet, average the token's
-cross-attention maps. Used for previews after learning, for ``--save-attention``, and for RoI matching."""
+cross-attention maps. Used for previews after learning and for RoI matching."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+from PIL import Image
 
 from .attention import capture_token_maps, cross_attention_layers
-from .imaging import grid, heat_overlay, mask_overlay, save_png, to_pil
+from .concept import Concept, applied_concept
+from .imaging import grid, heat_overlay, mask_overlay, to_pil
 from .tokens import token_positions
 
 
@@ -36,24 +36,21 @@ def token_attention_maps(backbone, latents: torch.Tensor, prompt: str, tokens: l
     return torch.stack(out).mean(0)
 
 
-def save_learning_preview(backbone, result, images, masks, out_dir, seed: int = 0) -> list[Path]:
-    """source | mask | CA(v*) overlay per image and token; PNGs plus a grid, written to ``out_dir``."""
-    out_dir = Path(out_dir)
-    cfg = result.concept.meta.get("config", {})
-    prompt = result.concept.meta["prompt"]
-    tiles, labels, written = [], [], []
-    for i, (image, mask) in enumerate(zip(images, masks)):
-        latents = backbone.encode_image(image[None])
-        maps = token_attention_maps(backbone, latents, prompt, result.concept.tokens, seed=seed,
-                                    blocks=tuple(cfg.get("attn_blocks", ("up",))))
-        for j, token in enumerate(result.concept.tokens):
-            overlay = heat_overlay(image, maps[j])
-            mask_img = mask_overlay(image, mask[j])
-            for name, im in ((f"mask_{i}_{j}.png", mask_img), (f"attention_{i}_{j}.png", overlay)):
-                save_png(im, out_dir / name)
-                written.append(out_dir / name)
-            tiles += [to_pil(image), mask_img, overlay]
-            labels += [f"source {i}", f"mask {token}", f"CA({token})"]
-    save_png(grid(tiles, rows=len(tiles) // 3, labels=labels, cell=max(128, images[0].shape[-1])), out_dir / "grid.png")
-    written.append(out_dir / "grid.png")
-    return written
+def learning_preview(backbone, concept: Concept, images: list[torch.Tensor], masks: list[torch.Tensor],
+                     seed: int = 0) -> dict[str, Image.Image]:
+    """source | mask | CA(v*) overlay per source image and token, as ``{file name: image}``: ``mask_<i>_<j>.png``,
+    ``attention_<i>_<j>.png`` and ``grid.png`` (the concept is applied for the call)."""
+    cfg = concept.meta.get("config", {})
+    out, tiles, labels = {}, [], []
+    with applied_concept(backbone, concept):
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            latents = backbone.encode_image(image[None])
+            maps = token_attention_maps(backbone, latents, concept.meta["prompt"], concept.tokens, seed=seed,
+                                        blocks=tuple(cfg.get("attn_blocks", ("up",))))
+            for j, token in enumerate(concept.tokens):
+                overlay, mask_img = heat_overlay(image, maps[j]), mask_overlay(image, mask[j])
+                out[f"mask_{i}_{j}.png"], out[f"attention_{i}_{j}.png"] = mask_img, overlay
+                tiles += [to_pil(image), mask_img, overlay]
+                labels += [f"source {i}", f"mask {token}", f"CA({token})"]
+    out["grid.png"] = grid(tiles, rows=len(tiles) // 3, labels=labels, cell=max(128, images[0].shape[-1]))
+    return out

@@ -10,17 +10,34 @@ import hashlib
 import json
 import logging
 import os
+import platform
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import hf_hub_download
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+#: The SD1.x inpainting checkpoint (SD1.5-inpainting, formerly runwayml/stable-diffusion-inpainting): the
+#: inpainting counterpart of the paper's SD1.4, the base of the RealFill baseline.
+DEFAULT_INPAINT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: sampler names -> diffusers classes (first-order or multistep: one UNet call per step)
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+}
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -32,6 +49,14 @@ def pick_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the number of threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -131,24 +156,35 @@ class Backbone:
         return pixels.float().clamp(-1, 1)
 
     def sampling_scheduler(self, kind: str = "ddim", **overrides):
-        """A diffusers scheduler for sampling, built from the model's scheduler config.
+        """A diffusers scheduler for sampling (one of :data:`SCHEDULERS`, or ``pndm``), built from the model's
+        scheduler config.
 
         ``clip_sample`` is False unless the config says otherwise: SD checkpoints ship a PNDM config without
-        that key, DDIM's default is True, and diffusers' pipelines force it to False at load time; doing the
-        same keeps our samples equal to stock pipelines'.
+        that key, DDIM's default is True (it would clip x_0 to [-1, 1]), and diffusers' pipelines force it to
+        False at load time; doing the same keeps our samples equal to stock pipelines' (and to the official code's).
+        v-prediction models (SD2) need nothing else: the config carries ``prediction_type``.
         """
-        from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-        classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+        classes = {**SCHEDULERS, "pndm": "PNDMScheduler"}
         if kind not in classes:
             raise ModelError(f"unknown scheduler {kind!r}; choose one of {', '.join(classes)}")
         config = {"clip_sample": False, **self.scheduler_config, **overrides}
-        return classes[kind].from_config(config)
+        return getattr(diffusers, classes[kind]).from_config(config)
 
     def training_scheduler(self):
-        from diffusers import DDPMScheduler
-
         return DDPMScheduler.from_config(self.scheduler_config)
+
+    # -- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_modules(cls, model_id: str, tokenizer, text_encoder, vae, unet, scheduler_config: dict,
+                     device: torch.device, dtype: torch.dtype) -> "Backbone":
+        """The backbone of loaded (or built) modules: everything frozen, in eval mode, on ``device`` in ``dtype``."""
+        for module in (text_encoder, vae, unet):
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+            module.requires_grad_(False).eval().to(device)
+        config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        return cls(model_id, tokenizer, text_encoder, vae, unet, config, device, dtype,
+                   extra={"base_vocab_size": len(tokenizer)})
 
 
 def _is_local(model: str) -> bool:
@@ -163,9 +199,6 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     local folder in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
     ``tokenizer/``, ``scheduler/``).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype = parse_dtype(dtype)
     model = str(model)
@@ -195,17 +228,18 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
             "reached); pass a local diffusers folder with --model /path/to/model "
             "(e.g. one made by `clic make-model tiny DIR`)"
         ) from exc
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False).eval().to(device)
     log.info("loaded %s on %s (%s)", model, device, dtype)
-    return Backbone(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype,
-                    extra={"base_vocab_size": len(tokenizer)})
+    return Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+
+
+def bundled_model() -> Path | None:
+    """The toy model shipped in the package (``clic/assets/toymodel``), or None in a checkout without it."""
+    path = Path(str(resources.files("clic") / "assets" / "toymodel"))
+    return path if (path / "model_index.json").is_file() else None
 
 
 def _resolve_file(source: str, relpath: str, kw: dict) -> str:
     if os.path.isdir(source):
         return os.path.join(source, relpath)
-    from huggingface_hub import hf_hub_download
-
     folder, name = relpath.rsplit("/", 1)
     return hf_hub_download(source, name, subfolder=folder, **kw)

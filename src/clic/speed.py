@@ -1,4 +1,5 @@
-"""Speed and memory levers of the learning loop (``LearnConfig``'s options; ``clic bench --levers`` measures each).
+"""Speed and memory levers of the learning loop (``LearnConfig``'s speed options; ``clic bench --levers`` measures
+each, BENCHMARKS.md has the numbers).
 
 :func:`speed_levers` turns the chosen ones on around the loop and leaves the models as it found them:
 
@@ -7,8 +8,8 @@
 - ``torch.compile`` of the UNet (``--compile-unet``) and of the text encoder's transformer layers
   (``--compile-text``: the text is encoded, forward and backward, every step while the token trains; a fifth of the
   step's kernels on SD1.4), in one of its modes (``--compile-mode``): ``reduce-overhead`` replays the compiled graphs
-  as CUDA graphs, which removes the per-kernel launch cost of the host (BENCHMARKS.md: on the H200 the eager step is
-  bound by the host, not the GPU); ``cudagraphs`` replays torch's own kernels as CUDA graphs without generating new
+  as CUDA graphs, which removes the per-kernel launch cost of the host (on a fast GPU the eager step is bound by the
+  host, not the GPU); ``cudagraphs`` replays torch's own kernels as CUDA graphs without generating new
   ones (torch's ``cudagraphs`` backend: the model is traced, not compiled, so it is ready in seconds instead of
   minutes). Only the text encoder's layers are compiled, not its embedding: each learning run adds a
   token row to the embedding table, and a graph holding the table would compile again for every run of a process.
@@ -18,10 +19,12 @@ None of them changes what is computed: the losses agree with the plain loop up t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
 #: ``torch.compile`` modes offered by ``--compile-mode`` (``cudagraphs``: the backend of that name, no Inductor)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "cudagraphs")
@@ -32,8 +35,7 @@ GPU_SYNC_EVERY = 10
 #: ``--cuda-graphs`` values (``auto``: on for a CUDA device, see :func:`with_cuda_graphs`)
 CUDA_GRAPHS = ("auto", "on", "off")
 #: what ``--cuda-graphs on`` sets: the UNet and the text encoder's layers traced by torch's ``cudagraphs`` backend and
-#: replayed as CUDA graphs, the UNet channels-last (BENCHMARKS.md, H100: 500 steps in 18.6 s instead of 36.2 s, after
-#: a one-off capture of 14-36 s; of the levers ready in seconds, the fastest measured)
+#: replayed as CUDA graphs, the UNet channels-last (of the levers ready in seconds, the fastest measured: BENCHMARKS.md)
 GRAPH_OPTIONS = {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs", "channels_last": True}
 
 
@@ -60,18 +62,20 @@ def sets_graph_options(cfg) -> bool:
 
 def with_cuda_graphs(cfg, device):
     """``cfg`` with ``--cuda-graphs`` resolved for ``device``: ``on`` sets :data:`GRAPH_OPTIONS`; ``auto`` does so on
-    a CUDA device unless the run computes like the official code (``--reference-path``), saves memory
-    (``--gradient-checkpointing``: with the graphs the peak is 1.6-2.1 GiB higher on SD1.4) or sets a compile or
-    memory-format option itself; ``off``, and ``auto`` elsewhere, leave ``cfg`` as it is. The result says ``on``
-    or ``off``."""
-    import dataclasses
-
+    a CUDA device unless the run saves memory (``--gradient-checkpointing``: the graphs raise the peak, see
+    BENCHMARKS.md) or sets a compile or memory-format option itself; ``off``, and ``auto`` elsewhere, leave ``cfg``
+    as it is. The result says ``on`` or ``off``."""
     wanted = cfg.cuda_graphs == "on" or (
-        cfg.cuda_graphs == "auto" and torch.device(device).type == "cuda" and not cfg.reference_path
-        and not cfg.gradient_checkpointing and not sets_graph_options(cfg))
+        cfg.cuda_graphs == "auto" and torch.device(device).type == "cuda" and not cfg.gradient_checkpointing
+        and not sets_graph_options(cfg))
     if not wanted:
         return dataclasses.replace(cfg, cuda_graphs="off")
     return dataclasses.replace(cfg, cuda_graphs="on", **GRAPH_OPTIONS)
+
+
+def sync_interval(cfg, device) -> int:
+    """``cfg.sync_every`` resolved for ``device``: the learning steps between reads of the loss values."""
+    return cfg.sync_every or (1 if torch.device(device).type == "cpu" else GPU_SYNC_EVERY)
 
 
 @contextmanager
@@ -102,8 +106,6 @@ def fused_self_attention(unet, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from diffusers.models.attention_processor import FusedAttnProcessor2_0
-
     saved = dict(unet.attn_processors)
     layers = [unet.get_submodule(name.removesuffix(".processor")) for name in saved if ".attn1." in name]
     try:
@@ -122,7 +124,8 @@ def fused_self_attention(unet, enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def speed_levers(backbone, cfg) -> Iterator[None]:
-    """``cfg``'s (a ``LearnConfig``) levers on the UNet and text encoder while inside; the models are left as found."""
+    """``cfg``'s (a ``LearnConfig``) levers on the UNet and text encoder while inside, and self-attention's Q/K/V as
+    one matmul (:func:`fused_self_attention`); the models are left as found."""
     unet = backbone.unet
     checkpointing = getattr(unet, "is_gradient_checkpointing", False)
     try:
@@ -130,7 +133,7 @@ def speed_levers(backbone, cfg) -> Iterator[None]:
             unet.enable_gradient_checkpointing()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
-        with fused_self_attention(unet, enabled=not cfg.reference_path), \
+        with fused_self_attention(unet), \
                 compiled_forward(unet, cfg.compile_mode, cfg.compile_unet), \
                 compiled_forward(text_layers(backbone.text_encoder), cfg.compile_mode, cfg.compile_text):
             yield

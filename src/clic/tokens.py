@@ -4,11 +4,19 @@ The text encoder's embedding table stays frozen and untouched. Its ``token_embed
 :class:`ConceptTokenEmbedding`, which looks up new ids (>= the base vocabulary size) in a small trainable
 matrix. So exactly the new rows train, and no other row can drift (the official code zeroes the gradients of
 the other rows instead, with an off-by-one for several tokens).
+
+:func:`restored_vocabulary` puts the tokenizer and the embedding module back as they were: tokens added inside
+are gone afterwards (:func:`clic.concept.applied_concept` uses it, so no call leaves tokens behind).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import logging
+from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -46,12 +54,22 @@ class ConceptTokenEmbedding(nn.Module):
         return torch.where(is_new[..., None], new, out)
 
 
+def _embeddings(text_encoder) -> nn.Module:
+    return getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4 | 5
+
+
 def concept_embedding(text_encoder) -> ConceptTokenEmbedding:
     """The text encoder's :class:`ConceptTokenEmbedding`, installed on first use."""
-    embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings  # transformers 4 | 5
+    embeddings = _embeddings(text_encoder)
     if not isinstance(embeddings.token_embedding, ConceptTokenEmbedding):
         embeddings.token_embedding = ConceptTokenEmbedding(embeddings.token_embedding)
     return embeddings.token_embedding
+
+
+def base_table(text_encoder) -> torch.Tensor:
+    """The frozen embedding table ``(vocab, dim)`` (wrapped or not)."""
+    module = _embeddings(text_encoder).token_embedding
+    return module.base.weight if isinstance(module, ConceptTokenEmbedding) else module.weight
 
 
 def check_placeholder(tokenizer, token: str) -> None:
@@ -69,7 +87,7 @@ def initializer_embedding(backbone, word: str) -> torch.Tensor:
         pieces = backbone.tokenizer.tokenize(word)
         raise InputError(f"initializer word {word!r} is not a single token of the vocabulary (splits into {pieces}); "
                          "pick a common word such as 'pattern' or 'ornament'")
-    return concept_embedding(backbone.text_encoder).base.weight[ids[0]].detach().float().clone()
+    return base_table(backbone.text_encoder)[ids[0]].detach().float().clone()
 
 
 def add_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list[int]:
@@ -80,12 +98,25 @@ def add_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list
         check_placeholder(backbone.tokenizer, token)
     emb = concept_embedding(backbone.text_encoder)
     first = emb.num_base + emb.new.shape[0]
-    backbone.tokenizer.add_tokens(list(tokens))
+    _add_tokens(backbone.tokenizer, list(tokens))
     ids = backbone.tokenizer.convert_tokens_to_ids(list(tokens))
     if ids != list(range(first, first + len(tokens))):
         raise InputError(f"tokenizer and text encoder disagree on new token ids ({ids} vs {first}...)")
     emb.add(tokens, vectors)
     return ids
+
+
+def set_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list[int]:
+    """Add placeholder tokens with these embeddings, or, if all of them are there already (an outer application of
+    the same concept), give them these embeddings; returns their ids."""
+    emb = concept_embedding(backbone.text_encoder)
+    if not tokens or not all(t in emb.tokens for t in tokens):
+        return add_placeholders(backbone, tokens, vectors.to(backbone.device))
+    rows = emb.new.detach().clone()               # a new parameter: the one an outer scope saved stays as it was
+    for token, vector in zip(tokens, vectors):
+        rows[emb.tokens.index(token)] = vector.to(rows.device)
+    emb.new = nn.Parameter(rows, requires_grad=emb.new.requires_grad)
+    return backbone.tokenizer.convert_tokens_to_ids(list(tokens))
 
 
 def token_positions(input_ids: torch.Tensor, token_ids: list[int], prompt: str = "") -> torch.Tensor:
@@ -117,3 +148,72 @@ def free_placeholder(backbone, wanted: str) -> str:
             if k == 1 and (not wanted or any(ch.isspace() for ch in wanted)):
                 raise
     raise InputError(f"no free name for the placeholder {wanted}")
+
+
+# ---------------------------------------------------------------------------------------------- restoring
+
+#: copy-on-write of fast tokenizers' back ends (see _add_tokens): (content hash, tokens) -> a back end with the tokens
+_WITH_TOKENS: OrderedDict[tuple[str, tuple[str, ...]], object] = OrderedDict()
+_HASHES: OrderedDict[int, tuple[object, str]] = OrderedDict()      # id(back end) -> (back end, content hash)
+
+
+def _content_hash(backend) -> str:
+    memo = _HASHES.get(id(backend))
+    if memo is None or memo[0] is not backend:
+        memo = (backend, hashlib.sha256(backend.to_str().encode()).hexdigest())
+        _HASHES[id(backend)] = memo          # the back end is kept alive: its id stays its own
+        while len(_HASHES) > 8:
+            _HASHES.popitem(last=False)
+    return memo[1]
+
+
+def _add_tokens(tokenizer, tokens: list[str]) -> None:
+    """``tokenizer.add_tokens(tokens)``, copy-on-write for a fast tokenizer: its back end (which holds the added
+    tokens and cannot drop them) is replaced by a copy with the tokens, so the back end :func:`restored_vocabulary`
+    saved stays as it was. A copy of a 49k-token vocabulary takes a tenth of a second, so copies are kept, by the
+    back end's content and the tokens, for the next time (every model loaded from the same files shares them)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):           # a slow (Python) tokenizer
+        tokenizer.add_tokens(tokens)
+        return
+    key = (_content_hash(backend), tuple(tokens))
+    size = backend.get_vocab_size(with_added_tokens=True)
+    cached = _WITH_TOKENS.get(key)
+    if cached is not None and cached.get_vocab_size(with_added_tokens=True) == size + len(tokens) \
+            and [cached.token_to_id(t) for t in tokens] == list(range(size, size + len(tokens))):
+        _WITH_TOKENS.move_to_end(key)
+        tokenizer._tokenizer = cached
+        return
+    tokenizer._tokenizer = copy.deepcopy(backend)
+    tokenizer.add_tokens(tokens)
+    _WITH_TOKENS[key] = tokenizer._tokenizer
+    while len(_WITH_TOKENS) > 8:
+        _WITH_TOKENS.popitem(last=False)
+
+
+@contextlib.contextmanager
+def restored_vocabulary(backbone) -> Iterator[None]:
+    """Whatever tokens the body adds, the tokenizer and the text encoder's token embedding are as they were
+    afterwards: same vocabulary (``len(tokenizer)``), same embedding module and rows."""
+    tokenizer = backbone.tokenizer
+    backend = getattr(tokenizer, "_tokenizer", None)
+    slow = {name: copy.copy(getattr(tokenizer, name)) for name in ("_added_tokens_decoder", "_added_tokens_encoder")
+            if backend is None and isinstance(getattr(tokenizer, name, None), dict)}
+    embeddings = _embeddings(backbone.text_encoder)
+    module = embeddings.token_embedding
+    rows = tokens = None
+    if isinstance(module, ConceptTokenEmbedding):
+        rows, tokens = module.new, list(module.tokens)
+    try:
+        yield
+    finally:
+        if backend is not None:
+            tokenizer._tokenizer = backend
+        elif slow:
+            for name, value in slow.items():
+                setattr(tokenizer, name, value)
+            if hasattr(tokenizer, "_update_trie"):
+                tokenizer._update_trie()
+        embeddings.token_embedding = module
+        if rows is not None:
+            module.new, module.tokens = rows, tokens

@@ -30,143 +30,23 @@ The start of the edit can be given in the three ways in use (exactly one, or non
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .attention import BLOCKS, cross_attention_layers
+from .attention import cross_attention_layers
+from .concept import applied_concept
+from .config import TransferConfig
 from .errors import InputError
-from .imaging import check_mask, resize_mask
-from .sampling import (SamplingConfig, check_prompt, chunks, concept_applied, decode_batches, encode_prompt,
-                       generators_for, host_timesteps, initial_noise, make_scheduler, opt, predict_noise, progress_bar,
-                       sampling_speedups, step_kwargs, token_index)
+from .imaging import center_crop_box, check_mask, resize_mask
+from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, generators_for, host_timesteps,
+                       initial_noise, make_scheduler, predict_noise, progress_bar, sampling_speedups, step_kwargs,
+                       token_index)
 from .speed import mark_step
 
 log = logging.getLogger(__name__)
-
-PAPER_T_START = 15  # of 50 steps: the upper end of the paper's 5 <= t_start <= 15
-
-
-@dataclass
-class TransferConfig(SamplingConfig):
-    """Options of concept transfer; defaults follow the paper (sec. 3.2), ``recipe="official"`` the published script."""
-
-    prompt: str | None = opt(None, "prompt with the concept's token (default: the concept's training prompt, "
-                                   "e.g. 'a chair with <v*> style')")
-    t_start: int | None = opt(None, "START, paper form: skip the first T_START of the --steps steps, i.e. noise the "
-                                    "target to step T_START and denoise from there (paper: 5..15 of 50). This is "
-                                    "the default: 15 of 50 (scaled with --steps), the strongest edit of the paper's "
-                                    "range and the official script's 15 replaced steps")
-    replace_steps: int | None = opt(None, "START, official-code form: the first K steps have their latent replaced "
-                                          "by the noised target (official: 15 or 20 of 50); same result as "
-                                          "--t-start K-1 without the K-1 wasted UNet calls; K = 0: pure noise")
-    strength: float | None = opt(None, "START, diffusers img2img form: the fraction of the schedule that is "
-                                       "denoised, t_start = steps - int(steps * strength)")
-    blend: bool = opt(True, "blended latent editing (eq. 6): outside M_tg keep the noised target at every step")
-    blend_until: int | None = opt(None, "blend only the latents entering steps i < N (official code: 46, i.e. up "
-                                        "to step 45 of 50, the last steps unblended); default: every step and the "
-                                        "final latent (paper)")
-    blend_mask: str = opt("any", "M_tg at latent resolution for eq. 6: any (a latent cell is edited if any of its "
-                                 "pixels is in the mask), area (soft: the covered fraction), half (fraction >= 0.5)",
-                          choices=("any", "area", "half"))
-    eta: float = opt(1.0, "eta, step size of the cross-attention guidance (eq. 7) on ||CA(v*, x_t) - M_tg||^2 "
-                          "summed over the map's pixels; 0 switches the guidance off. The paper gives no value; "
-                          "with --guidance-optimizer adam it is Adam's learning rate (official: 0.01)")
-    guidance_range: tuple[int, ...] = opt((0, 30), "FROM TO: the steps FROM <= i < TO of the schedule get the "
-                                                   "guidance step (official code: the first 30 of 50); clipped to "
-                                                   "the steps that run")
-    guidance_target: str = opt("mask", "map CA(v*) is pulled toward: mask (M_tg, paper eq. 7) or ones (an all-ones "
-                                       "map, official code)", choices=("mask", "ones"))
-    guidance_optimizer: str = opt("sgd", "sgd: x - eta * grad (paper eq. 7); adam: one fresh Adam step of learning "
-                                         "rate eta per guided step (official code)", choices=("sgd", "adam"))
-    attn_blocks: tuple[str, ...] = opt(("up",), "UNet blocks whose cross-attention maps form CA(v*, x_t) (paper: up)")
-    composite: bool = opt(True, "paste the result into the target in pixel space: farther than --feather pixels "
-                                "outside M_tg the pixels are the target's exactly (not in the official code)")
-    feather: int | None = opt(None, "width in pixels of the composite's soft edge outside M_tg (default: "
-                                    "resolution / 64, i.e. 8 px at 512 px; 0: hard edge)")
-    mask_threshold: float = opt(0.5, "a non-binary target mask is thresholded at this value")
-    recipe: str = opt("paper", "preset: paper, or official (the published transfer script: --replace-steps 15 "
-                               "--blend-until 46 --ddim-eta 1 --guidance-target ones --guidance-optimizer adam "
-                               "--eta 0.01 --no-composite); explicit options override it",
-                      choices=("paper", "official"))
-
-    # -- the start of the edit ------------------------------------------------------------------------------
-    def start_step(self) -> int:
-        """Index of the first denoising step that runs (the paper's t_start), from whichever start option is set."""
-        given = [f"--{n.replace('_', '-')}" for n in START_OPTIONS if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise InputError(f"give one start option, not {' and '.join(given)}")
-        n = self.steps
-        if self.strength is not None:
-            denoised = min(int(n * self.strength), n)
-            if not 0 < self.strength <= 1 or denoised < 1:
-                raise InputError(f"--strength {self.strength} is outside the {n}-step schedule: it must be in (0, 1] "
-                                 f"and denoise at least one step (>= {1 / n:.3g})")
-            return n - denoised
-        if self.replace_steps is not None:
-            if not 0 <= self.replace_steps <= n:
-                raise InputError(f"--replace-steps {self.replace_steps} is outside the {n}-step schedule (0..{n})")
-            return max(self.replace_steps - 1, 0)
-        t_start = self.t_start if self.t_start is not None else round(PAPER_T_START * n / 50)
-        if not 0 <= t_start < n:
-            raise InputError(f"--t-start {t_start} is outside the {n}-step schedule (0..{n - 1})")
-        return t_start
-
-    @property
-    def starts_from_noise(self) -> bool:
-        return self.replace_steps == 0
-
-    def guided(self, i: int) -> bool:
-        return self.eta > 0 and self.guidance_range[0] <= i < self.guidance_range[1]
-
-    def blended(self, i: int) -> bool:
-        """Whether the latent entering step i (i = steps: the final latent) is blended by eq. 6."""
-        return self.blend and (self.blend_until is None or i < self.blend_until)
-
-    def check(self) -> None:
-        self.check_sampling()
-        if self.eta < 0:
-            raise InputError(f"--eta must be >= 0 (0 switches the guidance off), got {self.eta}")
-        if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
-            raise InputError(f"--guidance-range takes FROM TO with 0 <= FROM <= TO, got {self.guidance_range}")
-        if self.blend_until is not None and self.blend_until < 0:
-            raise InputError(f"--blend-until must be >= 0, got {self.blend_until}")
-        if self.feather is not None and self.feather < 0:
-            raise InputError(f"--feather must be >= 0, got {self.feather}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise InputError(f"--mask-threshold must be in (0, 1), got {self.mask_threshold}")
-        unknown = set(self.attn_blocks) - set(BLOCKS)
-        if unknown or not self.attn_blocks:
-            raise InputError(f"--attn-blocks takes some of {', '.join(BLOCKS)}, got {self.attn_blocks}")
-        self.start_step()
-
-
-START_OPTIONS = ("t_start", "replace_steps", "strength")
-
-RECIPES: dict[str, dict] = {
-    "paper": {},
-    "official": dict(replace_steps=15, blend_until=46, ddim_eta=1.0, guidance_target="ones",
-                     guidance_optimizer="adam", eta=0.01, composite=False),
-}
-
-
-def make_config(recipe: str = "paper", **overrides) -> TransferConfig:
-    """A :class:`TransferConfig` from a recipe and explicit overrides (None values are ignored). An explicit start
-    option replaces the recipe's."""
-    if recipe not in RECIPES:
-        raise InputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    names = {f.name for f in fields(TransferConfig)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise InputError(f"unknown option(s) {sorted(unknown)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None and k != "recipe"}
-    base = dict(RECIPES[recipe])
-    if any(k in overrides for k in START_OPTIONS):
-        base = {k: v for k, v in base.items() if k not in START_OPTIONS}
-    return replace(TransferConfig(), **{**base, **overrides, "recipe": recipe})
 
 
 # ---------------------------------------------------------------------------------------------- the equations
@@ -246,8 +126,6 @@ def paste_back(decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor
     resized to R) is scaled back onto its crop of ``original (3, H, W)`` and blended in with the feathered full-size
     ``mask (1, H, W)`` (``radius`` in full-size pixels). Outside the feathered mask, and outside the crop, the
     pixels are the original's, bit for bit. Returns ``(N, 3, H, W)``."""
-    from .imaging import center_crop_box
-
     height, width = original.shape[-2:]
     left, top, right, bottom = center_crop_box(width, height)
     side = right - left
@@ -260,22 +138,6 @@ def paste_back(decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor
     edited = original[None].float().repeat(len(decoded), 1, 1, 1)
     edited[..., top:bottom, left:right] = crop
     return composite(edited, original[None].float(), alpha)
-
-
-def load_original(target_path, mask_path, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target ``(3, H, W)`` in [-1, 1] and its binary mask ``(1, H, W)`` at the target's own size, read as
-    :func:`clic.imaging.load_image` / ``load_mask`` read them (same modes, alpha and threshold), without the crop."""
-    import numpy as np
-
-    from .imaging import _mask_values, _open, _resize_2d, _to_float
-
-    image = _open(target_path)
-    pixels = np.round(_to_float(image) * 255).astype(np.float32) / 127.5 - 1.0
-    values = _mask_values(_open(mask_path))
-    if values.shape != (image.height, image.width):
-        values = _resize_2d(values, (image.height, image.width))
-    mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), mask
 
 
 # ---------------------------------------------------------------------------------------------- transfer
@@ -325,7 +187,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
 
     Args:
         backbone: the base model the concept was learned on (:func:`clic.models.load_backbone`); the concept is
-            applied for the call and the UNet's processors are restored afterwards.
+            applied for the call, and the backbone is as it was afterwards.
         concept: a :class:`clic.concept.Concept`.
         target: I_tg, ``(3, R, R)`` in [-1, 1] at the model resolution R.
         mask: M_tg, ``(1, R, R)`` or ``(R, R)``, thresholded at ``cfg.mask_threshold``.
@@ -343,7 +205,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     tokens = check_prompt(prompt, concept.tokens)
     target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
-    with concept_applied(backbone, concept), sampling_speedups(backbone, cfg):
+    with applied_concept(backbone, concept), sampling_speedups(backbone, cfg):
         # 2. Encode the prompt; find v* by tokenizing
         text = encode_prompt(backbone, prompt, cfg.negative_prompt, 1, cfg.do_cfg)
         index = token_index(backbone, prompt, tokens)
@@ -431,103 +293,3 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
     if cfg.blended(len(timesteps)):
         x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
     return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), on_host[start:].tolist()
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def cmd_transfer(args) -> None:
-    from .cli import dataclass_values
-    from .concept import Concept
-    from .imaging import grid, heat_overlay, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
-    from .models import load_backbone
-
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a folder")
-    cfg = make_config(args.recipe or "paper", **dataclass_values(args, TransferConfig))
-    cfg.check()
-    auto = args.mask == "auto"
-    if auto and not args.matcher:
-        raise InputError("--mask auto needs --matcher W.safetensors (made by `clic match`)")
-    concept = Concept.load(args.concept)
-    if concept.meta.get("method") == "realfill":
-        raise InputError(f"{args.concept} is a RealFill concept (inpainting model): use `clic baselines transfer`")
-    backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
-    concept.check_base(backbone, args.concept)
-    check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
-    size = backbone.resolution
-    target = load_image(args.target, size)
-    if auto:  # automatic target mask (sec. 3.3): w*'s attention on the target, thresholded
-        from .roi import MaskConfig, Matcher, auto_target_mask
-
-        matcher = Matcher.load(args.matcher, concept=concept)
-        mask = auto_target_mask(backbone, matcher, target, MaskConfig())
-        backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
-    else:
-        mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
-    source = load_image(args.source, size) if args.source else None
-
-    result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
-    images = result.images
-    if auto:
-        files_extra = {"mask_auto.png": to_pil(mask)}
-    else:
-        files_extra = {}
-    if cfg.composite and args.full_size and not auto:
-        original, original_mask = load_original(args.target, args.mask, cfg.mask_threshold)
-        if original.shape[-2:] != images.shape[-2:]:
-            side = min(original.shape[-2:])
-            radius = cfg.feather if cfg.feather is not None else size // 64
-            images = paste_back(result.decoded, original, original_mask, round(radius * side / size))
-
-    # everything is computed: now write (each file atomically)
-    files: dict[str, object] = dict(files_extra)
-    tiles, labels = ([to_pil(source)], ["source"]) if source is not None else ([], [])
-    tiles += [mask_overlay(result.target, result.mask), to_pil(result.target)]
-    labels += ["mask", "target"]
-    for k, seed in enumerate(result.seeds):
-        files[f"seed{seed}.png"] = to_pil(images[k])
-        tiles.append(to_pil(result.images[k]))
-        labels.append(f"seed {seed}")
-        if args.save_attention:
-            heat = heat_overlay(result.images[k], result.attention[:, k].mean((0, 1)))
-            files[f"attention_seed{seed}.png"] = heat
-            tiles.append(heat)
-            labels.append(f"CA({result.tokens[0]})")
-    files["grid.png"] = grid(tiles, labels=labels, cell=max(128, size))
-    for name, image in files.items():
-        save_png(image, out_dir / name)
-    print("\n".join(str(out_dir / name) for name in files))
-
-
-def register_cli(subparsers, add_model_options) -> None:
-    import argparse
-
-    from .cli import add_dataclass_options
-
-    p = subparsers.add_parser(
-        "transfer", help="transfer a learned concept into a region of a target image (paper sec. 3.2)",
-        description="Blended latent editing (eq. 6) with cross-attention guidance (eq. 7), then a pixel composite. "
-                    "The start of the edit is --t-start (paper), --replace-steps (official code) or --strength "
-                    "(img2img); by default t_start = 15 of 50 steps.")
-    p.add_argument("concept", help="concept file (.safetensors) made by `clic learn`")
-    p.add_argument("--target", required=True, help="target image I_tg (any common format)")
-    p.add_argument("--mask", required=True, help="target mask M_tg (white = region to edit), same aspect ratio; "
-                                                 "'auto': found by a w* token (sec. 3.3), see --matcher")
-    p.add_argument("--matcher", default=None, help="with --mask auto: the w* file made by `clic match`; the mask it "
-                                                   "finds is written as mask_auto.png")
-    p.add_argument("--source", default=None, help="source image, only shown in the grid")
-    p.add_argument("--out", required=True, help="output folder: seed<S>.png per seed (the edited target), grid.png "
-                                                "(source | mask | target | results, model resolution), "
-                                                "attention_seed<S>.png")
-    p.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=True,
-                   help="write each result at the target's own size: the model's centre crop is scaled back and "
-                        "composited into the original, whose pixels are kept exactly outside the feathered mask "
-                        "(default: on; --no-full-size: the model resolution)")
-    p.add_argument("--save-attention", action="store_true", help="also write v*'s attention map over each result "
-                                                                 "(averaged over the steps)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_model_options(p)
-    add_dataclass_options(p, TransferConfig)
-    p.set_defaults(func=cmd_transfer)

@@ -11,13 +11,13 @@ the tests call them without a browser. Every job reports its progress through a 
 
 One model serves one job at a time. The page queues the jobs (Gradio's queue, one concurrency group of size 1,
 which shows each waiting user their position), and a lock in :class:`Workbench` guarantees it even for a job
-cancelled in the page whose last step is still running. Learning changes the model in place (new tokens,
-trainable processors), so it always starts from a freshly loaded base model; transfer and generation restore
-the UNet's processors themselves and share one loaded copy.
+cancelled in the page whose last step is still running. Every job leaves the model as it found it (learning too),
+so one loaded copy serves them all.
 
-The default model is the bundled offline toy model (:func:`clic.demo.bundled_model`), or when none ships a tiny
+The default model is the bundled offline toy model (:func:`clic.models.bundled_model`), or when none ships a tiny
 random-init model built once in the user cache (its images are noise: it shows the mechanics only);
-``--model`` takes SD1.4 or any diffusers folder.
+``--model`` takes SD1.4 or any diffusers folder. This module is an edge of the package, like :mod:`clic.cli`: the
+library never imports it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import roi
+from .builder import make_model
+from .concept import Concept, applied_concept
+from .config import LearnConfig, MatchConfig, learn_config, transfer_config
 from .errors import ClicError, InputError
+from .generate import GenerateConfig, generate, with_article
+from .imaging import center_crop_box, check_mask, heat_overlay, mask_overlay, resize_mask, to_pil
+from .learn import learn
+from .maps import token_attention_maps
+from .models import bundled_model, load_backbone
+from .transfer import transfer
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +136,6 @@ def editor_value(image: np.ndarray, mask: np.ndarray | None = None) -> dict:
 
 
 def _crop_box(w: int, h: int) -> tuple[int, int, int, int]:
-    from .imaging import center_crop_box
-
     return center_crop_box(w, h)
 
 
@@ -140,8 +148,6 @@ def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 def mask_tensor(mask: np.ndarray, size: int, name: str = "source", threshold: float = 0.5) -> torch.Tensor:
     """Binary ``(1, size, size)``: the same crop as the image, area-resized, thresholded (:func:`clic.imaging.load_mask`)."""
-    from .imaging import check_mask, resize_mask
-
     m = np.asarray(mask, dtype=np.float32)
     if not m.any():
         raise InputError(f"the {name} mask is empty: paint the region on the {name} image")
@@ -183,9 +189,6 @@ def _fingerprint(*arrays) -> str:
 
 def default_model() -> Path:
     """The bundled toy model, else a tiny random-init model built once in the user cache."""
-    from .builder import make_model
-    from .demo import bundled_model
-
     bundled = bundled_model()
     if bundled is not None:
         return bundled
@@ -231,33 +234,20 @@ class Workbench:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="clic-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._backbone = None
-        self._pristine = False     # no token added, no processor changed since loading
-        self._learned = False      # learn() left its processors on the UNet
 
     # -- model ------------------------------------------------------------------------------------------------
-    def backbone(self, for_learning: bool = False):
-        """The loaded model: a fresh load for learning (which changes it in place); for sampling, the shared copy
-        unless a learning run left its processors on it. Call with ``self.lock`` held."""
-        from .models import load_backbone
-
-        if self._backbone is None or self._learned or (for_learning and not self._pristine):
-            self._backbone = None
+    def backbone(self):
+        """The model, loaded on first use; every job leaves it as it found it. Call with ``self.lock`` held."""
+        if self._backbone is None:
             started = time.perf_counter()
             self._backbone = load_backbone(self.model, self.device, self.dtype)
             log.info("loaded %s in %.1f s", self.model, time.perf_counter() - started)
-            self._pristine, self._learned = True, False
-        if for_learning:
-            self._learned = True
-        self._pristine = False
         return self._backbone
 
     def load(self):
-        """Load the model now if it is not loaded (fails early on a bad ``--model``); marks nothing as used."""
+        """Load the model now if it is not loaded (fails early on a bad ``--model``)."""
         with self.lock:
-            if self._backbone is None:
-                self.backbone()
-                self._pristine = True
-            return self._backbone
+            return self.backbone()
 
     @property
     def offline_model(self) -> bool:
@@ -267,8 +257,6 @@ class Workbench:
 
     def defaults(self) -> dict:
         """Starting values of the page's fields: the paper's, with ``clic demo``'s shorter run on the offline model."""
-        from .learn import LearnConfig
-
         cfg = LearnConfig()
         return {"steps": 100 if self.offline_model else cfg.steps,
                 "lr": 1e-3 if "tiny" in Path(self.model).name else cfg.lr,
@@ -286,18 +274,14 @@ class Workbench:
         """Learn v* from an image ``(H, W, 3|4)`` and its mask ``(H, W)``; the concept file goes to the workdir.
 
         ``callback`` gets ``{"step", "total", "loss", "l_con", "l_att", "l_roi", ...}`` after every step."""
-        from .imaging import heat_overlay, mask_overlay
-        from .learn import learn, make_config
-        from .maps import token_attention_maps
-
         object_class = (object_class or "").strip() or "object"
         d = self.defaults()
-        cfg = make_config(object_class=object_class, prompt=(prompt or "").strip() or None,
+        cfg = learn_config(object_class=object_class, prompt=(prompt or "").strip() or None,
                           steps=int(steps or d["steps"]), lr=lr or d["lr"], alpha=alpha, lambda_att=lambda_att,
                           lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
         cfg.check()
         with self.lock:
-            backbone = self.backbone(for_learning=True)
+            backbone = self.backbone()
             size = backbone.resolution
             pixels = image_tensor(image, size)
             m = mask_tensor(mask, size, "source")
@@ -308,8 +292,9 @@ class Workbench:
                     callback({**record, "total": cfg.steps})
 
             result = learn(backbone, [pixels], [m], cfg, out_path=out, progress=False, callback=on_step)
-            maps = token_attention_maps(backbone, backbone.encode_image(pixels[None].to(backbone.device)),
-                                        result.concept.meta["prompt"], result.concept.tokens, seed=cfg.seed)
+            with applied_concept(backbone, result.concept):
+                maps = token_attention_maps(backbone, backbone.encode_image(pixels[None].to(backbone.device)),
+                                            result.concept.meta["prompt"], result.concept.tokens, seed=cfg.seed)
         token = result.concept.tokens[0]
         previews = [(mask_overlay(pixels, m), "mask M_s"), (heat_overlay(pixels, maps[0]), f"CA({token})")]
         return LearnOutput(out, result.history, previews)
@@ -321,11 +306,8 @@ class Workbench:
                  ) -> list[tuple[Image.Image, str]]:
         """Results of transferring the concept into ``mask`` of ``image``: per seed, the result and v*'s attention
         (averaged over the steps) over it, as ``(image, caption)`` pairs."""
-        from .imaging import heat_overlay, to_pil
-        from .transfer import make_config, transfer
-
         concept = _load_concept(concept_path)
-        cfg = make_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
+        cfg = transfer_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
                           seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
                           guidance_scale=guidance_scale)
         cfg.check()
@@ -356,9 +338,6 @@ class Workbench:
     def generate(self, concept_path, object_class: str | None = None, num: int = 4, base_steps: int = 5,
                  seed: int = 0, steps: int = 50, callback: Progress | None = None) -> list[tuple[Image.Image, str]]:
         """Two-stage generation: the first ``base_steps`` (t_s) steps with the base model."""
-        from .generate import GenerateConfig, generate
-        from .imaging import to_pil
-
         concept = _load_concept(concept_path)
         cfg = GenerateConfig(object_class=(object_class or "").strip() or None, num=int(num), seeds=(int(seed),),
                              base_steps=int(base_steps), steps=int(steps))
@@ -381,11 +360,10 @@ class Workbench:
     def learn_matcher(self, concept_path, source: np.ndarray, source_mask: np.ndarray, steps: int | None = None,
                       callback: Progress | None = None) -> Path:
         """w* learned on the source image and mask under the concept (the first half of "Find region")."""
-        roi = _roi_module()
         concept = _load_concept(concept_path)
         d = self.defaults()
         steps = int(steps or d["match_steps"])
-        cfg = roi.MatchConfig(steps=steps, lr=d["lr"])
+        cfg = MatchConfig(steps=steps, lr=d["lr"])
         with self.lock:
             backbone = self.backbone()
             concept.check_base(backbone, "the concept")
@@ -402,7 +380,6 @@ class Workbench:
 
     def find_region(self, matcher_path, concept_path, target: np.ndarray) -> np.ndarray:
         """M_tg found by w* on ``target (H, W, 3)``: ``(H, W)`` bool (False outside the centre crop)."""
-        roi = _roi_module()
         concept = _load_concept(concept_path)
         matcher = roi.Matcher.load(matcher_path, concept)
         with self.lock:
@@ -421,22 +398,9 @@ def _slug(text: str) -> str:
 
 
 def _load_concept(path):
-    from .concept import Concept
-
     if not path:
         raise InputError("no concept yet: learn one in the source panel, or upload a concept file")
     return Concept.load(path)
-
-
-def _roi_module():
-    try:
-        from . import roi
-    except ImportError as exc:      # pragma: no cover - roi ships with the package
-        raise InputError(f"automatic target masks are not available in this installation ({exc})") from exc
-    missing = [n for n in ("learn_matcher", "auto_target_mask", "Matcher", "MatchConfig") if not hasattr(roi, n)]
-    if missing:
-        raise InputError("automatic target masks are not available in this version of clic: paint the mask by hand")
-    return roi
 
 
 # ---------------------------------------------------------------------------------------------- running a job
@@ -507,7 +471,7 @@ gr = None   # gradio, imported by build_app(): clic's other commands do not need
 def build_app(bench: Workbench):
     """The Gradio page on ``bench`` (not launched). Queue: one job at a time, in concurrency group "model"."""
     global gr   # module-level, so that Gradio can resolve the handlers' ``gr.Request`` annotations
-    import gradio as gr
+    import gradio as gr  # an optional dependency (the [ui] extra): imported when the page is built
 
     d = bench.defaults()
     stops: dict[str, threading.Event] = {}
@@ -573,8 +537,6 @@ def build_app(bench: Workbench):
     def on_upload_concept(file, state):
         if file is None:
             return gr.skip(), gr.skip()
-        from .concept import Concept
-
         try:
             concept = Concept.load(file)
         except ClicError as exc:
@@ -643,8 +605,6 @@ def build_app(bench: Workbench):
                           elem_classes="clic-status")
 
     def prefill(object_class):
-        from .generate import with_article
-
         return f"{with_article((object_class or '').strip() or 'object')} with <v*> style"
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -758,34 +718,3 @@ def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, s
               "Ctrl+C stops)", flush=True)
         app.block_thread()
     return app
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def cmd_ui(args) -> None:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise ClicError("the web UI needs gradio: pip install 'clic-diffusion[ui]'") from None
-    if args.port is not None and not 0 < args.port < 65536:
-        raise InputError(f"--port must be in 1..65535, got {args.port}")
-    bench = Workbench(args.model, args.device, args.dtype)
-    bench.load()
-    launch(bench, args.host, args.port, args.share)
-
-
-def register_cli(subparsers, add_model_options) -> None:
-    p = subparsers.add_parser(
-        "ui", help="a local web page: paint masks, learn, transfer and generate (needs the [ui] extra)",
-        description="Starts a Gradio app on this machine. Runs on the bundled offline model unless --model is "
-                    "given; jobs run one at a time.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
-    p.add_argument("--model", default=None, help="diffusers folder or hub id, e.g. CompVis/stable-diffusion-v1-4 "
-                                                 "(default: the bundled offline model)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="precision of the frozen parts (default: fp32)")
-    p.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
-    p.set_defaults(func=cmd_ui)

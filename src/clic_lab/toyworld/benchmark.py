@@ -191,7 +191,7 @@ def source_colours(source, source_mask) -> list[str]:
 
 
 def register_pattern_metric(truth_path) -> None:
-    from clic.benchmark import register_metric
+    from clic_lab.compare import register_metric
     from clic.imaging import to_pil
     from .detector import PatternDetector
 
@@ -243,7 +243,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     """
     import yaml
 
-    from clic.benchmark import Cache, load_manifest
+    from clic_lab.compare import Cache, load_manifest
     from clic.concept import Concept
     from clic.models import load_backbone
     from clic.roi import DiscoverConfig, MatchConfig
@@ -343,7 +343,7 @@ class _ExtrasCase:
 
     def matching(self, concept, mcfg, progress: bool) -> dict:
         from clic.imaging import load_image, load_mask
-        from clic.metrics import iou
+        from clic_lab.compare.metrics import iou
         from clic.roi import auto_target_mask, learn_matcher
 
         size, root = self.backbone.resolution, self.root
@@ -399,7 +399,7 @@ class _ExtrasCase:
 
         from clic.imaging import grid, load_image, load_mask, mask_overlay, save_png, to_pil
         from clic.concept import Concept
-        from clic.metrics import iou
+        from clic_lab.compare.metrics import iou
         from clic.roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt
         from clic.tokens import initializer_embedding
         from .train import foreground_mask
@@ -447,7 +447,8 @@ class _ExtrasCase:
 
         from clic.baselines import learn_concept, transfer_concept
         from clic.imaging import load_image, load_mask, to_pil
-        from clic.roi import discover, restored_processors
+        from clic.attention import restored_processors
+        from clic.roi import discover
 
         size, root = self.backbone.resolution, self.root
         sets = self.info["discover"]
@@ -494,7 +495,7 @@ DISCOVER_ROWS = {"discover": "discover: w* maps on its own images", "discover-ne
 
 
 def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
-    from clic.benchmark import mean_ci
+    from clic_lab.compare import mean_ci
 
     out = {}
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -558,13 +559,13 @@ def main(argv=None) -> int:
     if args.cmd == "make":
         model = args.model
         if model is None:
-            from clic.demo import bundled_model
+            from clic.models import bundled_model
 
             model = str(bundled_model())
         print(make_cases(args.out, args.cases, args.seed, model, args.steps, args.sample_steps,
                          inpaint_model=args.inpaint_model, patterns=args.patterns))
         return 0
-    from clic.benchmark import run_benchmark
+    from clic_lab.compare import run_benchmark
 
     root = Path(args.dir)
     out = args.out or root / "results"

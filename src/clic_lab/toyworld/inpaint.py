@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     model = a.model
     if model is None:
-        from clic.demo import bundled_model
+        from clic.models import bundled_model
 
         model = str(bundled_model())
     command = "python -m clic_lab.toyworld.inpaint " + " ".join(sys.argv[1:] if argv is None else list(argv))

@@ -1,4 +1,4 @@
-"""Evaluation of a transfer (used by ``clic evaluate`` and ``clic benchmark``).
+"""Evaluation of a transfer (used by ``clic evaluate`` and the comparison runner, ``clic benchmark``).
 
 Images are ``(3, H, W)`` tensors in [-1, 1] (as :func:`clic.imaging.load_image` returns them), masks ``(1, H, W)``
 or ``(H, W)`` in {0, 1}; every metric converts images to [0, 1] first (data range 1).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import resource
 import time
@@ -36,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, ModelError
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from clic.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def ssim(result: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None =
 
 def _lpips_weights_present(net: str) -> tuple[bool, str]:
     """Whether ``lpips`` and the torchvision backbone weights it loads are on disk (it would download them)."""
-    try:
+    try:  # optional packages, looked for only when LPIPS is asked for
         import lpips  # noqa: F401
         import torchvision  # noqa: F401
     except ImportError as exc:
@@ -145,7 +146,7 @@ def lpips_distance(result: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     ok, note = _lpips_weights_present(net)
     if not ok:
         return None, note
-    import lpips
+    import lpips  # optional (see _lpips_weights_present)
 
     if net not in _LPIPS_MODELS:
         _LPIPS_MODELS[net] = lpips.LPIPS(net=net, verbose=False).eval()
@@ -177,8 +178,6 @@ class ImageEncoder:
 
     @classmethod
     def load(cls, name_or_path: str, device: str | torch.device = "cpu") -> "ImageEncoder":
-        from transformers import AutoConfig, AutoModel, CLIPVisionModel, CLIPVisionModelWithProjection
-
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         kw = {"local_files_only": offline or os.path.isdir(name_or_path)}
         try:
@@ -374,53 +373,3 @@ def evaluate(result: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sou
     else:
         out.update(attention_localisation(attention, mask))
     return out
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def cmd_evaluate(args) -> None:
-    from .imaging import image_size, load_image, load_mask
-
-    size = args.size or min(image_size(args.result))
-    result = load_image(args.result, size)
-    target = load_image(args.target, size)
-    mask = load_mask(args.mask, size, image_size(args.target))
-    source = source_mask = None
-    if bool(args.source) != bool(args.source_mask):
-        raise InputError("give --source and --source-mask together")
-    if args.source:
-        source = load_image(args.source, size)
-        source_mask = load_mask(args.source_mask, size, image_size(args.source))
-    encoder, load_note = None, None
-    if args.encoder:
-        try:
-            encoder = ImageEncoder.load(args.encoder)
-        except ModelError as exc:
-            load_note = f"fidelity skipped: {exc}"
-    out = evaluate(result, target, mask, source, source_mask, encoder, None, None if args.no_lpips else args.lpips_net)
-    if load_note:
-        out["notes"] = [n for n in out["notes"] if not n.startswith("fidelity")] + [load_note]
-    print(json.dumps({k: _clean(v) for k, v in out.items()}, indent=2))
-
-
-def register_cli(subparsers, add_model_options=None) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="preservation (PSNR, SSIM, LPIPS) outside the target mask and concept fidelity of a result",
-        description="Prints JSON: psnr and ssim of the result vs the target outside the mask, lpips when its weights "
-                    "are on disk, and the concept fidelity (cosine similarity of the source region and the edited "
-                    "region in an image encoder) when --source, --source-mask and --encoder are given.")
-    p.add_argument("--result", required=True, help="the edited image")
-    p.add_argument("--target", required=True, help="the target image before the edit")
-    p.add_argument("--mask", required=True, help="the target mask M_tg (white = edited region)")
-    p.add_argument("--source", default=None, help="the source image I_s (for concept fidelity)")
-    p.add_argument("--source-mask", default=None, help="the source mask M_s (for concept fidelity)")
-    p.add_argument("--encoder", default=None, help="image encoder for fidelity: a local transformers folder or hub "
-                                                   "id of a CLIP (vision) or DINO/ViT model")
-    p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
-    p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
-    p.add_argument("--size", type=int, default=None, help="evaluate at this square size (default: the result's)")
-    p.set_defaults(func=cmd_evaluate)

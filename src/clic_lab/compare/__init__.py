@@ -1,5 +1,5 @@
-"""``clic benchmark MANIFEST --out DIR``: the paper's comparison (sec. 4.2) and ablations (sec. 4.3) as one cached,
-shardable run.
+"""The comparison runner (``clic benchmark MANIFEST --out DIR``): the paper's comparison (sec. 4.2) and ablations
+(sec. 4.3) as one cached, shardable run; the quality metrics are in :mod:`clic_lab.compare.metrics`.
 
 The manifest (YAML or JSON; paths relative to its folder)::
 
@@ -44,24 +44,41 @@ manifest is checked against the metrics registered when it is loaded.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from huggingface_hub import snapshot_download
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .errors import ClicError, InputError
+from clic import __version__, baselines
+from clic.concept import Concept
+from clic.config import learn_config, recipe_named, transfer_config
+from clic.errors import ClicError, InputError
+from clic.fileio import atomic_path
+from clic.imaging import grid, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
+from clic.models import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, DTYPES, load_backbone
+
+from .metrics import ImageEncoder, attention_localisation, concept_fidelity, lpips_distance, measure, psnr, ssim
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("clic", "custom-diffusion", "break-a-scene", "realfill")
+#: the comparison's methods and the recipe (clic.config.RECIPES) each runs with
+METHODS = {"clic": "paper", "custom-diffusion": "custom-diffusion", "break-a-scene": "break-a-scene",
+           "realfill": "realfill"}
 CASE_KEYS = ("id", "source", "source_mask", "target", "target_mask", "object_class", "prompt")
 REQUIRED_CASE_KEYS = ("id", "source", "source_mask", "target", "target_mask", "object_class")
 MANIFEST_KEYS = ("model", "inpaint_model", "dtype", "device", "learn", "transfer", "encoder", "metrics", "cases",
@@ -125,8 +142,6 @@ class Manifest:
 
 
 def _read(path: Path) -> dict:
-    import yaml
-
     if not path.is_file():
         raise BenchmarkError(f"{path}: manifest not found")
     text = path.read_text()
@@ -149,8 +164,6 @@ def _model_ref(value: str, root: Path) -> str:
 
 
 def _variants(data: dict, problems: list[str]) -> list[Variant]:
-    from .baselines import METHODS
-
     variants = []
     for entry in data.get("methods") or list(DEFAULT_METHODS):
         if isinstance(entry, str):
@@ -189,8 +202,6 @@ def _variants(data: dict, problems: list[str]) -> list[Variant]:
 
 
 def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
-    from .imaging import image_size, load_mask
-
     cases, seen = [], set()
     entries = data.get("cases")
     if not isinstance(entries, list) or not entries:
@@ -232,16 +243,8 @@ def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
 
 def _option_names(method: str, phase: str) -> set[str]:
     """Fields of ``method``'s learning or transfer config."""
-    from dataclasses import fields
-
-    from .baselines import InpaintConfig, RealFillConfig
-    from .learn import LearnConfig
-    from .transfer import TransferConfig
-
-    if phase == "learn":
-        cls = RealFillConfig if method == "realfill" else LearnConfig
-    else:
-        cls = InpaintConfig if method == "realfill" else TransferConfig
+    r = recipe_named(METHODS[method])
+    cls = r.learn_class if phase == "learn" else r.transfer_class
     return {f.name for f in fields(cls)} - {"recipe"}
 
 
@@ -263,10 +266,6 @@ def _learn_overrides(case: Case, variant: Variant, common: dict) -> dict:
 
 def load_manifest(path, device: str | None = None, dtype: str | None = None) -> Manifest:
     """Read and check a manifest; every problem is gathered into one :class:`BenchmarkError` (nothing runs)."""
-    from .baselines import learn_config, transfer_config
-    from .baselines.realfill import DEFAULT_INPAINT_MODEL
-    from .models import DEFAULT_MODEL, DTYPES
-
     path = Path(path)
     data = _read(path)
     root = path.parent
@@ -304,10 +303,11 @@ def load_manifest(path, device: str | None = None, dtype: str | None = None) -> 
         for variant in variants:
             where = f"case {case.id!r}, method {variant.name!r}"
             try:
-                lcfg = learn_config(variant.method, None, **_learn_overrides(case, variant, common_learn))
+                name = METHODS[variant.method]
+                lcfg = learn_config(name, **_learn_overrides(case, variant, common_learn))
                 lcfg.check(1)
-                tcfg = transfer_config(variant.method, None, **{**_common(common_transfer, variant.method, "transfer"),
-                                                                **variant.transfer})
+                tcfg = transfer_config(name, **{**_common(common_transfer, variant.method, "transfer"),
+                                                **variant.transfer})
                 tcfg.check()
             except (ClicError, TypeError) as exc:
                 problems.append(f"{where}: {exc}")
@@ -342,8 +342,6 @@ def model_fingerprint(model: str, _memo: dict = {}) -> str:  # noqa: B006
     root = Path(model)
     if not root.is_dir():
         try:
-            from huggingface_hub import snapshot_download
-
             root = Path(snapshot_download(model, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached: the id is all we know
             _memo[model] = f"hub:{model}"
@@ -412,36 +410,26 @@ class Cache:
 
 
 def _write_json(path: Path, obj) -> None:
-    from .fileio import atomic_path
-
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
 
 
 def _inputs(case: Case, size: int):
-    from .imaging import image_size, load_image, load_mask
-
     return (load_image(case.source, size), load_mask(case.source_mask, size, image_size(case.source)),
             load_image(case.target, size), load_mask(case.target_mask, size, image_size(case.target)))
 
 
-def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, device, progress: bool,
+def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, backbones: dict, device, progress: bool,
                    process_index: int = 0) -> None:
-    """Learn (unless cached) the concept shared by ``runs`` and run their missing transfers, on a fresh backbone."""
-    from safetensors.torch import save_file
-
-    from .baselines import learn_concept, transfer_concept
-    from .concept import Concept
-    from .fileio import atomic_path
-    from .imaging import save_png, to_pil
-    from .metrics import measure
-    from .models import load_backbone
-
+    """Learn (unless cached) the concept shared by ``runs`` and run their missing transfers. ``backbones``: the
+    models loaded so far, by name (learning and transfer leave a model as they found it: one load serves all)."""
     first = runs[0]
     todo = [r for r in runs if not cache.transfer_done(r.transfer_key)]
     if not todo and cache.concept_done(first.learn_key):
         return
-    backbone = load_backbone(first.model, device, manifest.dtype)
+    if first.model not in backbones:
+        backbones[first.model] = load_backbone(first.model, device, manifest.dtype)
+    backbone = backbones[first.model]
     source, source_mask, target, target_mask = _inputs(first.case, backbone.resolution)
     if cache.concept_done(first.learn_key):
         concept = Concept.load(cache.concept(first.learn_key))
@@ -449,7 +437,7 @@ def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, device, pr
         log.info("%s / %s: learning (%s)", first.case.id, first.variant.method, first.learn_key)
         # checkpoints next to the concept: a killed benchmark resumes its learning runs (cost: the resumed part)
         with measure(backbone.device) as cost:
-            result = learn_concept(backbone, [source], [source_mask], first.learn_cfg,
+            result = baselines.learn_concept(backbone, [source], [source_mask], first.learn_cfg,
                                    out_path=cache.concept(first.learn_key), log_path=cache.concept_log(first.learn_key),
                                    resume=True, progress=progress)
         concept = result.concept
@@ -460,7 +448,8 @@ def _execute_group(runs: list[Run], manifest: Manifest, cache: Cache, device, pr
     for run in todo:
         log.info("%s / %s: transfer (%s)", run.case.id, run.variant.name, run.transfer_key)
         with measure(backbone.device) as cost:
-            res = transfer_concept(backbone, concept, target, target_mask, run.transfer_cfg, progress=progress)
+            res = baselines.transfer_concept(backbone, concept, target, target_mask, run.transfer_cfg,
+                                             progress=progress)
         folder = cache.transfer_dir(run.transfer_key)
         for k, seed in enumerate(res.seeds):
             save_png(to_pil(res.images[k]), folder / f"seed{seed}.png")
@@ -485,10 +474,10 @@ def execute(manifest: Manifest, out_dir, process_index: int = 0, num_processes: 
     """Run this process's share of the cases; returns the failures (``"case / method: error"``)."""
     cache = Cache(Path(out_dir))
     mine = {c.id for i, c in enumerate(manifest.cases) if i % num_processes == process_index}
-    failures = []
+    failures, backbones = [], {}
     for group in _groups([r for r in manifest.runs if r.case.id in mine]):
         try:
-            _execute_group(group, manifest, cache, device, progress, process_index)
+            _execute_group(group, manifest, cache, backbones, device, progress, process_index)
         except (ClicError, RuntimeError, OSError, ValueError) as exc:
             names = ", ".join(r.variant.name for r in group)
             log.error("%s / %s failed: %s", group[0].case.id, names, exc)
@@ -516,14 +505,10 @@ class Sample:
 
 
 def _m_preservation(s: Sample) -> dict:
-    from .metrics import psnr, ssim
-
     return {"psnr": psnr(s.result, s.target, s.target_mask), "ssim": ssim(s.result, s.target, s.target_mask)}
 
 
 def _m_lpips(s: Sample) -> dict:
-    from .metrics import lpips_distance
-
     value, note = lpips_distance(s.result, s.target, s.target_mask)
     if note:
         s.context["notes"].add(note)
@@ -531,8 +516,6 @@ def _m_lpips(s: Sample) -> dict:
 
 
 def _m_fidelity(s: Sample) -> dict:
-    from .metrics import concept_fidelity
-
     encoder = s.context.get("encoder")
     if encoder is None:
         s.context["notes"].add(s.context.get("encoder_note") or
@@ -542,8 +525,6 @@ def _m_fidelity(s: Sample) -> dict:
 
 
 def _m_localisation(s: Sample) -> dict:
-    from .metrics import attention_localisation
-
     if s.attention is None:
         return {"attn_iou": None, "attn_mass": None}
     return attention_localisation(s.attention, s.target_mask)
@@ -620,12 +601,6 @@ class Report:
 
 def merge(manifest: Manifest, out_dir, device=None) -> Report:
     """Score every cached result and write results.csv, costs.csv, results.md and the grids (main process)."""
-    from PIL import Image
-    from safetensors.torch import load_file
-
-    from .imaging import grid, image_size, load_image, mask_overlay, save_png, to_pil
-    from .metrics import ImageEncoder
-
     out, cache = Path(out_dir), Cache(Path(out_dir))
     context: dict = {"notes": set()}
     if "fidelity" in manifest.metrics and manifest.encoder:
@@ -697,8 +672,6 @@ def merge(manifest: Manifest, out_dir, device=None) -> Report:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    from .fileio import atomic_path
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -746,7 +719,7 @@ def _markdown(manifest: Manifest, columns: list[str], rows: list[dict], costs: l
             f"{max(peaks):.2f}" if peaks else "–"]) + " |")
     lines += ["", "Preservation (psnr, ssim, lpips) is measured outside the target mask; fidelity is the cosine "
                   "similarity of the source and edited regions in the image encoder; attn_iou / attn_mass locate "
-                  "v*'s attention (mean over the denoising steps) in the target mask (see clic.metrics)."]
+                  "v*'s attention (mean over the denoising steps) in the target mask (see clic_lab.compare.metrics)."]
     if notes or missing:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [f"- missing (failed or not run): {m}"
                                                                       for m in missing]
@@ -760,14 +733,9 @@ def run_benchmark(manifest_path, out_dir, device=None, dtype=None, progress: boo
                   merge_only: bool = False) -> Report | None:
     """Check the manifest, run this process's share, wait for the others; the main process merges and returns the
     :class:`Report` (other processes return None). Raises :class:`BenchmarkError` if runs failed."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     manifest = load_manifest(manifest_path, device, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import datetime
-
     # CPU processes (no GPU, or ACCELERATE_USE_CPU=1) meet over gloo; long runs: a generous barrier timeout
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=datetime.timedelta(days=7))
@@ -788,29 +756,3 @@ def run_benchmark(manifest_path, out_dir, device=None, dtype=None, progress: boo
         raise BenchmarkError(f"{len(failed)} run(s) failed: " + "; ".join(failed)
                              + f" (the other results are in {out})")
     return report
-
-
-def cmd_benchmark(args) -> None:
-    report = run_benchmark(args.manifest, args.out, args.device, args.dtype, progress=not args.quiet,
-                           merge_only=args.merge_only)
-    if report is not None:
-        print("\n".join(str(p) for p in (report.results_csv, report.costs_csv, report.table, report.grid)))
-
-
-def register_cli(subparsers, add_model_options) -> None:
-    from .metrics import register_cli as register_evaluate
-
-    p = subparsers.add_parser(
-        "benchmark", help="run the comparison of methods and ablations listed in a manifest (cached, shardable)",
-        description="Learns and transfers every (case, method) of MANIFEST (YAML or JSON; see clic.benchmark), "
-                    "caching concepts and results under OUT/cache, then writes OUT/results.csv, costs.csv, "
-                    "results.md and grid.png. Shard with `accelerate launch --multi_gpu --num_processes N -m clic "
-                    "benchmark ...` (CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m clic benchmark ...`).")
-    p.add_argument("manifest", help="the manifest (.yaml, .yml or .json)")
-    p.add_argument("--out", required=True, help="output folder (reused: cached runs are not recomputed)")
-    p.add_argument("--device", default=None, help="device of every process (default: accelerate's per process)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="overrides the manifest's dtype")
-    p.add_argument("--merge-only", action="store_true", help="only score the cached results and write the outputs")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_benchmark)
-    register_evaluate(subparsers, add_model_options)

@@ -1,4 +1,4 @@
-"""``clic demo``: the offline main job, end to end on the CPU in a few minutes.
+"""The offline demo (``clic demo``): the main job, end to end on the CPU in a few minutes.
 
 1. learn v* for a held-out pattern (stars, never seen by the toy model) on the back of a chair, from one bundled
    source image and its mask (paper sec. 3.1);
@@ -19,33 +19,30 @@ import time
 from importlib import resources
 from pathlib import Path
 
-ASSETS = resources.files("clic") / "assets"
+import numpy as np
+
+from clic.builder import make_model
+from clic.config import GenerateConfig, learn_config, transfer_config
+from clic.generate import generate
+from clic.imaging import grid, heat_overlay, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
+from clic.learn import learn
+from clic.maps import learning_preview
+from clic.models import bundled_model, load_backbone
+from clic.transfer import transfer
+
+from .toyworld.detector import PatternDetector
+
 EXAMPLE = {"source": "toy_source.png", "source_mask": "toy_source_mask.png",
            "target": "toy_target.png", "target_mask": "toy_target_mask.png"}
 
 
-def bundled_model() -> Path | None:
-    path = Path(str(ASSETS / "toymodel"))
-    return path if (path / "model_index.json").is_file() else None
-
-
 def _asset(name: str) -> Path:
-    return Path(str(ASSETS / "examples" / EXAMPLE[name]))
+    return Path(str(resources.files("clic") / "assets" / "examples" / EXAMPLE[name]))
 
 
 def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample_steps: int | None = None,
              device: str | None = None, progress: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns the report dict. ``steps``/``sample_steps`` shorten it (CI)."""
-    from .builder import make_model
-    from .concept import Concept
-    from .generate import GenerateConfig, generate
-    from .imaging import grid, heat_overlay, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
-    from .learn import learn, make_config
-    from .maps import save_learning_preview
-    from .models import load_backbone
-    from .transfer import make_config as transfer_config
-    from .transfer import transfer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -68,16 +65,16 @@ def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample
 
     # 1. Learn v* in context.
     if toy or tiny or size <= 128:  # small models: a larger lr and fewer steps than SD1.4's 1e-5 x 500
-        cfg = make_config(steps=steps or 300, lr=1e-3, object_class="chair")
+        cfg = learn_config(steps=steps or 300, lr=1e-3, object_class="chair")
     else:
-        cfg = make_config(**({"steps": steps} if steps else {}), object_class="chair")
+        cfg = learn_config(steps=steps, object_class="chair")
     t = time.time()
     learned = learn(backbone, [source], [source_mask], cfg, out_path=out / "concept.safetensors",
                     log_path=out / "concept.log.jsonl", progress=progress)
     timings["learn_s"] = round(time.time() - t, 1)
-    save_learning_preview(backbone, learned, [source], [source_mask], out / "learning", seed=cfg.seed)
-    concept = Concept.load(out / "concept.safetensors")
-    backbone = load_backbone(str(model), device)  # a clean base model: transfer/generate apply the concept
+    concept = learned.concept
+    for name, image in learning_preview(backbone, concept, [source], [source_mask], seed=cfg.seed).items():
+        save_png(image, out / "learning" / name)
 
     # 2. Transfer to the target's back.
     n = sample_steps or 50
@@ -116,11 +113,6 @@ def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample
 
 def _detect(moved, target_mask, gen) -> dict:
     """What the toy world's pattern detector sees in the edited region and in the generated chairs."""
-    import numpy as np
-
-    from .imaging import to_pil
-    from clic_lab.toyworld.detector import PatternDetector
-
     det = PatternDetector.load()
     image = np.asarray(to_pil(moved.images[0]))
     label, probs = det.predict(image, target_mask[0].cpu().numpy() > 0.5)
@@ -146,20 +138,3 @@ def _markdown(report: dict) -> str:
                   f"Pattern detector on the generated objects: {', '.join(d['generated_objects'])}", ""]
     lines += ["![grid](grid.png)", "", "Files: " + ", ".join(report["outputs"])]
     return "\n".join(lines) + "\n"
-
-
-def register_cli(sub, add_model_options) -> None:
-    p = sub.add_parser("demo", help="the offline demo: learn a held-out pattern, transfer it, generate with it")
-    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--steps", type=int, default=None, help="learning steps (default: 300 on the toy model)")
-    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps of transfer and generation (50)")
-    p.add_argument("--model", default=None, help="diffusers model (default: the bundled toy model; 'tiny' builds "
-                                                 "a tiny random one)")
-    p.add_argument("--device", default=None)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-    def run(args):
-        run_demo(args.out, args.model, args.steps, args.sample_steps, args.device, progress=not args.quiet)
-        print((Path(args.out) / "report.md").read_text())
-
-    p.set_defaults(func=run)
