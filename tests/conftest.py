@@ -37,11 +37,54 @@ def other_tiny_model_dir(tmp_path_factory):
     return str(make_model("tiny", tmp_path_factory.mktemp("models") / "tiny-other", seed=123))
 
 
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """One UNet level, one text layer: for the tests that compile or trace the models (their cost grows with the
+    number of layers)."""
+    from clic.builder import make_model
+
+    return str(make_model("micro", tmp_path_factory.mktemp("models") / "micro"))
+
+
 @pytest.fixture
-def backbone(tiny_model_dir):
+def micro_backbone(micro_model_dir):
     from clic.models import load_backbone
 
-    return load_backbone(tiny_model_dir, device="cpu")
+    return load_backbone(micro_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def micro_concept(micro_model_dir):
+    """A concept learned for 2 steps on the micro model."""
+    from clic.config import learn_config
+    from clic.learn import learn
+    from clic.models import load_backbone
+
+    return learn(load_backbone(micro_model_dir, device="cpu"), [random_image()], [square_mask()],
+                 learn_config(steps=2, object_class="chair"), progress=False).concept
+
+
+_LOADED = {}
+
+
+def shared_backbone(model_dir):
+    """One loaded model per folder for the session: every job leaves a model as it found it (test_model_state.py),
+    so the tests need not load it again."""
+    from clic.models import load_backbone
+
+    if model_dir not in _LOADED:
+        _LOADED[model_dir] = load_backbone(model_dir, device="cpu")
+    return _LOADED[model_dir]
+
+
+@pytest.fixture
+def backbone(tiny_model_dir):
+    """The tiny model, as loaded: what a test installs on it by hand (processors, tokens, flags) goes afterwards."""
+    from clic.concept import restored_model
+
+    model = shared_backbone(tiny_model_dir)
+    with restored_model(model):
+        yield model
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def no_compile(monkeypatch):
 
 
 def test_every_section(no_compile):
-    r = bench.run_bench(bench.BenchOptions(model="tiny", device="cpu", steps=2, warmup=1, reference=True,
+    r = bench.run_bench(bench.BenchOptions(model="micro", device="cpu", steps=2, warmup=1, reference=True,
                                            levers=True, sampling=True, sampling_steps=4, images=2, profile=True,
                                            sampling_compile="cudagraphs"))
     assert r["resolution"] == 64 and "CPU" in r["device"]
@@ -96,7 +96,7 @@ def test_flop_count_of_a_learning_step():
 
     from clic_lab.bench import count_learning_flops, load_bench_backbone
 
-    b = load_bench_backbone("tiny", "cpu")
+    b = load_bench_backbone("micro", "cpu")
     fast = count_learning_flops(b, steps=2)
     assert count_learning_flops(b, steps=3)["step_gflop"] == fast["step_gflop"]
     reference = count_learning_flops(b, steps=2, reference_path=True)
@@ -240,10 +240,10 @@ def test_op_count_is_set_by_the_architecture(monkeypatch):
     the host's work of a wide one); views and allocations are not counted as device work."""
     from clic.builder import SPECS
 
-    tiny = bench.count_learning_ops(bench.load_bench_backbone("tiny"))
-    spec = SPECS["tiny"]
-    monkeypatch.setitem(SPECS, "tiny-wide", {**spec, "unet": {**spec["unet"], "block_out_channels": (64, 128)}})
-    wide = bench.count_learning_ops(bench.load_bench_backbone("tiny-wide"))
+    tiny = bench.count_learning_ops(bench.load_bench_backbone("micro"))
+    spec = SPECS["micro"]
+    monkeypatch.setitem(SPECS, "micro-wide", {**spec, "unet": {**spec["unet"], "block_out_channels": (64,)}})
+    wide = bench.count_learning_ops(bench.load_bench_backbone("micro-wide"))
     assert wide["ops_per_step"] == tiny["ops_per_step"] and wide["kernel_ops_per_step"] == tiny["kernel_ops_per_step"]
     assert 0 < tiny["kernel_ops_per_step"] < tiny["ops_per_step"]
     assert "convolution" in tiny["top_kernel_ops"] and "view" not in tiny["top_kernel_ops"]
@@ -267,7 +267,7 @@ def test_step_times_of_a_loop_that_reads_its_losses_in_bursts(monkeypatch, sync_
 def test_transfer_op_count_and_the_text_kv_cache():
     """A guided step (guidance forward and backward, then the CFG pass) launches more than an unguided one, and the
     text K/V cache saves each cross-attention layer's projections in every forward pass."""
-    backbone = bench.load_bench_backbone("tiny")
+    backbone = bench.load_bench_backbone("micro")
     cached, plain = bench.count_transfer_ops(backbone), bench.count_transfer_ops(backbone, kv_cache=False)
     n_layers = sum(".attn2." in name for name in backbone.unet.attn_processors)
     for kind, passes in (("guided_step", 2), ("unguided_step", 1)):

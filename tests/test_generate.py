@@ -96,8 +96,9 @@ def test_cli_bad_input(concept_path, other_tiny_model_dir, tmp_path, capsys, arg
     assert not out.exists()
 
 
-def test_compiled_unet_gives_the_same_images(backbone, concept):
+def test_compiled_unet_gives_the_same_images(micro_backbone, micro_concept):
     """--compile-unet --compile-mode cudagraphs: the same two-stage generation (base and concept UNet each traced)."""
+    backbone, concept = micro_backbone, micro_concept       # the smallest UNet: tracing costs grow with its layers
     cfg = GenerateConfig(steps=3, base_steps=1, seeds=(4,), num=2, batch_size=2)
     plain = generate(backbone, concept, cfg, progress=False)
     graphed = generate(backbone, concept, replace(cfg, compile_unet=True, compile_mode="cudagraphs"), progress=False)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import DeviceReads, on_meta, random_image, square_mask
+from conftest import DeviceReads, on_meta, random_image, shared_backbone, square_mask
 
 from clic.errors import InputError, TrainingError
 from clic.concept import applied_concept
@@ -16,7 +16,7 @@ from clic_lab.bench.reference import learn_reference
 
 
 def _run(model_dir, steps=3, out=None, **kw):
-    backbone = load_backbone(model_dir, device="cpu")
+    backbone = shared_backbone(model_dir)
     cfg = make_config(**{"steps": steps, "object_class": "chair", **kw})
     return backbone, learn(backbone, [random_image()], [square_mask()], cfg, out_path=out, progress=False)
 
@@ -242,7 +242,7 @@ def test_speed_levers_keep_the_losses_and_weights(tiny_model_dir, lever):
 
 @pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="torch.compile on the CPU needs a C compiler")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")   # inside torch.compile, not ours
-def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
+def test_compiled_unet_and_text_give_the_same_losses(micro_model_dir):
     """--compile-unet --compile-text (torch.compile, ~2 minutes of compiling on this CPU for the tiny model): same
     losses; each model is one graph with no graph break (a break would split the CUDA graphs of reduce-overhead),
     compiled once for the run (no step recompiles), and the text encoder gets its own forward back."""
@@ -250,10 +250,10 @@ def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
 
     from clic.speed import text_layers
 
-    _, plain = _run(tiny_model_dir, steps=2, lr=1e-3, seed=2)
+    _, plain = _run(micro_model_dir, steps=2, lr=1e-3, seed=2)
     torch._dynamo.reset()
     counters.clear()
-    backbone, compiled = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True)
+    backbone, compiled = _run(micro_model_dir, steps=3, lr=1e-3, seed=2, compile_unet=True, compile_text=True)
     for a, b in zip(plain.history, compiled.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -266,16 +266,16 @@ def test_compiled_unet_and_text_give_the_same_losses(tiny_model_dir):
     {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs"},
     {"cuda_graphs": "on"},                                           # the same, channels-last: a GPU's default
 ], ids=["compile-mode-cudagraphs", "cuda-graphs-on"])
-def test_cuda_graph_backend_gives_the_same_losses(tiny_model_dir, options):
+def test_cuda_graph_backend_gives_the_same_losses(micro_model_dir, options):
     """--compile-mode cudagraphs (torch's cudagraphs backend: traced, not compiled; without a GPU the traced graphs
     run as they are, and say so), and --cuda-graphs on (that with channels-last, the default on a GPU): same losses
     and weights, one graph per model, no graph break."""
     from torch._dynamo.utils import counters
 
-    _, plain = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
+    _, plain = _run(micro_model_dir, steps=3, lr=1e-3, seed=2)
     torch._dynamo.reset()
     counters.clear()
-    _, graphed = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2, **options)
+    _, graphed = _run(micro_model_dir, steps=3, lr=1e-3, seed=2, **options)
     for a, b in zip(plain.history, graphed.history):
         for key in ("l_con", "l_att", "l_roi"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -325,7 +325,7 @@ def test_compile_mode_reaches_torch_compile(tiny_model_dir, monkeypatch):
         make_config(compile_mode="reduce-overhead").check()
 
 
-def test_compiled_step_fits_cuda_graphs(backbone, monkeypatch):
+def test_compiled_step_fits_cuda_graphs(micro_backbone, monkeypatch):
     """What torch checks before it replays a graph as CUDA graphs, checked on the graphs of a learning step (the UNet
     with trained K/V and the capture attached, the text encoder's layers with a trained token; forward and backward):
     every input on the model's device (the token positions are handed in from the host), no input mutated, no op
@@ -339,6 +339,7 @@ def test_compiled_step_fits_cuda_graphs(backbone, monkeypatch):
     from clic.attention import capture_token_maps, cross_attention_layers, install_processors
     from clic.tokens import add_placeholders, concept_embedding, initializer_embedding
 
+    backbone = micro_backbone                   # the smallest UNet: tracing costs grow with the number of layers
     graphs = []
 
     def inspect(graph_module, example_inputs):

@@ -3,6 +3,7 @@
 No weights can be downloaded in our CI, so tests and benchmarks run on pipelines built here:
 
 - ``tiny``: a few M parameters, SD1 layout, 64 px images, seconds on a CPU (tests);
+- ``micro``: ``tiny`` with one UNet level and one text layer (the tests that compile the models);
 - ``tiny-sd2``: the SD2 layout in small (linear projections, per-block head dims, v-prediction, "!" padding);
 - ``sd14-random``: the exact SD1.4 architecture (UNet 860 M, CLIP ViT-L/14 text encoder, VAE) for speed
   and memory measurements, which do not depend on the weight values;
@@ -119,6 +120,20 @@ SPECS: dict[str, dict] = {
         ),
         vae=TINY_VAE,
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=32, hidden_act="quick_gelu"),
+        scheduler=dict(prediction_type="epsilon"),
+        pad_token=EOS,
+    ),
+    # the smallest UNet with cross-attention (one level, no mid block) and a one-layer text encoder: for the tests
+    # that compile or trace the models, whose cost grows with the number of layers
+    "micro": dict(
+        unet=dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32,),
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
+        ),
+        vae=TINY_VAE,
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   projection_dim=32, hidden_act="quick_gelu"),
         scheduler=dict(prediction_type="epsilon"),
         pad_token=EOS,
