@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
@@ -203,6 +202,10 @@ def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
 def build_pipeline(kind: str, seed: int = 0):
     """A random-init ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for the inpainting kinds) of one
     of :data:`SPECS` (seeded per component)."""
+    # diffusers' pipeline classes import transformers' image processors (stderr warnings without torchvision): only
+    # when a pipeline is built
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
     if kind not in SPECS:
         raise ModelError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
     spec = SPECS[kind]

@@ -34,7 +34,7 @@ from . import __version__
 from .attention import ClicCrossAttnProcessor, clic_processors, install_processors, restored_processors
 from .errors import ConceptFileError
 from .fileio import atomic_path
-from .tokens import ConceptTokenEmbedding, concept_embedding, restored_vocabulary, set_placeholders
+from .tokens import ConceptTokenEmbedding, add_placeholders, concept_embedding, restored_vocabulary, set_placeholders
 
 #: what a concept's attention weights train as (``train`` of :meth:`Concept.apply`): None = frozen
 TRAINABLE = (None, "kv", "kv+q+out", "token")
@@ -149,7 +149,10 @@ class Concept:
         if self.meta:                       # a file names its base model; an untrained concept is this backbone's
             self.check_base(backbone, name)
         unet = backbone.unet
-        set_placeholders(backbone, self.tokens, self.embeddings)
+        if train is None:
+            set_placeholders(backbone, self.tokens, self.embeddings)
+        else:                               # learning: new tokens, the last rows of the embedding (refused if known)
+            add_placeholders(backbone, self.tokens, self.embeddings.to(backbone.device))
         if train in ("kv", "kv+q+out"):
             procs = install_processors(unet, train_kv=True, train_q_out=train == "kv+q+out",
                                        processor_class=processor_class)
@@ -187,7 +190,8 @@ class AppliedConcept:
 
     @property
     def token_rows(self) -> torch.Tensor:
-        """The concept tokens' embeddings ``(n_tokens, dim)`` (trainable when learning)."""
+        """The concept tokens' embeddings ``(n_tokens, dim)`` when they were added last, as for learning (a view of
+        the trainable rows)."""
         return self.embedding.new[-len(self.token_ids):]
 
     @property
