@@ -3,7 +3,7 @@ RealFill's inpainting equal to the stock diffusers pipeline, and the CLI."""
 
 import pytest
 import torch
-from conftest import random_image, square_mask
+from conftest import random_image, shared_backbone, square_mask
 
 from clic import baselines
 from clic.baselines import realfill
@@ -132,7 +132,7 @@ def test_paste_alpha_is_dilated_and_blurred():
 
 @pytest.mark.parametrize("method", ["custom-diffusion", "break-a-scene"])
 def test_recipe_baselines_train_save_load_transfer(tiny_model_dir, tmp_path, method):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     seen = {}
 
     def on_step(step, record):
@@ -154,7 +154,7 @@ def test_recipe_baselines_train_save_load_transfer(tiny_model_dir, tmp_path, met
         assert result.history[0]["l_att"] == 0 and result.history[0]["l_roi"] == 0
     concept = Concept.load(out)
     assert baselines.recipe_of(concept) == method
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     before = dict(backbone.unet.attn_processors)
     tcfg = transfer_config(method, steps=4, t_start=1)
     res = baselines.transfer_concept(backbone, concept, random_image(seed=3), square_mask(box=(20, 40, 10, 40)),
@@ -166,7 +166,7 @@ def test_recipe_baselines_train_save_load_transfer(tiny_model_dir, tmp_path, met
 
 
 def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, tmp_path):
-    backbone = load_backbone(tiny_inpaint_dir, device="cpu")
+    backbone = shared_backbone(tiny_inpaint_dir)
     base = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
     seen = {}
 
@@ -193,7 +193,7 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
     # loss only inside M_s: with an empty weight map nothing would be learned, with the mask something is
     assert result.history[0]["l_realfill"] > 0
 
-    backbone = load_backbone(tiny_inpaint_dir, device="cpu")
+    backbone = shared_backbone(tiny_inpaint_dir)
     target, mask = random_image(seed=5), square_mask(box=(20, 40, 10, 40))
     res = baselines.transfer_concept(backbone, concept, target, mask, transfer_config("realfill", steps=2),
                                      progress=False)
@@ -206,7 +206,7 @@ def test_realfill_trains_kv_and_token_on_the_inpainting_model(tiny_inpaint_dir, 
 
 
 def test_realfill_needs_an_inpainting_model(tiny_model_dir):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     with pytest.raises(ModelError, match="needs an inpainting model"):
         realfill.learn_realfill(backbone, [random_image()], [square_mask()], learn_config("realfill"))
 

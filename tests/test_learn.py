@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import DeviceReads, on_meta, random_image, shared_backbone, square_mask
 
-from clic.errors import InputError, TrainingError
 from clic.concept import applied_concept
 from clic.config import learn_config as make_config
+from clic.errors import InputError, TrainingError
 from clic.learn import learn
 from clic.maps import token_attention_maps
 from clic.models import load_backbone
@@ -22,7 +22,7 @@ def _run(model_dir, steps=3, out=None, **kw):
 
 
 def test_exactly_the_intended_parameters_train(tiny_model_dir):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     base_unet = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
     base_text = {k: v.clone() for k, v in backbone.text_encoder.state_dict().items()}
     seen = {}
@@ -77,7 +77,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny_model_dir, tmp_path
     _, full = _run(tiny_model_dir, out=tmp_path / "full.safetensors", **kw)
 
     out = tmp_path / "killed.safetensors"
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
 
     def kill(step, record):
         if step == 5:
@@ -88,7 +88,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny_model_dir, tmp_path
               log_path=tmp_path / "log.jsonl", progress=False, callback=kill)
     assert not out.exists() and (tmp_path / "killed.safetensors.ckpt").exists()
 
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     resumed = learn(backbone, [random_image()], [square_mask()], make_config(object_class="chair", **kw), out_path=out,
                     log_path=tmp_path / "log.jsonl", resume=True, progress=False)
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
@@ -139,7 +139,7 @@ def test_attention_loss_alone_moves_v_star_attention_onto_the_mask(tiny_model_di
     small = (torch.nn.functional.interpolate(mask[None], size=(16, 16), mode="bilinear")[0, 0] > 0.5).float()
     ious = []
     for steps, lr in ((1, 1e-12), (60, 3e-3)):
-        backbone = load_backbone(tiny_model_dir, device="cpu")
+        backbone = shared_backbone(tiny_model_dir)
         cfg = make_config(steps=steps, lr=lr, use_con=False, use_roi=False, object_class="chair", flip_p=0.0)
         result = learn(backbone, [image], [mask], cfg, progress=False)
         with applied_concept(backbone, result.concept):
@@ -152,7 +152,7 @@ def test_attention_loss_alone_moves_v_star_attention_onto_the_mask(tiny_model_di
 
 
 def test_several_masks_on_one_image_give_one_token_each(tiny_model_dir):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     masks = torch.cat([square_mask(box=(4, 20, 4, 28)), square_mask(box=(36, 60, 30, 60))])
     cfg = make_config(steps=2, object_class="necklace")
     result = learn(backbone, [random_image()], [masks], cfg, progress=False)
@@ -162,7 +162,7 @@ def test_several_masks_on_one_image_give_one_token_each(tiny_model_dir):
 
 
 def test_token_warmup_trains_only_the_token_first(tiny_model_dir):
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     snapshots = {}
 
     def on_step(step, record):
@@ -212,7 +212,7 @@ def test_fast_path_matches_the_reference_path(tiny_model_dir):
     """The optimised computation (SDPA, one UNet batch, cached latents/text, only trainable grads) gives the same
     losses and the same learned weights as the official code's way of computing them."""
     _, fast = _run(tiny_model_dir, steps=3, lr=1e-3, seed=2)
-    ref = learn_reference(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+    ref = learn_reference(shared_backbone(tiny_model_dir), [random_image()], [square_mask()],
                           make_config(steps=3, lr=1e-3, seed=2, object_class="chair"))
     for a, b in zip(fast.history, ref.history):
         for key in ("l_con", "l_att", "l_roi"):
@@ -373,7 +373,7 @@ def test_losses_read_in_bursts_give_the_same_run(tiny_model_dir, tmp_path):
     callbacks of a burst come together, after the burst's last update; a checkpoint resumes under other speed
     options (not under other learning options)."""
     _, plain = _run(tiny_model_dir, steps=7, lr=1e-3, seed=2)
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     seen = {}
 
     def snapshot(step, record):
@@ -399,9 +399,9 @@ def test_losses_read_in_bursts_give_the_same_run(tiny_model_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+        learn(shared_backbone(tiny_model_dir), [random_image()], [square_mask()],
               make_config(object_class="chair", checkpoint_every=2, **kw), out_path=out, progress=False, callback=kill)
-    resumed = learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+    resumed = learn(shared_backbone(tiny_model_dir), [random_image()], [square_mask()],
                     make_config(object_class="chair", checkpoint_every=3, sync_every=4, **kw), out_path=out,
                     resume=True, progress=False)
     _, full = _run(tiny_model_dir, **kw)
@@ -409,10 +409,10 @@ def test_losses_read_in_bursts_give_the_same_run(tiny_model_dir, tmp_path):
     assert torch.equal(resumed.concept.embeddings, full.concept.embeddings)
     # ... but not with another learning rate
     with pytest.raises(KeyboardInterrupt):
-        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+        learn(shared_backbone(tiny_model_dir), [random_image()], [square_mask()],
               make_config(object_class="chair", checkpoint_every=2, **kw), out_path=out, progress=False, callback=kill)
     with pytest.raises(TrainingError, match="checkpoint was made with other options"):
-        learn(load_backbone(tiny_model_dir, device="cpu"), [random_image()], [square_mask()],
+        learn(shared_backbone(tiny_model_dir), [random_image()], [square_mask()],
               make_config(object_class="chair", **{**kw, "lr": 2e-3}), out_path=out, resume=True, progress=False)
 
 
@@ -450,7 +450,7 @@ def test_the_loop_waits_for_the_device_only_to_read_the_losses(tiny_model_dir, m
 def test_self_attention_runs_fused_and_the_unet_is_left_as_found(tiny_model_dir):
     """Inside the loop each self-attention layer projects Q, K, V with one frozen matmul; afterwards the UNet has its
     own processors and parameters back, and no fused copy."""
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     before = {n: type(p).__name__ for n, p in backbone.unet.attn_processors.items() if ".attn1." in n}
     names = set(backbone.unet.state_dict())
     inside = {}

@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_backbone
 from PIL import Image
 
 from clic.cli import main
 from clic.concept import Concept, applied_concept
+from clic.config import learn_config as make_config
 from clic.errors import ConceptFileError, InputError
 from clic.imaging import to_pil
-from clic.config import learn_config as make_config
 from clic.learn import learn
 from clic.maps import token_attention_maps
-from clic_lab.compare.metrics import iou
-from clic.models import load_backbone
 from clic.roi import (DiscoverConfig, MaskConfig, MatchConfig, Matcher, attention_to_mask, auto_target_mask,
                       discover, learn_matcher, matcher_attention, otsu_threshold)
+from clic_lab.compare.metrics import iou
 
 SIZE = 64
 BOX = (8, 56, 4, 28)      # rows, cols of the source RoI: a tall band on the left
@@ -64,7 +64,7 @@ def _box_baseline(mask):
 @pytest.fixture(scope="module")
 def seeing_model_dir(tiny_model_dir):
     """The tiny model, checked to give latents of about unit variance on this test's images."""
-    backbone = load_backbone(tiny_model_dir, device="cpu")
+    backbone = shared_backbone(tiny_model_dir)
     images = torch.stack([_source()[0], _background(1), torch.rand(3, SIZE, SIZE) * 2 - 1])
     with torch.no_grad():
         std = float(backbone.encode_image(images).std())
@@ -77,7 +77,7 @@ def matched(seeing_model_dir, tmp_path_factory):
     """A concept learned on the source (v* with l_att, K/V trained, 50 steps), then w* learned from it (30 steps)."""
     torch.manual_seed(0)
     image, mask = _source()
-    backbone = load_backbone(seeing_model_dir, device="cpu")
+    backbone = shared_backbone(seeing_model_dir)
     concept = learn(backbone, [image], [mask], make_config(steps=50, lr=3e-3, use_con=False, use_roi=False,
                                                          object_class="chair"), progress=False).concept
     concept_path = tmp_path_factory.mktemp("concepts") / "chair.safetensors"
@@ -189,7 +189,7 @@ def test_discover_masks_come_from_w_star_and_feed_in_context_learning(seeing_mod
     common pattern needs a pretrained model: on the random tiny model the IoU with the true places stays at chance,
     so it is printed, not asserted.)"""
     images, truths = _pattern_copies()
-    backbone = load_backbone(seeing_model_dir, device="cpu")
+    backbone = shared_backbone(seeing_model_dir)
     learn_cfg = make_config(steps=1, lr=1e-3, object_class="chair")
     result = discover(backbone, images, DiscoverConfig(object_class="chair", steps=4, lr=1e-2), MaskConfig(),
                       learn_cfg, progress=False)
@@ -223,7 +223,7 @@ def test_two_masks_on_one_image_each_token_attends_to_its_own_region(seeing_mode
     image = _paste_stripes(_background(), masks[:1])
     dots = (((torch.arange(SIZE) // 4) % 2).view(-1, 1) * ((torch.arange(SIZE) // 4) % 2).view(1, -1)).float()
     image = torch.where(masks[1:].bool(), torch.stack([-0.6 + dots, -0.6 + dots, torch.full_like(dots, 0.9)]), image)
-    backbone = load_backbone(seeing_model_dir, device="cpu")
+    backbone = shared_backbone(seeing_model_dir)
     cfg = make_config(steps=40, lr=3e-3, use_con=False, use_roi=False, object_class="necklace", flip_p=0.0)
     result = learn(backbone, [image], [masks], cfg, progress=False)
     with applied_concept(backbone, result.concept):

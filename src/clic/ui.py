@@ -277,8 +277,8 @@ class Workbench:
         object_class = (object_class or "").strip() or "object"
         d = self.defaults()
         cfg = learn_config(object_class=object_class, prompt=(prompt or "").strip() or None,
-                          steps=int(steps or d["steps"]), lr=lr or d["lr"], alpha=alpha, lambda_att=lambda_att,
-                          lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
+                           steps=int(steps or d["steps"]), lr=lr or d["lr"], alpha=alpha, lambda_att=lambda_att,
+                           lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
         cfg.check()
         with self.lock:
             backbone = self.backbone()
@@ -308,8 +308,8 @@ class Workbench:
         (averaged over the steps) over it, as ``(image, caption)`` pairs."""
         concept = _load_concept(concept_path)
         cfg = transfer_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
-                          seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
-                          guidance_scale=guidance_scale)
+                              seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
+                              guidance_scale=guidance_scale)
         cfg.check()
         start = cfg.start_step()
         with self.lock:

@@ -52,10 +52,11 @@ def add_target_options(p, auto: bool = False) -> None:
     add_quiet_option(p)
 
 
-def concept_and_model(args, model_default: str | None = None):
-    """The concept file and its base model (or ``--model``), checked against each other."""
-    concept = Concept.load(args.concept)
-    backbone = load_backbone(args.model or model_default or concept.meta["base_model"], args.device, args.dtype)
+def concept_and_model(args, concept: Concept | None = None):
+    """The concept file (or ``concept``, read from it before) and its base model (or ``--model``), checked against
+    each other."""
+    concept = concept if concept is not None else Concept.load(args.concept)
+    backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
     concept.check_base(backbone, args.concept)
     return concept, backbone
 
@@ -93,7 +94,7 @@ def run(args, recipe: str | None = None, label: str = "seed") -> None:
     concept = Concept.load(args.concept)
     if concept.meta.get("method") == "realfill":
         raise InputError(f"{args.concept} is a RealFill concept (inpainting model): use `clic realfill transfer`")
-    concept, backbone = concept_and_model(args)
+    concept, backbone = concept_and_model(args, concept)
     check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
     size = backbone.resolution
     target = load_image(args.target, size)
