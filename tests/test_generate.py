@@ -105,14 +105,15 @@ def test_compiled_unet_gives_the_same_images(micro_backbone, micro_concept):
     torch.testing.assert_close(graphed.latents, plain.latents, rtol=1e-4, atol=1e-4)
 
 
-def test_the_denoising_loop_never_waits_for_the_device(tiny_model_dir, concept, monkeypatch):
+def test_the_denoising_loop_never_waits_for_the_device(micro_model_dir, micro_concept, monkeypatch):
     """Both stages step without a value back from the device (on a GPU the host queues the steps without waiting):
     on the meta device, where there are no values, nothing is read between the steps of a stage."""
     from clic.concept import Concept
     from clic.models import load_backbone
 
     monkeypatch.setattr(Concept, "check_base", lambda *a, **kw: None)       # reads weight statistics: set-up
-    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    backbone = on_meta(load_backbone(micro_model_dir, device="cpu"))       # the smallest model: every op is hooked
+    concept = micro_concept
     mode, seen = DeviceReads(), {}
     with mode:
         generate(backbone, concept, GenerateConfig(steps=STEPS, base_steps=3, num=2, batch_size=2), progress=False,

@@ -426,14 +426,14 @@ def test_nan_is_caught_at_the_next_read(tiny_model_dir, monkeypatch):
     assert len(calls) == 5                                           # found when step 5 read the pending values
 
 
-def test_the_loop_waits_for_the_device_only_to_read_the_losses(tiny_model_dir, monkeypatch):
+def test_the_loop_waits_for_the_device_only_to_read_the_losses(micro_model_dir, monkeypatch):
     """On a GPU the host queues work and runs on, except where it needs a value back (it then waits for everything
     queued). With every model on the meta device the learning loop runs through, so it needs no device value
     anywhere but in its reads of the loss values (after steps 1, 3, 6 and 7 of 7 with sync_every 3); and every copy
     from the host goes through ``to_device`` (pinned and non-blocking on a GPU)."""
     import clic.learn
 
-    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    backbone = on_meta(load_backbone(micro_model_dir, device="cpu"))       # the smallest model: every op is hooked
     sent = []
     monkeypatch.setattr(clic.learn, "to_device", lambda x, device: sent.append(1) or x.to(device))
     monkeypatch.setattr(clic.learn.Concept, "from_training", lambda *a, **kw: None)    # reads the weights: not the loop

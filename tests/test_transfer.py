@@ -291,14 +291,15 @@ def test_compiled_unet_gives_the_same_transfer(micro_backbone, micro_concept):
         transfer(backbone, concept, target, mask, replace(cfg, compile_mode="cudagraphs"), progress=False)
 
 
-def test_the_denoising_loop_never_waits_for_the_device(tiny_model_dir, concept, monkeypatch):
+def test_the_denoising_loop_never_waits_for_the_device(micro_model_dir, micro_concept, monkeypatch):
     """Blending, guidance (a backward pass per guided step) and the scheduler's step need no value back from the
     device (on a GPU: the host queues the steps without waiting; the maps and losses come back once, at the end). On
     the meta device, where there are no values, the loop runs through and reads nothing between its steps."""
     from clic.concept import Concept
 
     monkeypatch.setattr(Concept, "check_base", lambda *a, **kw: None)       # reads weight statistics: set-up
-    backbone = on_meta(load_backbone(tiny_model_dir, device="cpu"))
+    backbone = on_meta(load_backbone(micro_model_dir, device="cpu"))       # the smallest model: every op is hooked
+    concept = micro_concept
     mode, seen = DeviceReads(), []
     with mode:
         transfer(backbone, concept, random_image(), square_mask()[0], _cfg(t_start=0, guidance_range=(0, 4), eta=1.0),
