@@ -1,10 +1,10 @@
-"""Concept files: round trip, base-model check, corrupt files, and the stock-diffusers export."""
+"""Concept files: round trip, base-model check, corrupt files (the stock-diffusers export: test_stock.py)."""
 
 import pytest
 import torch
 from conftest import random_image, square_mask
 
-from clic.concept import Concept, export_diffusers, load_exported
+from clic.concept import Concept
 from clic.errors import ConceptFileError
 from clic.config import learn_config as make_config
 from clic.learn import learn
@@ -75,35 +75,3 @@ def test_truncated_and_foreign_files_are_refused(concept_file, tmp_path):
         Concept.load(tmp_path / "other.safetensors")
     with pytest.raises(ConceptFileError, match="not found"):
         Concept.load(tmp_path / "missing.safetensors")
-
-
-def test_export_loads_in_stock_pipeline_and_gives_the_same_image(concept_file, tiny_model_dir, tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    concept = Concept.load(concept_file)
-    backbone = load_backbone(tiny_model_dir, device="cpu")
-    export_dir = export_diffusers(concept, backbone, tmp_path / "export")
-    assert (export_dir / "pytorch_custom_diffusion_weights.safetensors").exists()
-    assert (export_dir / "learned_embeds.safetensors").exists()
-
-    # stock: diffusers classes only
-    stock = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
-    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config, clip_sample=False)
-    load_exported(stock, export_dir)
-    prompt = "a chair with <v*> style"
-    stock_img = stock(prompt, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-    # ours: the concept applied through clic's processors and token embedding
-    concept.apply(backbone)
-    ours = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
-                                   unet=backbone.unet, scheduler=backbone.sampling_scheduler("ddim"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    ours_img = ours(prompt, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    torch.testing.assert_close(ours_img, stock_img, rtol=1e-4, atol=1e-4)
-
-    # and the concept matters: without it the image differs
-    plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
-    plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config, clip_sample=False)
-    plain_img = plain("a chair with pattern style", num_inference_steps=5,
-                      generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert (plain_img - stock_img).abs().max() > 1e-3

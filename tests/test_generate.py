@@ -9,7 +9,7 @@ from conftest import DeviceReads, on_meta
 
 from clic.attention import ClicCrossAttnProcessor
 from clic.cli import main
-from clic.concept import export_diffusers, load_exported
+from clic.stock import export_diffusers, load_concept
 from clic.generate import GenerateConfig, fill_prompt, generate
 
 STEPS = 8
@@ -21,7 +21,7 @@ def _stock(model_dir, export_dir=None):
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     if export_dir is not None:
-        load_exported(pipe, export_dir)
+        load_concept(pipe, export_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -39,7 +39,7 @@ def test_prompts_follow_the_paper():
 def test_ts0_equals_stock_pipeline_with_exported_concept(tiny_model_dir, backbone, concept, tmp_path):
     ours = generate(backbone, concept, GenerateConfig(steps=STEPS, base_steps=0, seeds=(5,)), progress=False)
     assert ours.prompt == "a photo of a chair, with <v*> style"
-    export_diffusers(concept, backbone, tmp_path / "export")
+    export_diffusers(concept, tmp_path / "export", backbone)
     theirs = _stock_latents(_stock(tiny_model_dir, tmp_path / "export"), ours.prompt, 5)
     torch.testing.assert_close(ours.latents, theirs, rtol=1e-5, atol=1e-5)
 

@@ -10,7 +10,7 @@ from conftest import DeviceReads, on_meta, random_image, square_mask
 from PIL import Image
 
 from clic.cli import main
-from clic.concept import export_diffusers, load_exported
+from clic.stock import load_concept
 from clic.errors import InputError
 from clic.imaging import resize_mask
 from clic.config import learn_config
@@ -153,11 +153,10 @@ def test_matches_stock_img2img_pipeline(tiny_model_dir, backbone, concept, tmp_p
                          scheduler=scheduler)
     ours = transfer(backbone, concept, target, square_mask(), cfg, progress=False)
 
-    export_diffusers(concept, backbone, tmp_path / "export")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
                                                           requires_safety_checker=False)
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, clip_sample=False)   # stochastic: same draws
-    load_exported(pipe, tmp_path / "export")
+    load_concept(pipe, concept)
     pipe.set_progress_bar_config(disable=True)
     # the target's latent is passed in (a 4-channel image is used as is): both start from the same x_tg
     x_tg = backbone.encode_image(target[None])

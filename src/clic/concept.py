@@ -1,4 +1,4 @@
-"""The concept file: one small safetensors file holding what was learned, and its diffusers export.
+"""The concept file: one small safetensors file holding what was learned.
 
 Layout (format ``clic-concept/1``):
 
@@ -13,7 +13,7 @@ never unpickled.
 
 :func:`applied_concept` applies a concept to a backbone for the body of a ``with`` (for sampling, or trainable for
 learning) and leaves the backbone as it found it: vocabulary, embedding rows, attention processors and
-``requires_grad`` flags.
+``requires_grad`` flags. A concept in a stock diffusers pipeline, and its export folder: :mod:`clic.stock`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -40,8 +39,6 @@ from .tokens import ConceptTokenEmbedding, add_placeholders, concept_embedding, 
 TRAINABLE = (None, "kv", "kv+q+out", "token")
 
 FORMAT = "clic-concept/1"
-EXPORT_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
-EXPORT_EMBEDS = "learned_embeds.safetensors"
 
 
 @dataclass
@@ -81,7 +78,7 @@ class Concept:
     @property
     def layers(self) -> list[str]:
         """The cross-attention layers (processor keys) the concept has weights for."""
-        return sorted({_split_key(k)[0] for k in self.attn_weights})
+        return sorted({split_weight_key(k)[0] for k in self.attn_weights})
 
     # -- file -----------------------------------------------------------------------------------------------
     def save(self, path, dtype: torch.dtype = torch.float32) -> Path:
@@ -162,7 +159,7 @@ class Concept:
         else:
             procs = clic_processors(unet) or install_processors(unet, train_kv=False, processor_class=processor_class)
         for key, value in self.attn_weights.items():
-            layer, sub, param = _split_key(key)
+            layer, sub, param = split_weight_key(key)
             if layer not in procs or sub not in procs[layer].trained_linears():
                 raise ConceptFileError(f"{name}: layer {layer}.{sub} does not exist in {backbone.model_id}")
             target = getattr(procs[layer].trained_linears()[sub], param)
@@ -245,69 +242,10 @@ def applied_concept(backbone, concept: Concept, train: str | None = None, train_
         yield AppliedConcept(ids, embedding, procs, base_processors(found))
 
 
-# ---------------------------------------------------------------------------------------------- export
-
-
-def export_diffusers(concept: Concept, backbone, out_dir) -> Path:
-    """Write the standard Custom Diffusion + textual inversion files a stock diffusers pipeline loads.
-
-    - ``pytorch_custom_diffusion_weights.safetensors``: keys ``<processor key>.to_k_custom_diffusion.weight``
-      etc. (self-attention layers as empty entries), the format of ``unet.save_attn_procs``;
-    - ``learned_embeds.safetensors``: ``{token: embedding}`` for ``pipe.load_textual_inversion``.
-
-    Loading (see :func:`load_exported`): ``pipe.load_textual_inversion(dir, weight_name=EXPORT_EMBEDS)`` and
-    CustomDiffusionAttnProcessor2_0 processors set with ``unet.set_attn_processor`` (``unet.load_attn_procs``
-    alone does not install them in recent diffusers, diffusers#9320).
-    """
-    concept.check_base(backbone)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {}
-    for name in backbone.unet.attn_processors:
-        prefix = name
-        layer_keys = {k: v for k, v in concept.attn_weights.items() if k.startswith(f"attn.{name}.")}
-        if not layer_keys:
-            sd[f"{prefix}"] = torch.zeros(0)  # an empty entry: stock processor for this layer
-            continue
-        for key, value in layer_keys.items():
-            _, module, param = _split_key(key)
-            mapped = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion", "to_q": "to_q_custom_diffusion",
-                      "to_out.0": "to_out_custom_diffusion.0"}[module]
-            sd[f"{prefix}.{mapped}.{param}"] = value.contiguous()
-    _save_atomic(sd, out / EXPORT_WEIGHTS)
-    _save_atomic({t: concept.embeddings[i].contiguous() for i, t in enumerate(concept.tokens)}, out / EXPORT_EMBEDS)
-    (out / "clic_concept.json").write_text(json.dumps(concept.meta, indent=2, default=str))
-    return out
-
-
-def load_exported(pipe, export_dir) -> None:
-    """Load exported files into a stock ``StableDiffusionPipeline`` with diffusers' own classes only."""
-    export_dir = Path(export_dir)
-    state = load_file(str(export_dir / EXPORT_WEIGHTS))
-    pipe.load_textual_inversion(str(export_dir), weight_name=EXPORT_EMBEDS)
-    procs = {}
-    for name in pipe.unet.attn_processors:
-        sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        if not sub:
-            procs[name] = AttnProcessor2_0()
-            continue
-        hidden, cross = sub["to_k_custom_diffusion.weight"].shape
-        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out="to_q_custom_diffusion.weight" in sub,
-                                               hidden_size=hidden, cross_attention_dim=cross)
-        proc.load_state_dict(sub)
-        procs[name] = proc.to(pipe.unet.device, pipe.unet.dtype)
-    pipe.unet.set_attn_processor(procs)
-
-
-def _split_key(key: str) -> tuple[str, str, str]:
+def split_weight_key(key: str) -> tuple[str, str, str]:
     """``attn.<layer>.<to_k|to_v|to_q|to_out.0>.<weight|bias>`` -> (layer, module, param)."""
     body, param = key[len("attn."):].rsplit(".", 1)
     if body.endswith(".to_out.0"):
         return body[: -len(".to_out.0")], "to_out.0", param
     layer, module = body.rsplit(".", 1)
     return layer, module, param
-
-
-def _save_atomic(tensors: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})

@@ -113,9 +113,13 @@ class Backbone:
 
     # -- identity of the base model -------------------------------------------------------------------------
     def config_hash(self) -> str:
-        """Hash of the architecture (UNet, text encoder, VAE configs, vocabulary size). Equal for SD1.4 and 1.5."""
+        """Hash of the architecture (UNet, text encoder, VAE configs, vocabulary size). Equal for SD1.4 and 1.5.
+
+        The text encoder counts with its base vocabulary: a stock pipeline that loaded textual-inversion tokens (which
+        resizes the embedding table) is still the same base model."""
+        text = {**_config_dict(self.text_encoder.config), "vocab_size": self.base_vocab_size}
         blob = json.dumps(
-            {"unet": _config_dict(self.unet.config), "text": _config_dict(self.text_encoder.config),
+            {"unet": _config_dict(self.unet.config), "text": text,
              "vae": _config_dict(self.vae.config), "vocab": self.base_vocab_size},
             sort_keys=True, default=str,
         )
@@ -176,31 +180,62 @@ class Backbone:
     # -- building -------------------------------------------------------------------------------------------
     @classmethod
     def from_modules(cls, model_id: str, tokenizer, text_encoder, vae, unet, scheduler_config: dict,
-                     device: torch.device, dtype: torch.dtype) -> "Backbone":
-        """The backbone of loaded (or built) modules: everything frozen, in eval mode, on ``device`` in ``dtype``."""
+                     device: torch.device, dtype: torch.dtype, base_vocab_size: int | None = None) -> "Backbone":
+        """The backbone of loaded (or built) modules: everything frozen, in eval mode, on ``device`` in ``dtype``.
+        ``base_vocab_size``: the base model's vocabulary (default: the tokenizer's size)."""
         for module in (text_encoder, vae, unet):
             if module.dtype != dtype:
                 module.to(dtype=dtype)
             module.requires_grad_(False).eval().to(device)
         config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
         return cls(model_id, tokenizer, text_encoder, vae, unet, config, device, dtype,
-                   extra={"base_vocab_size": len(tokenizer)})
+                   extra={"base_vocab_size": base_vocab_size or len(tokenizer)})
+
+    @classmethod
+    def of_pipeline(cls, pipe, model_id: str | None = None) -> "Backbone":
+        """The backbone that *is* a loaded diffusers pipeline's components (``StableDiffusionPipeline``, its Img2Img
+        and Inpaint siblings, :class:`clic.pipeline.ClicPipeline`): the same module objects, not copies, left on
+        their device and in their dtype. Its base vocabulary is the tokenizer's own, without tokens loaded since."""
+        missing = [n for n in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if getattr(pipe, n, None) is None]
+        if missing:
+            raise ModelError(f"{type(pipe).__name__} has no {', '.join(missing)}: not a Stable Diffusion pipeline")
+        name = model_id or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+        config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+        return cls(str(name), pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, config, pipe.unet.device,
+                   pipe.unet.dtype, extra={"base_vocab_size": int(pipe.tokenizer.vocab_size)})
 
 
 def _is_local(model: str) -> bool:
     return os.path.isdir(model) or model.startswith((".", "/", "~"))
 
 
-def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype = "fp32") -> Backbone:
+def load_backbone(model=DEFAULT_MODEL, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
+                  revision: str | None = None, variant: str | None = None, token: str | bool | None = None,
+                  **hub_kwargs) -> Backbone:
     """Load tokenizer, text encoder, VAE and UNet of a diffusers checkpoint; everything frozen, eval mode.
 
-    ``model`` is a hub id (looked up in the local cache first; offline, a miss is a one-line error) or a
-    local folder in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``).
+    Args:
+        model: a hub id (looked up in the local cache first; offline, a miss is a one-line error), a local folder
+            in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+            ``scheduler/``), or a loaded pipeline (``StableDiffusionPipeline`` and the like): its components are
+            used as they are, moved to ``device`` and cast to ``dtype`` only if those are given.
+        device: default cuda > mps > cpu (:func:`pick_device`); a pipeline's own device for a pipeline.
+        dtype / torch_dtype: precision of the frozen parts (``"fp16"``, ``torch.float16``, ...; default fp32, or a
+            pipeline's own); ``torch_dtype``, diffusers' name, wins when both are given.
+        revision, variant, token: as in diffusers' ``from_pretrained`` (a branch or commit; ``"fp16"`` reads the
+            half-precision files, half the download; a hub token for gated or private repositories). Other keyword
+            arguments (``cache_dir``, ``local_files_only``, ...) go to every component's ``from_pretrained``.
     """
+    if not isinstance(model, (str, os.PathLike)):
+        backbone = Backbone.of_pipeline(model)
+        dtype = parse_dtype(torch_dtype or dtype or backbone.dtype)
+        device = pick_device(device) if device is not None else backbone.device
+        return Backbone.from_modules(backbone.model_id, backbone.tokenizer, backbone.text_encoder, backbone.vae,
+                                     backbone.unet, backbone.scheduler_config, torch.device(device), dtype,
+                                     base_vocab_size=backbone.base_vocab_size)
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(torch_dtype or dtype or "fp32")
     model = str(model)
     local = _is_local(model)
     if local:
@@ -211,11 +246,14 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         source, kw = model, {"local_files_only": offline}
+    kw.update({k: v for k, v in dict(hub_kwargs, revision=revision, token=token).items() if v is not None})
+    weights = {"variant": variant} if variant else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw,
+                                                     **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw, **weights)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw, **weights)
         with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
             scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     except ModelError:
@@ -223,6 +261,10 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     except (OSError, ValueError, EnvironmentError) as exc:
         if local:
             raise ModelError(f"{model}: cannot load the diffusers model folder ({str(exc).splitlines()[0]})") from exc
+        if not kw.get("local_files_only"):
+            raise ModelError(f"cannot load {model!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); check "
+                             "the id, and for a gated model accept its licence on the hub and log in (`hf auth "
+                             "login`, or token=...)") from exc
         raise ModelError(
             f"model {model!r} is not available offline (not in the Hugging Face cache and the hub cannot be "
             "reached); pass a local diffusers folder with --model /path/to/model "
@@ -242,4 +284,5 @@ def _resolve_file(source: str, relpath: str, kw: dict) -> str:
     if os.path.isdir(source):
         return os.path.join(source, relpath)
     folder, name = relpath.rsplit("/", 1)
-    return hf_hub_download(source, name, subfolder=folder, **kw)
+    hub = {k: v for k, v in kw.items() if k in ("local_files_only", "revision", "token", "cache_dir")}
+    return hf_hub_download(source, name, subfolder=folder, **hub)

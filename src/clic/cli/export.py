@@ -1,16 +1,23 @@
-"""``clic export-diffusers``: a concept as the Custom Diffusion + textual inversion files of stock diffusers."""
+"""``clic export-diffusers``: a concept as the files of a stock diffusers pipeline (clic.stock)."""
 
 from __future__ import annotations
 
-from ..concept import Concept, export_diffusers
+from ..concept import Concept
 from ..models import load_backbone
+from ..stock import export_diffusers
 from .options import add_model_options
 
 
 def register(sub, argv) -> None:
-    p = sub.add_parser("export-diffusers", help="write Custom Diffusion + textual inversion files for a stock "
-                                                "diffusers StableDiffusionPipeline")
-    p.add_argument("concept")
+    p = sub.add_parser(
+        "export-diffusers", help="write a concept as textual-inversion + Custom Diffusion files for a stock diffusers "
+                                 "pipeline",
+        description="Writes learned_embeds*.safetensors (one file per token, for pipe.load_textual_inversion), "
+                    "pytorch_custom_diffusion_weights.safetensors (the trained cross-attention weights in "
+                    "unet.save_attn_procs's layout) and clic_concept.json. The README's 'In a stock diffusers "
+                    "pipeline' shows how to load them with diffusers alone; clic.stock.load_concept(pipe, OUT) does "
+                    "the same in one call.")
+    p.add_argument("concept", help="concept file (.safetensors) made by `clic learn`")
     p.add_argument("out", help="output folder")
     add_model_options(p, "the concept's base model")
     p.set_defaults(func=run)
@@ -19,4 +26,4 @@ def register(sub, argv) -> None:
 def run(args) -> None:
     concept = Concept.load(args.concept)
     backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
-    print(export_diffusers(concept, backbone, args.out))
+    print(export_diffusers(concept, args.out, backbone))
