@@ -134,3 +134,15 @@ def test_atomic_writes_have_plain_file_permissions_and_leave_nothing_on_error(tm
         open(tmp, "w").write("half")
         raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "plain.txt"]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(concept_path):
+    """`clic info c.safetensors | head`: the pipe closes before clic writes; no traceback, SIGPIPE's exit code."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "clic", "info", str(concept_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                  # before clic has started: its first write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "", err

@@ -20,7 +20,10 @@ def test_clic_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([command, "--help"])
     assert exit_.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    # a default written out in the help text is not followed by argparse's "(default: None)"
+    assert "(default: None)" not in out and "(default: ())" not in out
 
 
 def _actions(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:

@@ -19,7 +19,10 @@ from .errors import InputError
 from .fileio import atomic_path
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
+def _open(path) -> Image.Image:
+    """A file, or an image in memory (:func:`as_pil`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return as_pil(path)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
@@ -29,6 +32,35 @@ def _open(path: str | os.PathLike) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
     return ImageOps.exif_transpose(image)
+
+
+def as_pil(image, name: str = "image") -> Image.Image:
+    """A PIL image of an image given in memory, as diffusers' pipelines take them: PIL; a numpy array ``(H, W)``,
+    ``(H, W, 3|4)`` of uint8, or of floats / bools in [0, 1]; a torch tensor ``(H, W)``, ``([1,] 1|3, H, W)`` in
+    [0, 1]."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        while t.ndim > 3 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        image = t.numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.size == 0:
+        raise InputError(f"{name}: not an image (array of shape {arr.shape})")
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        raise InputError(f"{name}: the values of a float image must be in [0, 1] (as diffusers takes them), got "
+                         f"[{arr.min():.3g}, {arr.max():.3g}]")
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="F")
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
 def _to_float(image: Image.Image) -> np.ndarray:
@@ -63,7 +95,7 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def load_image(path, size: int) -> torch.Tensor:
-    """``(3, size, size)`` in [-1, 1]."""
+    """``(3, size, size)`` in [-1, 1]: a file, or an image in memory (:func:`as_pil`)."""
     image = _open(path)
     arr = _to_float(image)
     pil = Image.fromarray((arr * 255).round().astype(np.uint8)).crop(center_crop_box(image.width, image.height))
@@ -73,7 +105,8 @@ def load_image(path, size: int) -> torch.Tensor:
 
 def load_mask(path, size: int, image_size: tuple[int, int] | None = None, threshold: float = 0.5,
               allow_full: bool = False) -> torch.Tensor:
-    """Binary ``(1, size, size)`` float mask, cropped and resized like its image.
+    """Binary ``(1, size, size)`` float mask, cropped and resized like its image; a file, or a mask in memory
+    (:func:`as_pil`).
 
     ``image_size`` (w, h) of the image the mask belongs to: a mask of another aspect ratio is refused; one of
     the same aspect ratio but another size is scaled to it first.
@@ -86,6 +119,7 @@ def load_mask(path, size: int, image_size: tuple[int, int] | None = None, thresh
     if image_size is not None:
         iw, ih = image_size
         if abs(w / h - iw / ih) > 0.01:
+            path = path if isinstance(path, (str, os.PathLike)) else "the mask"
             raise InputError(f"{path}: mask is {w}x{h} but its image is {iw}x{ih} (different aspect ratio)")
         if (w, h) != (iw, ih):
             values = _resize_2d(values, (ih, iw))
@@ -93,7 +127,7 @@ def load_mask(path, size: int, image_size: tuple[int, int] | None = None, thresh
     left, top, right, bottom = center_crop_box(w, h)
     values = _resize_2d(values[top:bottom, left:right], (size, size))
     mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
-    check_mask(mask, path, allow_full=allow_full)
+    check_mask(mask, path if isinstance(path, (str, os.PathLike)) else "mask", allow_full=allow_full)
     return mask
 
 

@@ -7,6 +7,7 @@ only place that knows argparse, prints and writes output folders; library errors
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         _quiet_libraries(args.verbose)
         args.func(args)
+        sys.stdout.flush()                     # inside the try: a reader gone away shows up here (below)
+    except BrokenPipeError:
+        # the reader of our output went away (`clic info c.safetensors | head`): stop quietly, as Unix tools do;
+        # stdout goes to /dev/null so that Python's own flush at exit does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ClicError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2

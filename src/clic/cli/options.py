@@ -47,7 +47,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls, defaults=None, skip
             if speed is None:
                 speed = parser.add_argument_group("speed and memory (same results up to float rounding)")
             target = speed
-        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%")
+        help_text = (f.metadata.get("help", "") + _default_note(f.metadata.get("help", ""),
+                                                              getattr(defaults, f.name))).replace("%", "%%")
         hint = hints[f.name]
         origin = typing.get_origin(hint)
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -59,6 +60,20 @@ def add_config_options(parser: argparse.ArgumentParser, cls, defaults=None, skip
             base = args[0] if args and origin is not None else hint
             target.add_argument(flag(f.name), type=base, default=None, choices=f.metadata.get("choices"),
                                 help=help_text)
+
+
+def _default_note(help_text: str, value) -> str:
+    """`` (default: VALUE)`` after a help text, unless the text says its default in words (then a None value means
+    what the text says)."""
+    if value is None or "default" in help_text.lower():
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    elif isinstance(value, tuple):
+        value = " ".join(str(v) for v in value)
+    elif value == "":
+        value = "''"
+    return f" (default: {value})"
 
 
 def config_values(args: argparse.Namespace, cls) -> dict:

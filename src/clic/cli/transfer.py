@@ -8,11 +8,11 @@ from pathlib import Path
 from ..concept import Concept
 from ..config import LEARN_RECIPES, TransferConfig, transfer_config
 from ..errors import InputError
-from ..imaging import grid, heat_overlay, image_size, load_full_size, load_image, load_mask, mask_overlay, to_pil
+from ..imaging import grid, heat_overlay, load_image, mask_overlay, to_pil
 from ..models import load_backbone
+from ..pipeline import ClicPipeline
 from ..roi import MaskConfig, Matcher, auto_target_mask
 from ..sampling import check_prompt
-from ..transfer import paste_back, transfer
 from .options import (add_config_options, add_model_options, add_quiet_option, add_recipe_option, config_values,
                       output_folder, peek_recipe, write_images)
 
@@ -62,15 +62,16 @@ def concept_and_model(args, concept: Concept | None = None):
 
 
 def result_files(result, size: int, source=None, images=None, label: str = "seed", attention: bool = False) -> dict:
-    """``seed<S>.png`` per seed (``images``, default the results) and ``grid.png``: source | mask | target | the
-    results at the model resolution (with v*'s attention over each, if asked: also ``attention_seed<S>.png``)."""
-    images = result.images if images is None else images
+    """``seed<S>.png`` per seed (``images``: PIL images, default the results) and ``grid.png``: source | mask |
+    target | the results at the model resolution (with v*'s attention over each, if asked: also
+    ``attention_seed<S>.png``)."""
+    images = [to_pil(x) for x in result.images] if images is None else images
     files = {}
     tiles, labels = ([to_pil(source)], ["source"]) if source is not None else ([], [])
     tiles += [mask_overlay(result.target, result.mask), to_pil(result.target)]
     labels += ["mask", "target"]
     for k, seed in enumerate(result.seeds):
-        files[f"seed{seed}.png"] = to_pil(images[k])
+        files[f"seed{seed}.png"] = images[k]
         tiles.append(to_pil(result.images[k]))
         labels.append(f"{label} {seed}")
         if attention:
@@ -96,24 +97,20 @@ def run(args, recipe: str | None = None, label: str = "seed") -> None:
         raise InputError(f"{args.concept} is a RealFill concept (inpainting model): use `clic realfill transfer`")
     concept, backbone = concept_and_model(args, concept)
     check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
+    pipe = ClicPipeline.from_backbone(backbone, cfg.scheduler)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    pipe.load_concept(concept)
     size = backbone.resolution
-    target = load_image(args.target, size)
+    mask = args.mask
     if auto:  # automatic target mask (sec. 3.3): w*'s attention on the target, thresholded
-        mask = auto_target_mask(backbone, Matcher.load(args.matcher, concept=concept), target, MaskConfig())
-    else:
-        mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
+        mask = auto_target_mask(backbone, Matcher.load(args.matcher, concept=concept), load_image(args.target, size),
+                                MaskConfig())
     source = load_image(args.source, size) if args.source else None
 
-    result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
+    # the results at the target's own size unless --no-full-size (a found mask is at the model resolution)
+    out = pipe.transfer(image=args.target, mask_image=mask, config=cfg, full_size=getattr(args, "full_size", False))
 
-    images = result.images
-    if cfg.composite and getattr(args, "full_size", False) and not auto:
-        original, original_mask = load_full_size(args.target, args.mask, cfg.mask_threshold)
-        if original.shape[-2:] != images.shape[-2:]:
-            side = min(original.shape[-2:])
-            radius = cfg.feather if cfg.feather is not None else size // 64
-            images = paste_back(result.decoded, original, original_mask, round(radius * side / size))
     # everything is computed: now write (each file atomically)
     files = {"mask_auto.png": to_pil(mask)} if auto else {}
-    files.update(result_files(result, size, source, images, label, getattr(args, "save_attention", False)))
+    files.update(result_files(out.result, size, source, out.images, label, getattr(args, "save_attention", False)))
     write_images(files, Path(out_dir))
