@@ -188,7 +188,8 @@ def test_transfer_gives_results_and_attention_overlays(bench, learned):
     results = bench.transfer(out.concept_path, rgb_image(80, 80, seed=1), box_mask(80, 80, (10, 50, 20, 60)),
                              t_start=2, num=2, steps=4, callback=seen.append)
     assert [c for _, c in results] == ["seed 0", "seed 0: CA(<v*>)", "seed 1", "seed 1: CA(<v*>)"]
-    assert all(im.size == (64, 64) for im, _ in results)
+    # each result at the target's own size, its attention over the model's 64 px view of it
+    assert [im.size for im, _ in results] == [(80, 80), (64, 64)] * 2
     assert [s["step"] for s in seen] == [1, 2, 3, 4] and seen[-1]["total"] == 4
     assert bench.backbone().unet.attn_processors is not None
 
@@ -231,6 +232,21 @@ def test_page_queues_model_jobs_one_at_a_time(bench):
     assert names == ["on_find", "on_generate", "on_learn", "on_transfer"]
     assert all(fn.concurrency_limit == 1 for fn in jobs)
     assert all(fn.queue for fn in jobs)
+
+
+def test_small_results_are_scaled_up_whole_and_the_loss_table_has_the_three_terms():
+    from clic.ui import DISPLAY_SIDE, example_values, for_display, loss_table
+
+    small = Image.fromarray(rgb_image(64, 48))
+    shown = for_display(small)
+    assert shown.size == (48 * 6, 64 * 6) and max(shown.size) >= DISPLAY_SIDE      # whole, aspect ratio kept
+    assert np.array_equal(np.asarray(shown)[::6, ::6], np.asarray(small))           # the model's pixels, not blurred
+    big = Image.fromarray(rgb_image(512, 400))
+    assert for_display(big) is big
+    table = loss_table([{"step": 1, "l_con": 0.5, "l_att": 0.2, "l_roi": 0.9, "loss": 1.0}])
+    assert sorted(table["term"]) == ["l_att", "l_con", "l_roi"] and list(table.columns) == ["step", "term", "value"]
+    source, target = example_values("toy_source.png", "toy_target.png")     # the shipped examples, masks included
+    assert editor_mask(source).any() and editor_mask(target, "target").any()
 
 
 def test_cli_options_and_a_bad_model_is_one_line(capsys, tmp_path):

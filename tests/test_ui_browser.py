@@ -1,9 +1,11 @@
 """End to end in a real browser: Debian's headless Chromium driven by Playwright against ``clic ui`` on the tiny
 model (the command itself, in a subprocess on a free localhost port).
 
-One user session, as a person would click it: an empty mask gives the error message in the page; learning can be
-cancelled; paint a mask, learn 3 steps, get the concept file; upload a target, Find region, paint more, transfer,
-and see the results. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer;
+One user session, as a person would click it: the page opens on a shipped example (not blank); an uploaded image
+without a mask gives the error message in the page; a click on an example loads both images with their masks;
+learning shows its loss terms live (status line and plot) and can be cancelled; learn 3 steps, get the concept file;
+upload a target, Find region, paint more, transfer, and see each result whole, at a readable size, beside v*'s
+attention. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer;
 ``CLIC_UI_MODEL=src/clic/assets/toymodel`` runs it on another model (the README's screenshot uses the toy model).
 
 Playwright cannot download its own browsers here: it always runs /usr/bin/chromium (``apt-get install chromium``).
@@ -186,6 +188,22 @@ def open_advanced(page, index: int) -> None:
 # ---------------------------------------------------------------------------------------------- the test
 
 
+def whole_and_readable(page, selector: str) -> list[dict]:
+    """The rendered <img> elements under ``selector``: each must show its whole picture (object-fit contain, its box
+    inside the gallery's, nothing cut at the bottom) at a readable size."""
+    boxes = page.eval_on_selector_all(
+        f"{selector} img",
+        """(els, sel) => { const g = document.querySelector(sel).getBoundingClientRect();
+             return els.map(e => { const r = e.getBoundingClientRect();
+               return {fit: getComputedStyle(e).objectFit, w: r.width, h: r.height, nw: e.naturalWidth,
+                       nh: e.naturalHeight, inside: r.top >= g.top - 1 && r.bottom <= g.bottom + 1}; }); }""",
+        selector)
+    for box in boxes:
+        assert box["fit"] == "contain" and box["inside"], boxes
+        assert min(box["nw"], box["nh"]) >= 200, boxes          # scaled up from the model's 64 or 128 px
+    return boxes
+
+
 def _learn_and_transfer(page, page_url, tmp_path, lap):
     from playwright.sync_api import expect
 
@@ -196,7 +214,12 @@ def _learn_and_transfer(page, page_url, tmp_path, lap):
     page.goto(page_url)
     page.locator("#source-editor").wait_for()
 
-    # 1. An empty mask: the message is in the page (status box and Gradio's error toast), not a stack trace.
+    # 0. Not a blank page: it opens on the first shipped example (both images and their masks) and lists them all.
+    page.wait_for_function("() => document.querySelector('#learn-status textarea')?.value.startsWith('Example')")
+    assert page.locator("#examples img").count() >= 2
+    expect(page.locator("#object-class textarea")).to_have_value("chair")
+
+    # 1. An image without a mask: the message is in the page (status box and Gradio's error toast), not a trace.
     upload(page, "#source-editor", EXAMPLES / "chair.png")
     text = click_and_wait(page, "#learn-btn", "learn-status", "Error")
     assert text.startswith("Error: the source mask is empty: paint the region"), text
@@ -204,25 +227,28 @@ def _learn_and_transfer(page, page_url, tmp_path, lap):
     assert "Traceback" not in page.content()
 
     lap("error")
-    # 2. Paint the concept's region; a long run can be cancelled.
-    paint(page, "#source-editor")
-    page.locator("#object-class textarea").fill("chair")
-    page.locator("#object-class textarea").press("Tab")
-    expect(page.locator("#prompt textarea")).to_have_value("a chair with <v*> style")
+    # 2. A click on an example puts its source and target, masks included, in the editors; a long run shows the
+    #    loss terms live (the status line, and the plot: not under a progress overlay) and can be cancelled.
+    page.locator("#examples img").nth(0).click()
+    page.wait_for_function("() => document.querySelector('#learn-status textarea')?.value.startsWith('Example')")
     open_advanced(page, 0)
     set_number(page, "#learn-steps", 5000)
     text = click_and_wait(page, "#learn-btn", "learn-status", "step|Error")
     assert re.match(r"step \d+/5000  loss [\d.]+  \(l_con [\d.]+, l_att [\d.]+, l_roi [\d.]+\)$", text), text
+    page.wait_for_function("() => ['l_con', 'l_att', 'l_roi'].every(t => "
+                           "document.querySelector('#loss-plot').innerText.includes(t))")
+    expect(page.locator("#learn-status textarea")).to_be_visible()
     assert click_and_wait(page, "#cancel-btn", "learn-status", "Stopped|Error").startswith("Stopped: cancelled at step")
 
     lap("cancel")
-    # 3. Learn 3 steps: the concept file is offered for download.
+    # 3. Learn 3 steps on the example: the concept file is offered for download.
     set_number(page, "#learn-steps", 3)
     text = click_and_wait(page, "#learn-btn", "learn-status", "Learned|Error")
     assert text.startswith("Learned chair-") and "step 3/3" in text, text
     assert page.locator("#concept-file a", has_text=".safetensors").count() >= 1 or \
         ".safetensors" in page.locator("#concept-file").inner_text()
-    assert page.locator("#learn-preview img").count() >= 2
+    page.locator("#learn-preview img").nth(1).wait_for()
+    whole_and_readable(page, "#learn-preview")
 
     lap("learn")
     # 4. Target: Find region (w* for 3 steps), then paint more by hand, transfer 5 of 10 steps.
@@ -239,8 +265,13 @@ def _learn_and_transfer(page, page_url, tmp_path, lap):
     text = click_and_wait(page, "#transfer-btn", "transfer-status", "Transferred|Error")
     assert text == "Transferred: 1 result(s)", text
     page.locator("#transfer-results img").nth(1).wait_for()
+    # the result at the target's shape (240 x 200), v*'s attention beside it on the same row; both whole
     results = served_images(page, "#transfer-results")
-    assert len(results) >= 2 and all(min(im.size) >= 32 for im in results), [im.size for im in results]
+    assert len(results) == 2 and results[0].size[0] * 200 == results[0].size[1] * 240, [im.size for im in results]
+    boxes = whole_and_readable(page, "#transfer-results")
+    tops = [b for b in page.eval_on_selector_all("#transfer-results img", "els => els.map(e => "
+                                                 "Math.round(e.getBoundingClientRect().top))")]
+    assert len(set(tops)) == 1, (tops, boxes)
 
     lap("transfer")
     shot = tmp_path / "ui.png"

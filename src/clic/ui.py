@@ -1,13 +1,16 @@
 """``clic ui``: the whole workflow in a local web page (Gradio).
 
-    source panel   image + painted mask M_s, OBJECT, prompt P_s    -> Learn     -> concept file (kept, downloadable)
-    target panel   image + painted (or found, sec. 3.3) mask M_tg  -> Transfer  -> results and CA(v*) overlays
+    source panel   image + painted mask M_s, OBJECT, prompt P_s    -> Learn     -> concept file (kept, downloadable),
+                                                                                  live plot of l_con, l_att, l_RoI
+    target panel   image + painted (or found, sec. 3.3) mask M_tg  -> Transfer  -> each result beside its CA(v*)
     generate panel OBJECT, number of images, t_s                   -> Generate  -> images
+    examples       the shipped images: a click fills both editors, masks included (the page opens on the first)
 
 The page is a thin shell. The jobs are the methods of :class:`Workbench`, which take numpy images and masks (what
-the page's editors hand over, see :func:`editor_image` and :func:`editor_mask`) and return files and PIL images;
-the tests call them without a browser. Every job reports its progress through a callback that may raise
-:class:`Cancelled` to stop it.
+the page's editors hand over, see :func:`editor_image` and :func:`editor_mask`), run them through a
+:class:`clic.pipeline.ClicPipeline` and return files and PIL images; the tests call them without a browser. Every
+job reports its progress through a callback that may raise :class:`Cancelled` to stop it. Results are shown
+whole, scaled up to a readable size when the model is small (:func:`for_display`), whatever its resolution.
 
 One model serves one job at a time. The page queues the jobs (Gradio's queue, one concurrency group of size 1,
 which shows each waiting user their position), and a lock in :class:`Workbench` guarantees it even for a job
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+from importlib import resources
 import logging
 import os
 import queue
@@ -38,24 +42,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from . import roi
 from .builder import make_model
 from .concept import Concept, applied_concept
 from .config import LearnConfig, MatchConfig, learn_config, transfer_config
 from .errors import ClicError, InputError
-from .generate import GenerateConfig, generate, with_article
-from .imaging import center_crop_box, check_mask, heat_overlay, mask_overlay, resize_mask, to_pil
-from .learn import learn
+from .generate import GenerateConfig, with_article
+from .imaging import center_crop_box, check_mask, heat_overlay, mask_overlay, resize_mask
 from .maps import token_attention_maps
 from .models import bundled_model, load_backbone
-from .transfer import transfer
+from .pipeline import ClicPipeline
 
 log = logging.getLogger(__name__)
 
-#: colour of painted and found masks in the editors (RGB, and the alpha the found mask is drawn with)
-MASK_RGB = (255, 59, 48)
+#: colour of painted and found masks in the editors (RGB, and the alpha the found mask is drawn with): a blue, to
+#: stand out on the red and brown objects of the examples
+MASK_RGB = (20, 110, 255)
 MASK_ALPHA = 150
 MIN_IMAGE_SIDE = 16
 
@@ -233,21 +237,27 @@ class Workbench:
         self.model = str(self.model) if self.model is not None else str(default_model())
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="clic-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._backbone = None
+        self._pipe = None
 
     # -- model ------------------------------------------------------------------------------------------------
-    def backbone(self):
-        """The model, loaded on first use; every job leaves it as it found it. Call with ``self.lock`` held."""
-        if self._backbone is None:
+    def pipeline(self) -> ClicPipeline:
+        """The model as a :class:`clic.pipeline.ClicPipeline`, loaded on first use; every job leaves it as it found
+        it. Call with ``self.lock`` held."""
+        if self._pipe is None:
             started = time.perf_counter()
-            self._backbone = load_backbone(self.model, self.device, self.dtype)
+            self._pipe = ClicPipeline.from_backbone(load_backbone(self.model, self.device, self.dtype))
+            self._pipe.set_progress_bar_config(disable=True)
             log.info("loaded %s in %.1f s", self.model, time.perf_counter() - started)
-        return self._backbone
+        return self._pipe
+
+    def backbone(self):
+        """The pipeline's components as the library takes them (:attr:`ClicPipeline.backbone`). With the lock held."""
+        return self.pipeline().backbone
 
     def load(self):
         """Load the model now if it is not loaded (fails early on a bad ``--model``)."""
         with self.lock:
-            return self.backbone()
+            return self.pipeline()
 
     @property
     def offline_model(self) -> bool:
@@ -281,22 +291,23 @@ class Workbench:
                            lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
         cfg.check()
         with self.lock:
-            backbone = self.backbone()
+            pipe = self.pipeline()
+            backbone = pipe.backbone
             size = backbone.resolution
             pixels = image_tensor(image, size)
-            m = mask_tensor(mask, size, "source")
+            m = mask_tensor(mask, size, "source")      # the page's own message for a mask too thin for the model
             out = self._new_path(_slug(object_class), ".safetensors")
 
             def on_step(step: int, record: dict) -> None:
                 if callback is not None:
                     callback({**record, "total": cfg.steps})
 
-            result = learn(backbone, [pixels], [m], cfg, out_path=out, progress=False, callback=on_step)
+            result = pipe.learn(_rgb(image), np.asarray(mask, dtype=bool), config=cfg, out_path=out, callback=on_step)
             with applied_concept(backbone, result.concept):
                 maps = token_attention_maps(backbone, backbone.encode_image(pixels[None].to(backbone.device)),
                                             result.concept.meta["prompt"], result.concept.tokens, seed=cfg.seed)
         token = result.concept.tokens[0]
-        previews = [(mask_overlay(pixels, m), "mask M_s"), (heat_overlay(pixels, maps[0]), f"CA({token})")]
+        previews = [(mask_overlay(pixels, m, MASK_RGB), "mask M_s"), (heat_overlay(pixels, maps[0]), f"CA({token})")]
         return LearnOutput(out, result.history, previews)
 
     # -- transfer (sec. 3.2) ----------------------------------------------------------------------------------
@@ -304,8 +315,9 @@ class Workbench:
                  eta: float | None = None, seed: int = 0, num: int = 1, steps: int = 50, prompt: str | None = None,
                  guidance_scale: float | None = None, callback: Progress | None = None
                  ) -> list[tuple[Image.Image, str]]:
-        """Results of transferring the concept into ``mask`` of ``image``: per seed, the result and v*'s attention
-        (averaged over the steps) over it, as ``(image, caption)`` pairs."""
+        """Results of transferring the concept into ``mask`` of ``image``: per seed, the result at the target's own
+        size and v*'s attention (averaged over the steps) over the model's view of it, as ``(image, caption)``
+        pairs."""
         concept = _load_concept(concept_path)
         cfg = transfer_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
                               seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
@@ -313,11 +325,10 @@ class Workbench:
         cfg.check()
         start = cfg.start_step()
         with self.lock:
-            backbone = self.backbone()
-            concept.check_base(backbone, "the concept")
-            size = backbone.resolution
-            target = image_tensor(image, size)
-            m = mask_tensor(mask, size, "target")
+            pipe = self.pipeline()
+            size = pipe.resolution
+            image_tensor(image, size)
+            mask_tensor(mask, size, "target")          # the page's own message for a mask too thin for the model
             total = (cfg.steps - start) * int(num)
             done = [0]
 
@@ -326,13 +337,12 @@ class Workbench:
                 if callback is not None:
                     callback({"step": done[0], "total": total, "seed": info["seeds"][0]})
 
-            result = transfer(backbone, concept, target, m, cfg, progress=False, callback=on_step)
-        out = []
-        for k, s in enumerate(result.seeds):
-            out.append((to_pil(result.images[k]), f"seed {s}"))
-            out.append((heat_overlay(result.images[k], result.attention[:, k].mean((0, 1))),
-                        f"seed {s}: CA({result.tokens[0]})"))
-        return out
+            pipe.load_concept(concept)
+            out = pipe.transfer(_rgb(image), np.asarray(mask, dtype=bool), config=cfg, callback=on_step)
+        pairs = []
+        for k, (result, overlay) in enumerate(zip(out.images, out.attention_overlays())):
+            pairs += [(result, f"seed {out.seeds[k]}"), (overlay, f"seed {out.seeds[k]}: CA({out.result.tokens[0]})")]
+        return pairs
 
     # -- generate (sec. 4.1) ----------------------------------------------------------------------------------
     def generate(self, concept_path, object_class: str | None = None, num: int = 4, base_steps: int = 5,
@@ -343,8 +353,8 @@ class Workbench:
                              base_steps=int(base_steps), steps=int(steps))
         cfg.check()
         with self.lock:
-            backbone = self.backbone()
-            concept.check_base(backbone, "the concept")
+            pipe = self.pipeline()
+            pipe.load_concept(concept)
             total = cfg.steps * int(num)
             done = [0]
 
@@ -353,8 +363,8 @@ class Workbench:
                 if callback is not None:
                     callback({"step": done[0], "total": total, "stage": info["stage"]})
 
-            result = generate(backbone, concept, cfg, progress=False, callback=on_step)
-        return [(to_pil(result.images[k]), f"seed {s}") for k, s in enumerate(result.seeds)]
+            out = pipe.generate(config=cfg, callback=on_step)
+        return [(image, f"seed {s}") for image, s in zip(out.images, out.seeds)]
 
     # -- find region (sec. 3.3) -------------------------------------------------------------------------------
     def learn_matcher(self, concept_path, source: np.ndarray, source_mask: np.ndarray, steps: int | None = None,
@@ -456,6 +466,72 @@ def loss_line(info: dict) -> str:
             f"l_att {info['l_att']:.4f}, l_roi {info['l_roi']:.4f})")
 
 
+#: the loss terms of eq. 5 the page plots while learning
+LOSS_TERMS = ("l_con", "l_att", "l_roi")
+#: results are shown at least this large: a small model's 64 or 128 px outputs are scaled up, never cropped
+DISPLAY_SIDE = 384
+
+
+def loss_table(history: list[dict]):
+    """The loss terms so far as the page's plot takes them: one row per (step, term)."""
+    import pandas as pd  # gradio's own dependency: only the page needs it
+
+    rows = [{"step": int(r["step"]), "term": term, "value": float(r[term])} for r in history for term in LOSS_TERMS
+            if term in r]
+    # typed columns also when empty: the plot reads numeric axes from the types (an untyped column is a category)
+    return pd.DataFrame(rows, columns=["step", "term", "value"]).astype({"step": "int64", "term": "str",
+                                                                          "value": "float64"})
+
+
+def for_display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """``image`` scaled up by a whole factor (nearest neighbour: the model's pixels stay visible and sharp) until its
+    longer side reaches ``side``; larger images as they are."""
+    factor = -(-side // max(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def example_dir() -> Path:
+    return Path(str(resources.files("clic") / "assets" / "examples"))
+
+
+#: the page's examples: (label, source, target, object class); each image's mask is NAME_mask.png next to it
+EXAMPLES = (("toy_source.png -> toy_target.png", "toy_source.png", "toy_target.png", "chair"),
+            ("chair.png -> toy_target.png", "chair.png", "toy_target.png", "chair"))
+
+
+def example_thumbnail(source: str, target: str, side: int = 160) -> Image.Image:
+    """An example at a glance: the source and the target, each with its mask drawn over it, side by side."""
+    tiles = []
+    for name in (source, target):
+        path = example_dir() / name
+        mask = Image.open(path.with_name(path.stem + "_mask.png")).convert("L").resize((side, side), Image.NEAREST)
+        inside = np.asarray(mask) >= 128
+        # the mask's outline, 2 px, in white and black: visible on any colour the object has
+        grown = np.asarray(mask.filter(ImageFilter.MaxFilter(5))) >= 128
+        ring = grown & ~inside
+        tile = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.NEAREST)).copy()
+        tile[ring] = 255
+        tile[ring & ((np.indices(ring.shape).sum(0) // 4) % 2 == 0)] = 0
+        tiles.append(Image.fromarray(tile))
+    sheet = Image.new("RGB", (2 * side + 8, side), "white")
+    sheet.paste(tiles[0], (0, 0))
+    sheet.paste(tiles[1], (side + 8, 0))
+    return sheet
+
+
+def example_values(source: str, target: str) -> tuple[dict, dict]:
+    """The editor values (image + its mask as a painted layer) of a shipped example's source and target."""
+    def value(name: str) -> dict:
+        path = example_dir() / Path(name).name
+        image = np.asarray(Image.open(path).convert("RGB"))
+        mask = np.asarray(Image.open(path.with_name(path.stem + "_mask.png")).convert("L")) >= 128
+        return editor_value(image, mask)
+
+    return value(source), value(target)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 
@@ -489,7 +565,8 @@ def build_app(bench: Workbench):
 
     def stream(name: str, work, on_progress, progress, request, n_outputs: int):
         """Drive ``run_job`` for a page event. ``work(report)`` returns ``(status, {output index: value})``; the
-        status box is output 0 and shows progress (``on_progress(info)``) and messages; errors also as a toast."""
+        status box is output 0 and shows progress (``on_progress(info)``: a status line, or ``(status, {output index:
+        value})`` to update other outputs too, e.g. the loss plot) and messages; errors also as a toast."""
         def row(status: str, values: dict | None = None) -> list:
             out = [status] + [gr.skip()] * (n_outputs - 1)
             for index, value in (values or {}).items():
@@ -502,7 +579,8 @@ def build_app(bench: Workbench):
             for kind, payload in run_job(work, stop_event(request)):
                 if kind == "progress":
                     progress((payload["step"], payload["total"]), unit="steps")
-                    yield row(on_progress(payload))
+                    update = on_progress(payload)
+                    yield row(*update) if isinstance(update, tuple) else row(update)
                 elif kind == "done":
                     log.info("%s done in %.1f s", name, time.perf_counter() - started)
                     yield row(*payload)
@@ -520,6 +598,8 @@ def build_app(bench: Workbench):
     # -- handlers: each runs work(report) -> (status, {output index: value}) through stream() -----------------
     def on_learn(editor, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi, seed, state,
                  request: gr.Request, progress=gr.Progress()):
+        history, shown = [], [0.0]
+
         def work(report):
             image, mask = editor_image(editor, "source"), editor_mask(editor, "source")
             out = bench.learn(image, mask, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi, seed,
@@ -527,12 +607,20 @@ def build_app(bench: Workbench):
             last = out.history[-1]
             name = out.concept_path.name
             return (f"Learned {name}: {loss_line({**last, 'total': last['step']})}",
-                    {1: str(out.concept_path), 2: out.previews,
+                    {1: str(out.concept_path), 2: [(for_display(im), c) for im, c in out.previews],
                      3: {**(state or {}), "concept": str(out.concept_path), "matcher": None},
-                     4: f"Concept: {name} (learned here)"})
+                     4: f"Concept: {name} (learned here)", 5: loss_table(out.history)})
 
-        # outputs: status, concept file, previews, state, concept name
-        yield from stream("learn", work, loss_line, progress, request, 5)
+        def on_progress(info):
+            # the plot is redrawn about once a second (a redraw per step would flood the browser on a fast model)
+            history.append(info)
+            if time.perf_counter() - shown[0] < 1.0 and info["step"] < info["total"]:
+                return loss_line(info)
+            shown[0] = time.perf_counter()
+            return loss_line(info), {5: loss_table(history)}
+
+        # outputs: status, concept file, previews, state, concept name, loss plot
+        yield from stream("learn", work, on_progress, progress, request, 6)
 
     def on_upload_concept(file, state):
         if file is None:
@@ -578,7 +666,8 @@ def build_app(bench: Workbench):
             image, mask = editor_image(editor, "target"), editor_mask(editor, "target")
             results = bench.transfer((state or {}).get("concept"), image, mask, t_start, eta, seed, num, steps,
                                      prompt, guidance, callback=report)
-            return f"Transferred: {len(results) // 2} result(s)", {1: results}
+            return (f"Transferred: {len(results) // 2} result(s)",
+                    {1: [(for_display(im), caption) for im, caption in results]})
 
         yield from stream("transfer", work, lambda i: f"transfer: step {i['step']}/{i['total']}", progress,
                           request, 2)
@@ -587,15 +676,15 @@ def build_app(bench: Workbench):
         def work(report):
             images = bench.generate((state or {}).get("concept"), object_class, num, base_steps, seed, steps,
                                     callback=report)
-            return f"Generated {len(images)} image(s)", {1: images}
+            return f"Generated {len(images)} image(s)", {1: [(for_display(im), c) for im, c in images]}
 
         yield from stream("generate", work,
                           lambda i: f"generate ({i['stage']} stage): step {i['step']}/{i['total']}",
                           progress, request, 2)
 
-    def editor(label: str, elem_id: str):
-        return gr.ImageEditor(label=label, elem_id=elem_id, type="numpy", image_mode="RGBA", sources=("upload",),
-                              transforms=(), layers=False, format="png", height=420,
+    def editor(label: str, elem_id: str, value=None):
+        return gr.ImageEditor(value, label=label, elem_id=elem_id, type="numpy", image_mode="RGBA",
+                              sources=("upload",), transforms=(), layers=False, format="png", height=420,
                               brush=gr.Brush(colors=[(f"rgb{MASK_RGB}", 0.6)], color_mode="fixed"),
                               eraser=gr.Eraser())
 
@@ -604,24 +693,41 @@ def build_app(bench: Workbench):
         return gr.Textbox(value, show_label=False, interactive=False, container=False, elem_id=elem_id,
                           elem_classes="clic-status")
 
+    def gallery(label: str, elem_id: str, columns: int):
+        # never cropped: each image whole in its cell ("contain"), the gallery as tall as its rows
+        return gr.Gallery(label=label, columns=columns, height="auto", object_fit="contain", allow_preview=True,
+                          elem_id=elem_id, format="png")
+
     def prefill(object_class):
         return f"{with_article((object_class or '').strip() or 'object')} with <v*> style"
+
+    def on_example(index: int):
+        label, source, target, object_class = EXAMPLES[index]
+        return (*example_values(source, target), object_class, prefill(object_class),
+                f"Example: {label}. Press Learn", "")
+
+    def on_example_selected(evt: gr.SelectData):
+        return on_example(evt.index)
 
     # -- layout -----------------------------------------------------------------------------------------------
     with gr.Blocks(title="CLiC", analytics_enabled=False) as app:
         state = gr.State({})
         note = (" (a tiny random-init model: it shows the mechanics, its images are noise; start with `--model` "
                 "for Stable Diffusion)" if "tiny" in Path(bench.model).name else "")
-        gr.Markdown(f"## CLiC: Concept Learning in Context\nModel: `{Path(bench.model).name}`{note}. Jobs run one "
-                    "at a time; a waiting job shows its place in the queue.", elem_id="clic-header")
+        gr.Markdown(f"## CLiC: Concept Learning in Context\nModel: `{Path(bench.model).name}`{note}. Learn a concept "
+                    "from a source image and its mask, transfer it into a region of a target, or generate new objects "
+                    "with it. Jobs run one at a time; a waiting job shows its place in the queue.",
+                    elem_id="clic-header")
+        examples_box = gr.Column()          # filled below, once the editors the examples fill exist
         with gr.Row(equal_height=False):
             with gr.Column():
                 gr.Markdown("### 1. Source: learn the concept v*\nUpload an image and paint the concept's region "
-                            "(brush; eraser to correct).")
+                            "(brush; eraser to correct), or start from an example below.")
                 src = editor("Source image and mask M_s", "source-editor")
                 with gr.Row():
-                    object_class = gr.Textbox("object", label="Object class (OBJECT)", elem_id="object-class")
-                    prompt = gr.Textbox(prefill("object"), label="Prompt P_s (must contain <v*>)", elem_id="prompt")
+                    object_class = gr.Textbox(EXAMPLES[0][3], label="Object class (OBJECT)", elem_id="object-class")
+                    prompt = gr.Textbox(prefill(EXAMPLES[0][3]), label="Prompt P_s (must contain <v*>)",
+                                        elem_id="prompt")
                 object_class.change(prefill, object_class, prompt, queue=False, show_progress="hidden")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
@@ -637,8 +743,10 @@ def build_app(bench: Workbench):
                     learn_btn = gr.Button("Learn", variant="primary", elem_id="learn-btn")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 learn_status = status_box("learn-status")
-                previews = gr.Gallery(label="Mask and v*'s attention on the source", columns=2, height=200,
-                                      elem_id="learn-preview")
+                loss_plot = gr.LinePlot(loss_table([]), x="step", y="value", color="term", height=220,
+                                        label="Loss terms while learning: l_con (eq. 3), l_att (eq. 1), l_RoI (eq. 4)",
+                                        x_title="step", y_title="loss", elem_id="loss-plot")
+                previews = gallery("The mask M_s and v*'s attention on the source", "learn-preview", 2)
                 concept_name = status_box("concept-name", "Concept: none yet")
                 with gr.Row():
                     concept_file = gr.File(label="Concept file (download)", interactive=False,
@@ -668,8 +776,8 @@ def build_app(bench: Workbench):
                     transfer_btn = gr.Button("Transfer", variant="primary", elem_id="transfer-btn")
                     cancel_t = gr.Button("Cancel", variant="stop", elem_id="cancel-transfer-btn")
                 transfer_status = status_box("transfer-status")
-                results = gr.Gallery(label="Results and v*'s attention", columns=4, height=300,
-                                     elem_id="transfer-results")
+                results = gallery("Each result (at the target's size) and v*'s attention beside it",
+                                  "transfer-results", 2)
         with gr.Row():
             with gr.Column():
                 gr.Markdown("### 3. Generate new objects with v* (two-stage sampling, sec. 4.1)")
@@ -683,18 +791,31 @@ def build_app(bench: Workbench):
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     cancel_g = gr.Button("Cancel", variant="stop")
                 gen_status = status_box("generate-status")
-                gen_gallery = gr.Gallery(label="Generated", columns=8, height=220, elem_id="generate-results")
+                gen_gallery = gallery("Generated", "generate-results", 4)
+        # the shipped examples: a click puts the source and the target, each with its mask, in the editors
+        with examples_box:
+            example_gallery = gr.Gallery(
+                [(example_thumbnail(src_name, tgt_name), label) for label, src_name, tgt_name, _ in EXAMPLES],
+                label="Examples: click one to load its source and target, masks included (outlined)", columns=5,
+                fit_columns=False, height=230, object_fit="contain", allow_preview=False, interactive=False,
+                format="png", elem_id="examples")
+        example_outputs = [src, tgt, object_class, prompt, learn_status, transfer_status]
+        example_gallery.select(on_example_selected, None, example_outputs, queue=False, show_progress="hidden")
+        # the page opens on the first example (as an update once the editors are up: they draw its mask layer then)
+        app.load(lambda: on_example(0), None, example_outputs, queue=False, show_progress="hidden")
 
-        # -- events: the model jobs share one concurrency group of size 1 ---------------------------------------
-        job = dict(concurrency_id="model", concurrency_limit=1)
-        learn_btn.click(on_learn, [src, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi,
-                                               seed_l, state],
-                                    [learn_status, concept_file, previews, state, concept_name], **job)
-        find_btn.click(on_find, [tgt, src, match_steps, state], [transfer_status, tgt, state], **job)
-        transfer_btn.click(on_transfer, [tgt, t_start, eta, seed_t, num_t, steps_t, prompt_t,
-                                                        guidance, state], [transfer_status, results], **job)
+        # -- events: the model jobs share one concurrency group of size 1; progress shows in the status box only,
+        # so that the loss line, the plot and earlier results stay readable while a job runs
+        job = dict(concurrency_id="model", concurrency_limit=1, show_progress="minimal")
+        learn_btn.click(on_learn, [src, object_class, prompt, steps, lr, alpha, lambda_att, lambda_roi, seed_l, state],
+                        [learn_status, concept_file, previews, state, concept_name, loss_plot],
+                        show_progress_on=learn_status, **job)
+        find_btn.click(on_find, [tgt, src, match_steps, state], [transfer_status, tgt, state],
+                       show_progress_on=transfer_status, **job)
+        transfer_btn.click(on_transfer, [tgt, t_start, eta, seed_t, num_t, steps_t, prompt_t, guidance, state],
+                           [transfer_status, results], show_progress_on=transfer_status, **job)
         gen_btn.click(on_generate, [gen_object, gen_num, gen_ts, gen_seed, gen_steps, state],
-                                [gen_status, gen_gallery], **job)
+                      [gen_status, gen_gallery], show_progress_on=gen_status, **job)
         # Cancel sets the session's stop flag: the job stops after its current step and frees the model (Gradio's
         # own `cancels=` would drop the event at once, with the step still running and no message)
         for button in (cancel_btn, cancel_t, cancel_g):
