@@ -497,3 +497,26 @@ def test_cli_official_learn_and_transfer_on_soft_masks(tiny_model_dir, tmp_path)
                  str(tmp_path / "t"), "--recipe", "official", "--steps", "4", "--replace-steps", "2", "-q",
                  *model]) == 0
     assert (tmp_path / "t" / "seed0.png").exists()
+
+
+def test_official_loops_wait_for_the_device_only_to_read_the_losses(micro_model_dir, micro_concept, monkeypatch):
+    """With every model on the meta device (no values anywhere), the official recipe's learning loop reads only its
+    loss values (after steps 1, 3 and 4 of 4 with sync_every 3) and its transfer loop nothing between steps: the
+    posterior samples, RoI prompts, valid region, fresh blending noise and DDIM noise all stay on the device."""
+    from conftest import DeviceReads, on_meta
+
+    from clic.models import load_backbone
+
+    monkeypatch.setattr(Concept, "check_base", lambda *a, **kw: None)       # reads weight statistics: set-up
+    monkeypatch.setattr(Concept, "from_training", lambda *a, **kw: None)    # reads the weights: not the loop
+    backbone = on_meta(load_backbone(micro_model_dir, device="cpu"))
+    mode, marks, seen = DeviceReads(), {}, []
+    with mode:
+        learn(backbone, [random_image()], [_soft_mask_64()],
+              learn_config("official", steps=4, object_class="chair", sync_every=3), progress=False,
+              callback=lambda step, record: marks.setdefault(step, mode.reads))
+        transfer(backbone, micro_concept, random_image(), _soft_mask_64(),
+                 transfer_config("official", steps=6, replace_steps=2, guidance_range=(0, 4)), progress=False,
+                 callback=lambda info: seen.append(mode.reads))
+    assert marks == {1: 1, 2: 2, 3: 2, 4: 3}
+    assert len(seen) == 5 and len(set(seen)) == 1
