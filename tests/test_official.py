@@ -27,7 +27,7 @@ from clic.config import OFFICIAL_ROI_PROMPTS, learn_config, transfer_config
 from clic.draws import RecordedDraws, ReplayedDraws, SeededDraws
 from clic.errors import InputError
 from clic.imaging import load_image, load_latent_mask, load_mask, resize_mask
-from clic.learn import Noise, draw, initial_vectors, learn, prepare_sources
+from clic.learn import draw, initial_vectors, learn, prepare_sources
 from clic.losses import context_loss, roi_loss, soft_mask, valid_region
 from clic.tokens import add_placeholders, base_table, concept_embedding, initializer_id
 from clic.transfer import guidance_loss, latent_mask, transfer

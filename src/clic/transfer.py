@@ -51,8 +51,7 @@ from .errors import InputError
 from .imaging import center_crop_box, check_mask, pil_resize, resize_mask
 from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, host_timesteps, make_scheduler,
                        predict_noise, progress_bar, sampling_speedups, step_kwargs, token_index)
-from .speed import to_device
-from .speed import mark_step
+from .speed import mark_step, to_device
 
 log = logging.getLogger(__name__)
 
