@@ -214,6 +214,26 @@ def test_gradient_through_attention_outputs_can_be_cut():
     assert not block.attn._forward_hooks                       # hooks removed
 
 
+def test_blending_noise_fresh_at_every_step(backbone, concept):
+    """Item 12: with fresh blending noise, noised(x_tg, t_i) of step i is add_noise(x_tg, that step's own draw,
+    t_i); with one draw (the paper's), every step uses the start noise."""
+    for fresh in (True, False):
+        record, seen = RecordedDraws(SeededDraws(3)), []
+        cfg = transfer_config("official", steps=5, replace_steps=2, eta=0.0, posterior="mean",
+                              blend_noise="fresh" if fresh else "once")
+        transfer(backbone, concept, random_image(seed=1), square_mask(), cfg, progress=False,
+                 draws=lambda seed: record, callback=seen.append)
+        x_tg = backbone.encode_image(random_image(seed=1)[None])
+        scheduler = DDIMScheduler.from_config(backbone.scheduler_config, clip_sample=False)
+        scheduler.set_timesteps(5)
+        assert [info["step"] for info in seen] == [1, 2, 3, 4]
+        for info in seen:
+            eps = record.record[f"{info['step']}/blend" if fresh else "initial"]
+            want = scheduler.add_noise(x_tg, eps, scheduler.timesteps[info["step"]].reshape(1))
+            assert torch.equal(info["target_noised"], want)
+        assert any(k.endswith("/blend") for k in record.record) == fresh
+
+
 def test_guidance_loss_mean_or_sum():
     """Item 13: (0.5, 1, 0, 0.25) against ones: errors 0.25, 0, 1, 0.5625 -> sum 1.8125, mean 0.453125."""
     ca = torch.tensor([[[[0.5, 1.0], [0.0, 0.25]]]])
