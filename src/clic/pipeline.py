@@ -47,7 +47,7 @@ from .concept import Concept
 from .config import GenerateConfig, LearnConfig, TransferConfig, generate_config, learn_config, transfer_config
 from .errors import InputError
 from .generate import generate
-from .imaging import heat_overlay, image_size, load_full_size, load_image, load_mask, to_pil
+from .imaging import heat_overlay, image_size, load_full_size, load_image, load_latent_mask, load_mask, to_pil
 from .learn import LearnResult, learn
 from .models import SCHEDULERS, Backbone, load_backbone
 from .stock import read_concept
@@ -196,8 +196,11 @@ class ClicPipeline(DiffusionPipeline):
         cfg.check(len(groups[0][1]))
         backbone = self.backbone
         size = backbone.resolution
-        images = [load_image(src, size) for src, _ in groups]
-        masks = [torch.cat([load_mask(m, size, image_size(src), cfg.mask_threshold) for m in ms]) for src, ms in groups]
+        # as the command reads its files: the recipe's fit, binary masks unless cfg.binary_masks is off
+        threshold = cfg.mask_threshold if cfg.binary_masks else None
+        images = [load_image(src, size, cfg.image_fit) for src, _ in groups]
+        masks = [torch.cat([load_mask(m, size, image_size(src), threshold, fit=cfg.image_fit) for m in ms])
+                 for src, ms in groups]
         log_path = Path(out_path).with_suffix(".log.jsonl") if out_path is not None else None
         result = learn(backbone, images, masks, cfg, out_path=out_path, log_path=log_path, progress=self._progress(),
                        callback=callback)
@@ -238,7 +241,12 @@ class ClicPipeline(DiffusionPipeline):
         target = load_image(image, size)
         mask = mask_image if _is_model_mask(mask_image, size) else load_mask(mask_image, size, image_size(image),
                                                                                cfg.mask_threshold)
-        result = transfer(backbone, concept, target, mask, cfg, progress=self._progress(), callback=callback)
+        # the official recipe's blending mask: the mask's grey levels resized straight to the latent size
+        blend_mask = None
+        if cfg.blend_mask == "bicubic" and not _is_model_mask(mask_image, size):
+            blend_mask = load_latent_mask(mask_image, (backbone.latent_size, backbone.latent_size))
+        result = transfer(backbone, concept, target, mask, cfg, progress=self._progress(), callback=callback,
+                          blend_mask=blend_mask)
         images = result.images
         if full_size and cfg.composite and not _is_model_mask(mask_image, size):
             original, original_mask = load_full_size(image, mask_image, cfg.mask_threshold)
