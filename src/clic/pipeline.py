@@ -120,6 +120,7 @@ class ClicPipeline(DiffusionPipeline):
         ``.to(device)``. Only the five components are read (no safety checker): with ``variant="fp16"`` SD1.4 is a
         2.1 GB download. Other keyword arguments (``cache_dir``, ``local_files_only``, ...) go to each component's
         ``from_pretrained``. A model that cannot be loaded is a :class:`clic.errors.ModelError` with one line."""
+        torch_dtype = torch_dtype or kwargs.pop("dtype", None)         # diffusers >= 0.36 also calls it dtype
         backbone = load_backbone(pretrained_model_name_or_path, device="cpu", torch_dtype=torch_dtype or torch.float32,
                                  revision=revision, variant=variant, token=token, **kwargs)
         return cls.from_backbone(backbone)
