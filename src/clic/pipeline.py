@@ -1,8 +1,10 @@
 """``ClicPipeline``: CLiC as a diffusers pipeline (learn a concept, transfer it, generate with it).
 
     pipe = ClicPipeline.from_pretrained("CompVis/stable-diffusion-v1-4", torch_dtype=torch.float16).to("cuda")
-    pipe.learn(image="chair.png", mask_image="chair_mask.png", object_class="chair")        # or load_concept(path)
-    edited = pipe(image="stool.png", mask_image="stool_mask.png", generator=torch.Generator().manual_seed(0))
+    ex = "src/clic/assets/examples/"                                            # the images shipped with clic
+    pipe.learn(image=ex + "chair.png", mask_image=ex + "chair_mask.png", object_class="chair")  # or load_concept
+    edited = pipe(image=ex + "toy_target.png", mask_image=ex + "toy_target_mask.png",
+                  generator=torch.Generator().manual_seed(0))
     new = pipe.generate(object_class="table", num_images_per_prompt=4)
     edited.images[0], new.images                                                            # PIL by default
 

@@ -4,7 +4,7 @@
                                                                                   live plot of l_con, l_att, l_RoI
     target panel   image + painted (or found, sec. 3.3) mask M_tg  -> Transfer  -> each result beside its CA(v*)
     generate panel OBJECT, number of images, t_s                   -> Generate  -> images
-    examples       the shipped images: a click fills both editors, masks included (the page opens on the first)
+    examples       the shipped images: a click fills both editors, masks included
 
 The page is a thin shell. The jobs are the methods of :class:`Workbench`, which take numpy images and masks (what
 the page's editors hand over, see :func:`editor_image` and :func:`editor_mask`), run them through a
@@ -722,7 +722,7 @@ def build_app(bench: Workbench):
         with gr.Row(equal_height=False):
             with gr.Column():
                 gr.Markdown("### 1. Source: learn the concept v*\nUpload an image and paint the concept's region "
-                            "(brush; eraser to correct), or start from an example below.")
+                            "(brush; eraser to correct), or start from an example above.")
                 src = editor("Source image and mask M_s", "source-editor")
                 with gr.Row():
                     object_class = gr.Textbox(EXAMPLES[0][3], label="Object class (OBJECT)", elem_id="object-class")
@@ -801,8 +801,9 @@ def build_app(bench: Workbench):
                 format="png", elem_id="examples")
         example_outputs = [src, tgt, object_class, prompt, learn_status, transfer_status]
         example_gallery.select(on_example_selected, None, example_outputs, queue=False, show_progress="hidden")
-        # the page opens on the first example (as an update once the editors are up: they draw its mask layer then)
-        app.load(lambda: on_example(0), None, example_outputs, queue=False, show_progress="hidden")
+        # The editors start empty, not on an example: Gradio's editor drops a file uploaded over a value set by the
+        # server (the upload shows, but the value sent stays the old one), so an opening example would be learned
+        # from in place of a user's first upload.
 
         # -- events: the model jobs share one concurrency group of size 1; progress shows in the status box only,
         # so that the loss line, the plot and earlier results stay readable while a job runs
