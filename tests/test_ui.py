@@ -232,6 +232,11 @@ def test_page_queues_model_jobs_one_at_a_time(bench):
     assert names == ["on_find", "on_generate", "on_learn", "on_transfer"]
     assert all(fn.concurrency_limit == 1 for fn in jobs)
     assert all(fn.queue for fn in jobs)
+    # the loss plot starts without a value: it takes its colour scale (one line per term) from the first value it
+    # draws and keeps it while values stream in, so an empty table would leave the lines colourless while learning;
+    # and no fixed height, which would cut off the legend (tests/test_ui_browser.py checks both in the page)
+    plot = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "loss-plot")
+    assert plot.value is None and plot.height is None
 
 
 def test_small_results_are_scaled_up_whole_and_the_loss_table_has_the_three_terms():

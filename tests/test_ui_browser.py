@@ -2,7 +2,7 @@
 model (the command itself, in a subprocess on a free localhost port).
 
 One user session, as a person would click it: the page lists the shipped examples; an uploaded image
-without a mask gives the error message in the page; a click on an example loads both images with their masks;
+without a mask, over an example a click put in the editor, gives the error message in the page; a click on an example loads both images with their masks;
 learning shows its loss terms live (status line and plot) and can be cancelled; learn 3 steps, get the concept file;
 upload a target, Find region, paint more, transfer, and see each result whole, at a readable size, beside v*'s
 attention. ``CLIC_UI_SCREENSHOT=docs/ui.png`` also saves a screenshot of the page after the transfer;
@@ -213,15 +213,19 @@ def _learn_and_transfer(page, page_url, tmp_path, lap):
     page.locator("#examples img").nth(1).wait_for()
     assert page.locator("#examples img").count() >= 2
 
-    # 1. An image without a mask: the message is in the page (status box and Gradio's error toast), not a trace.
-    upload(page, "#source-editor", EXAMPLES / "chair.png")
+    # 1. An image without a mask, uploaded over an example a click put in the editor (the upload is what is sent,
+    #    not the example's image and mask): the message is in the page (status box and Gradio's error toast), not a
+    #    trace.
+    page.locator("#examples img").nth(1).click()       # chair.png and its mask
+    page.wait_for_function("() => document.querySelector('#learn-status textarea')?.value.startsWith('Example')")
+    upload(page, "#source-editor", EXAMPLES / "toy_source.png")
     text = click_and_wait(page, "#learn-btn", "learn-status", "Error")
     assert text.startswith("Error: the source mask is empty: paint the region"), text
     page.wait_for_function("() => window.__clicToasts.some(t => t.includes('the source mask is empty'))")
     assert "Traceback" not in page.content()
 
     lap("error")
-    # 2. A click on an example puts its source and target, masks included, in the editors; a long run shows the
+    # 2. A click on an example puts its source and target, masks included, in the editors again; a long run shows the
     #    loss terms live (the status line, and the plot: not under a progress overlay) and can be cancelled.
     page.locator("#examples img").nth(0).click()
     page.wait_for_function("() => document.querySelector('#learn-status textarea')?.value.startsWith('Example')")
@@ -231,6 +235,17 @@ def _learn_and_transfer(page, page_url, tmp_path, lap):
     assert re.match(r"step \d+/5000  loss [\d.]+  \(l_con [\d.]+, l_att [\d.]+, l_roi [\d.]+\)$", text), text
     page.wait_for_function("() => ['l_con', 'l_att', 'l_roi'].every(t => "
                            "document.querySelector('#loss-plot').innerText.includes(t))")
+    # ...its three lines are drawn (a line with no colour is in the page, but invisible) and its legend is inside
+    # the plot's box (not cut off below it)
+    page.wait_for_function("() => { const lines = [...document.querySelectorAll('#loss-plot .mark-line path')];"
+                           "  return lines.length === 3 && lines.every(p => getComputedStyle(p).stroke !== 'none'"
+                           "    && (p.getAttribute('d') || '').includes('L')); }")
+    legend = page.evaluate("() => { const box = document.querySelector('#loss-plot').getBoundingClientRect();"
+                           "  return [...document.querySelectorAll('#loss-plot .role-legend-label text')].map(t =>"
+                           "    [t.textContent, t.getBoundingClientRect().bottom <= box.bottom]); }")
+    assert sorted(legend) == [["l_att", True], ["l_con", True], ["l_roi", True]], legend
+    assert status(page, "learn-status").startswith("step "), status(page, "learn-status")   # still learning
+    page.locator("#loss-plot").screenshot(path=str(tmp_path / "loss-live.png"))
     expect(page.locator("#learn-status textarea")).to_be_visible()
     assert click_and_wait(page, "#cancel-btn", "learn-status", "Stopped|Error").startswith("Stopped: cancelled at step")
 
@@ -310,7 +325,7 @@ def _attempt(browser, model_dir, tmp_path) -> None:
                 f"  server log (tail):\n{log_path.read_text()[-2000:]}") from error
         finally:
             page.close()
-    print(f"browser test: {', '.join(laps)}")
+    print(f"browser test: {', '.join(laps)}; browser errors: {console or 'none'}")
 
 
 def test_learn_and_transfer_in_chromium(tiny_model_dir, browser, tmp_path):

@@ -743,7 +743,11 @@ def build_app(bench: Workbench):
                     learn_btn = gr.Button("Learn", variant="primary", elem_id="learn-btn")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 learn_status = status_box("learn-status")
-                loss_plot = gr.LinePlot(loss_table([]), x="step", y="value", color="term", height=220,
+                # no value until the first steps: the plot builds its colour scale (one line per term) from the
+                # value it first draws and keeps it as later values stream in, so an empty table here would leave
+                # every line without a colour (invisible) and the legend empty while learning
+                # (and no fixed height: the legend is drawn below a plot of the given height, where it is cut off)
+                loss_plot = gr.LinePlot(None, x="step", y="value", color="term",
                                         label="Loss terms while learning: l_con (eq. 3), l_att (eq. 1), l_RoI (eq. 4)",
                                         x_title="step", y_title="loss", elem_id="loss-plot")
                 previews = gallery("The mask M_s and v*'s attention on the source", "learn-preview", 2)
