@@ -137,8 +137,8 @@ def main(argv=None) -> dict:
     # the steps whose loss values were read back (a burst's records come together: the read is its last step's)
     every = sync_interval(with_cuda_graphs(cfg, device), device)
     burst_ends = [(s, t) for s, t in reads if reads_losses(s, 0, args.steps, every)]
-    warm = (graphs[0].warmup if graphs else 0) + 1          # the eager steps and the first replay (or capture)
-    later = [(s, t) for s, t in burst_ends if s > warm]
+    warm = (graphs[0].warmup if graphs else 0) + 1          # from the read of the first replay (capture), or step 1
+    later = [(s, t) for s, t in burst_ends if s >= warm]
     steady = (later[-1][1] - later[0][1]) / (later[-1][0] - later[0][0]) if len(later) > 1 else None
     out["learning"] = {
         "steps": args.steps, "size": size, "cuda_graphs": args.cuda_graphs,

@@ -17,6 +17,9 @@ The steps' pieces are functions of their own, for the loop here and for other lo
 bench's reference computation): :func:`prepare_sources` (what stays constant), :func:`draw` (the step's random
 numbers), :func:`noised_batch` (the UNet inputs), :func:`step_losses` (eq. 1-5).
 
+With ``--cuda-graphs capture`` the same step runs over fixed tensors (:class:`StaticStep`) and is recorded once as
+a CUDA graph (:func:`capture_loop`, :mod:`clic.capture`).
+
 Every random number comes from one :class:`clic.draws.Draws` source, by name (default: seeded with ``cfg.seed``); a
 caller can inject another (``learn(..., draws=...)``) to feed two runs the same draws.
 """
