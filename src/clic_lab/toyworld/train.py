@@ -299,6 +299,25 @@ def load_vae_weights(vae, path) -> int:
     return steps
 
 
+def evaluate_vae(path, n: int, detector: str = "") -> dict:
+    """``vae_report`` per pattern on the train and held-out splits, for a pipeline folder's VAE or a --save-vae
+    file (whose architecture is the default config's)."""
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if p.is_dir():
+        vae = AutoencoderKL.from_pretrained(str(p / "vae") if (p / "vae").is_dir() else str(p), torch_dtype=torch.float32)
+        size = int(vae.config.sample_size)
+    else:
+        cfg0 = ToyModelConfig()
+        vae = build_vae(cfg0)
+        load_vae_weights(vae, p)
+        size = cfg0.size
+    vae.eval().requires_grad_(False)
+    cfg = ToyModelConfig(size=size, detector=detector)
+    return {split: vae_report(vae, cfg, n=n, split=split, per_pattern=True) for split in ("train", "heldout")}
+
+
 def finetune_decoder_of_run(out_dir, cfg: ToyModelConfig) -> dict:
     """The decoder fine-tuning phase on its own, beside a run whose latents are encoded (it can go on while the
     UNet trains: the encoder, hence the latents, stay as they are): ``cfg.decoder_minutes`` more minutes from
@@ -334,6 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="only fine-tune the decoder of the run in --out for --decoder-minutes (beside its training)")
     ap.add_argument("--save-vae", metavar="FILE", help="write the VAE of the run in --out as safetensors (for "
                     "--init-vae) and stop")
+    ap.add_argument("--evaluate-vae", metavar="VAE", help="measure a VAE (a pipeline folder or a --save-vae file): "
+                    "PSNR and the pattern detector on reconstructions, per pattern, on --n-eval scenes of the train "
+                    "and held-out splits")
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="measure a trained pipeline folder instead of training")
     ap.add_argument("--n-eval", type=int, default=200, help="--evaluate: patterned prompts (the trained patterns in turn)")
     ap.add_argument("--n-plain", type=int, default=20, help="--evaluate: plain prompts")
@@ -346,6 +368,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if a.evaluate_vae:
+        torch.set_num_threads(a.threads or 1)
+        print(json.dumps(evaluate_vae(a.evaluate_vae, a.n_eval, a.detector or ""), indent=1))
+        return 0
     if a.evaluate:
         torch.set_num_threads(a.threads or 1)
         rep = evaluate_toy_model(a.evaluate, n=a.n_eval, n_plain=a.n_plain, seeds_per_prompt=a.seeds_per_prompt,
