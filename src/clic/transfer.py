@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import cross_attention_layers
+from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import TransferConfig
 from .errors import InputError
@@ -117,8 +118,9 @@ def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def composite(decoded: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``alpha * decoded + (1 - alpha) * target``: where alpha is 0 the result is the target, bit for bit."""
-    return alpha * decoded + (1 - alpha) * target
+    """``alpha * decoded + (1 - alpha) * target``: where alpha is 0 the result is the target, bit for bit, whatever
+    ``decoded`` holds there (0 * NaN would be NaN)."""
+    return torch.where(alpha > 0, alpha * decoded + (1 - alpha) * target, target)
 
 
 def paste_back(decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -269,6 +271,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
 
     # 4b. Denoising loop
     maps, losses = [], []
+    watch = FiniteWatch("the transfer's latents", "try a smaller --eta or --guidance-scale")
     bar = progress_bar(len(timesteps) - start, f"transfer (seed {seeds[0]}{'...' if batch > 1 else ''})", progress)
     for i in range(start, len(timesteps)):
         mark_step(cfg)
@@ -283,6 +286,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
             guided = x
         noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
         x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
+        watch.see(x, i)
         maps.append(ca)                      # kept on the device: no wait for it at every step
         losses.append(loss if loss is not None else torch.full((batch,), float("nan"), device=x.device))
         bar.update(1)
@@ -290,6 +294,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
             callback({"step": i, "timestep": int(on_host[i]), "seeds": seeds, "latents": x, "blended": blended,
                       "target_noised": target_noised, "guided": guided, "maps": ca, "guidance_loss": loss})
     bar.close()
+    watch.check()
     if cfg.blended(len(timesteps)):
         x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
     return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), on_host[start:].tolist()
