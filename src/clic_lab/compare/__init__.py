@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -56,7 +57,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from huggingface_hub import snapshot_download
@@ -67,7 +67,7 @@ from clic import __version__, baselines
 from clic.concept import Concept
 from clic.config import learn_config, recipe_named, transfer_config
 from clic.errors import ClicError, InputError
-from clic.fileio import atomic_path
+from clic.fileio import atomic_path, read_document
 from clic.imaging import grid, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
 from clic.models import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, DTYPES, load_backbone
 
@@ -142,17 +142,36 @@ class Manifest:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise BenchmarkError(f"{path}: manifest not found")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise BenchmarkError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                             f"({str(exc).splitlines()[0]})") from exc
+    # size-limited UTF-8, YAML without aliases (a 1 KB alias bomb expands to gigabytes)
+    data = read_document(path, "manifest", BenchmarkError)
     if not isinstance(data, dict):
         raise BenchmarkError(f"{path}: the manifest must be a mapping with 'cases' (and 'methods')")
     return data
+
+
+#: the type of each manifest key
+MANIFEST_TYPES = {"model": str, "inpaint_model": str, "dtype": str, "device": str, "encoder": str, "name": str,
+                  "learn": dict, "transfer": dict, "metrics": list, "cases": list, "methods": list, "ablations": dict}
+_KINDS = {str: "a string", dict: "a mapping", list: "a list", bool: "true or false"}
+
+
+def _schema(data: dict, problems: list[str]) -> tuple[dict, set[str]]:
+    """The manifest's keys of the wrong type, as problems: the returned copy leaves them out (not checked further),
+    the set names them."""
+    out, wrong = {}, set()
+    for key, value in data.items():
+        kind = MANIFEST_TYPES.get(key)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            problems.append(f"{key}: must be {_KINDS[kind]}, got {_short(value)}")
+            wrong.add(key)
+            continue
+        out[key] = value
+    return out, wrong
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _model_ref(value: str, root: Path) -> str:
@@ -168,29 +187,36 @@ def _variants(data: dict, problems: list[str]) -> list[Variant]:
     for entry in data.get("methods") or list(DEFAULT_METHODS):
         if isinstance(entry, str):
             entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            problems.append(f"methods: {entry!r} is neither a method name nor a mapping with 'name'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            problems.append(f"methods: {_short(entry)} is neither a method name nor a mapping with a 'name'")
             continue
-        unknown = set(entry) - {"name", "method", "learn", "transfer"}
+        unknown = set(map(str, entry)) - {"name", "method", "learn", "transfer"}
         if unknown:
             problems.append(f"method {entry['name']!r}: unknown key(s) {sorted(unknown)}")
         method = entry.get("method", entry["name"])
-        if method not in METHODS:
-            problems.append(f"method {entry['name']!r}: unknown method {method!r} (one of {', '.join(METHODS)})")
+        if not isinstance(method, str) or method not in METHODS:
+            problems.append(f"method {entry['name']!r}: unknown method {_short(method)} (one of {', '.join(METHODS)})")
             continue
-        variants.append(Variant(str(entry["name"]), method, dict(entry.get("learn") or {}),
+        bad = [k for k in ("learn", "transfer") if not isinstance(entry.get(k) or {}, dict)]
+        if bad:
+            problems.append(f"method {entry['name']!r}: {bad[0]} must be a mapping of options, got "
+                            f"{_short(entry[bad[0]])}")
+            continue
+        variants.append(Variant(entry["name"], method, dict(entry.get("learn") or {}),
                                 dict(entry.get("transfer") or {})))
     ablations = data.get("ablations") or {}
-    if not isinstance(ablations, dict) or set(ablations) - {"losses", "eta"}:
-        problems.append("ablations: a mapping with 'losses' (true/false) and/or 'eta' (a list of step sizes)")
+    if set(map(str, ablations)) - {"losses", "eta"} or not isinstance(ablations.get("losses", False), bool) \
+            or not isinstance(ablations.get("eta") or [], list):
+        problems.append("ablations: a mapping with 'losses' (true/false) and/or 'eta' (a list of step sizes), got "
+                        f"{_short(ablations)}")
         ablations = {}
     base = next((v for v in variants if v.name == "clic"), Variant("clic", "clic"))
     if ablations.get("losses"):
         for name, switch in ABLATION_LOSSES.items():
             variants.append(Variant(name, "clic", {**base.learn, **switch}, dict(base.transfer)))
     for eta in ablations.get("eta") or []:
-        if not isinstance(eta, (int, float)):
-            problems.append(f"ablations: eta {eta!r} is not a number")
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool):
+            problems.append(f"ablations: eta {_short(eta)} is not a number")
             continue
         variants.append(Variant(f"clic-eta={eta:g}", "clic", dict(base.learn), {**base.transfer, "eta": float(eta)}))
     seen = set()
@@ -213,7 +239,12 @@ def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
             continue
         cid = str(entry.get("id", f"#{k + 1}"))
         missing = [key for key in REQUIRED_CASE_KEYS if not entry.get(key)]
-        unknown = sorted(set(entry) - set(CASE_KEYS))
+        unknown = sorted(set(map(str, entry)) - set(CASE_KEYS))
+        wrong = [key for key in CASE_KEYS if key != "id" and entry.get(key) is not None
+                 and not isinstance(entry[key], str)]
+        if wrong:
+            problems.append(f"case {cid!r}: {', '.join(wrong)} must be text, got {_short(entry[wrong[0]])}")
+            continue
         if missing:
             problems.append(f"case {cid!r}: missing {', '.join(missing)}")
         if unknown:
@@ -267,27 +298,28 @@ def _learn_overrides(case: Case, variant: Variant, common: dict) -> dict:
 def load_manifest(path, device: str | None = None, dtype: str | None = None) -> Manifest:
     """Read and check a manifest; every problem is gathered into one :class:`BenchmarkError` (nothing runs)."""
     path = Path(path)
-    data = _read(path)
-    root = path.parent
     problems: list[str] = []
-    unknown = sorted(set(data) - set(MANIFEST_KEYS))
+    data, wrong = _schema(_read(path), problems)
+    root = path.parent
+    unknown = sorted(set(map(str, data)) - set(MANIFEST_KEYS))
     if unknown:
         problems.append(f"unknown key(s) {unknown} (known: {', '.join(MANIFEST_KEYS)})")
     metrics = list(data.get("metrics") or METRIC_GROUPS)
     for m in metrics:
-        if m not in METRIC_GROUPS:
-            problems.append(f"metrics: unknown metric {m!r} (one of {', '.join(METRIC_GROUPS)})")
+        if not isinstance(m, str) or m not in METRIC_GROUPS:
+            problems.append(f"metrics: unknown metric {_short(m)} (one of {', '.join(METRIC_GROUPS)})")
+    metrics = [m for m in metrics if isinstance(m, str) and m in METRIC_GROUPS]
     common_learn, common_transfer = dict(data.get("learn") or {}), dict(data.get("transfer") or {})
-    dtype = dtype or data.get("dtype", "fp32")
+    dtype = dtype or data.get("dtype") or "fp32"
     if dtype not in DTYPES:
         problems.append(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = _model_ref(str(data.get("model", DEFAULT_MODEL)), root)
-    inpaint_model = _model_ref(str(data.get("inpaint_model", DEFAULT_INPAINT_MODEL)), root)
-    variants = _variants(data, problems)
-    cases = _cases(data, root, problems)
+    model = _model_ref(data.get("model") or DEFAULT_MODEL, root)
+    inpaint_model = _model_ref(data.get("inpaint_model") or DEFAULT_INPAINT_MODEL, root)
+    variants = _variants(data, problems) if "methods" not in wrong else []
+    cases = _cases(data, root, problems) if "cases" not in wrong else []
     for phase, common in (("learn", common_learn), ("transfer", common_transfer)):
         usable = set().union(*(_option_names(v.method, phase) for v in variants))
-        for key in sorted(set(common) - usable) if variants else []:
+        for key in sorted(set(map(str, common)) - usable) if variants else []:
             problems.append(f"{phase}: {key!r} is not an option of any method's {phase} config")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     for name, ref in (("model", model), ("inpaint_model", inpaint_model)):
@@ -566,12 +598,41 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _p_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` degrees of freedom, in closed form for integer df (Abramowitz and
+    Stegun 26.7.3-4): with theta = atan(t / sqrt(df)), a finite sum of powers of cos(theta)."""
+    theta = math.atan(t / math.sqrt(df))
+    c = math.cos(theta)
+    j = df % 2                                        # odd df: cos^1, cos^3, ...; even: cos^0, cos^2, ...
+    coef, power, total = 1.0, c if j else 1.0, 0.0
+    while j <= df - 2:
+        total += coef * power
+        coef *= (j + 1) / (j + 2)
+        power *= c * c
+        j += 2
+    return 2 / math.pi * (theta + math.sin(theta) * total) if df % 2 else math.sin(theta) * total
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (12.706 for 1, 2.0096 for 49; 1.96
+    only in the limit): bisection on :func:`_p_within`, exact to float precision; beyond 1000 degrees of freedom
+    the Cornish-Fisher expansion (A&S 26.7.5), whose error there is below 1e-15."""
+    if df > 1000:
+        z = 1.959963984540054                         # the normal quantile
+        g = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+        return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _p_within(mid, df) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _t95(n: int) -> float:
     """Two-sided 95% Student-t quantile for n samples (n - 1 degrees of freedom)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-             2.042]
-    return table[n - 2] if n - 2 < len(table) else 1.960
+    return t_quantile95(n - 1)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float] | None:
