@@ -539,7 +539,7 @@ def test_an_output_is_never_an_input(tiny_model_dir, concept_path, tmp_path, cap
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--seed", str(2**64)], "--seed must be in 0..9223372036854775807"),
+    (["--seed", str(2**64)], "--seed must be in 0..18446744073709551615"),
     (["--seed", "-1"], "--seed must be in 0.."),
     (["--device", "tpu"], "unknown device 'tpu'; available here:"),
 ])
@@ -550,7 +550,7 @@ def test_options_out_of_range_are_one_line(tiny_model_dir, tmp_path, capsys, no_
 
 def test_seeds_past_the_last_one_are_refused(tiny_model_dir, concept_path, tmp_path, capsys, no_model):
     one_line_error(*run(capsys, *generate_args(tiny_model_dir, concept_path, tmp_path / "g", "--seeds",
-                                               str(2**63 - 2), "--num", "4")), "goes past the largest seed")
+                                               str(2**64 - 2), "--num", "4")), "goes past the largest seed")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import types
 import typing
@@ -22,10 +23,13 @@ import torch
 
 from .errors import ConceptFileError, InputError, NonFiniteError
 
-#: seeds seed a torch.Generator (64 bits); nonnegative and below 2**63 keeps every seed + k in range
-MAX_SEED = 2**63 - 1
+#: seeds seed a torch.Generator: 64 bits (torch also takes negative ones, the same generators again)
+MAX_SEED = 2**64 - 1
+#: any other integer option (a count, a step) fits a signed 64-bit integer
+MAX_INT = 2**63 - 1
 #: images a sampling call makes (each is written, and all of them go into one grid)
 MAX_IMAGES = 256
+SEEDS = ("seed", "seeds", "map_seed")
 #: string options that may also be given as a number (a fixed level, or 'otsu')
 NUMERIC_STRINGS = frozenset({"threshold"})
 
@@ -47,10 +51,10 @@ def _fits(value, hint, name: str) -> bool:
         return isinstance(value, (tuple, list)) and all(_fits(v, args[0], name) for v in value)
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:                    # numpy's integers and floats too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str) or (name in NUMERIC_STRINGS and _fits(value, float, name))
     return True
@@ -73,12 +77,13 @@ def check_options(cfg) -> None:
         if hint is not None and not _fits(value, hint, f.name):
             raise InputError(f"{_flag(f.name)} must be {_type_name(hint)}, got {value!r}")
         values = value if isinstance(value, (tuple, list)) else [value]
-        if f.name in ("seed", "seeds", "map_seed") and any(not 0 <= v <= MAX_SEED for v in values):
-            raise InputError(f"{_flag(f.name)} must be in 0..{MAX_SEED} (2^63 - 1), got {value}")
+        if f.name in SEEDS and any(not 0 <= v <= MAX_SEED for v in values):
+            raise InputError(f"{_flag(f.name)} must be in 0..{MAX_SEED} (2^64 - 1), got {value}")
         for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
+            if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v):
                 raise InputError(f"{_flag(f.name)} must be a finite number, got {v}")
-            if isinstance(v, int) and not isinstance(v, bool) and not -MAX_SEED <= v <= MAX_SEED:
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool) and not -MAX_INT <= v <= MAX_INT \
+                    and f.name not in SEEDS:
                 raise InputError(f"{_flag(f.name)} is out of range (at most 2^63 - 1 in size), got {v}")
     seeds, num = getattr(cfg, "seeds", None), getattr(cfg, "num", None)
     if seeds is not None:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -43,7 +44,7 @@ _FOLDER_MODE = 0o777 & ~_umask()
 
 def _write_failed(path, exc: BaseException) -> OutputError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-    reason = reason.split("I/O error: ", 1)[-1]           # safetensors' wording
+    reason = re.sub(r" \(os error \d+\)$", "", reason.split("I/O error: ", 1)[-1])     # safetensors' wording
     return OutputError(f"{path}: not written ({reason})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import LEARN_RECIPES, LearnConfig, learn_config
+from ..errors import OutputError
 from ..learn import learn
 from ..maps import learning_preview
 from ..models import DEFAULT_MODEL, load_backbone
@@ -55,8 +56,13 @@ def learn_files(args, cfg, learner, model: str, after=None):
     with exclusive(out):                                          # one run per output: no interleaved log
         backbone = load_backbone(model, args.device, args.dtype)
         images, masks = load_sources(groups, backbone.resolution, cfg.mask_threshold)
-        result = learner(backbone, images, masks, cfg, out_path=out, log_path=str(log), resume=args.resume,
-                         progress=not args.quiet)
+        try:
+            result = learner(backbone, images, masks, cfg, out_path=out, log_path=str(log), resume=args.resume,
+                             progress=not args.quiet)
+        except OutputError as exc:            # e.g. a full disk: what was learned up to the checkpoint is kept
+            ckpt = checkpoint_path(out)
+            raise OutputError(f"{exc}; {ckpt} is kept: --resume continues from it" if ckpt.is_file() else
+                              str(exc)) from exc
         if after is not None:
             after(backbone, images, masks, result)
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k.startswith("l_"))
