@@ -51,9 +51,6 @@ def image_file(path) -> tuple[int, int]:
     return probe_image(path)
 
 
-def image_files(paths: Iterable) -> list[tuple[int, int]]:
-    return [image_file(p) for p in paths]
-
 
 # ---------------------------------------------------------------------------------------------- outputs
 
