@@ -170,6 +170,28 @@ def image_size(path) -> tuple[int, int]:
     return _open(path).size
 
 
+def chessboard_distance(inside: torch.Tensor, cap: int) -> torch.Tensor:
+    """``(H, W)`` int32: each pixel's chessboard (Chebyshev) distance to the nearest True pixel of the bool ``inside``,
+    capped at ``cap``. Two raster passes of the 3x3 chamfer transform (exact for this metric), each row relaxed from
+    the row before and then along itself with a running minimum: O(H W), where dilating with squares of growing
+    size costs O(H W cap^2) (hours for a 48-megapixel photo)."""
+    height, width = inside.shape
+    d = torch.where(inside.cpu(), 0, cap).to(torch.int32)
+    x = torch.arange(width, dtype=torch.int32)
+    pad = torch.full((1,), cap, dtype=torch.int32)
+    for rows in (range(height), range(height - 1, -1, -1)):
+        prev = None
+        for y in rows:
+            row = d[y]
+            if prev is not None:            # the three neighbours in the row before, one step away
+                near = torch.minimum(prev, torch.minimum(torch.cat([prev[1:], pad]), torch.cat([pad, prev[:-1]])))
+                row = torch.minimum(row, near + 1)
+            row = torch.minimum(row, x + torch.cummin(row - x, 0).values)                       # from the left
+            row = torch.minimum(row, torch.cummin((row + x).flip(0), 0).values.flip(0) - x)     # from the right
+            d[y] = prev = row.clamp(max=cap)
+    return d
+
+
 def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear (area-aware) resize of ``(..., H, W)`` masks to ``hw``; values stay in [0, 1]."""
     shape = mask.shape

@@ -41,7 +41,7 @@ from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import TransferConfig
 from .errors import InputError
-from .imaging import center_crop_box, check_mask, resize_mask
+from .imaging import center_crop_box, check_mask, chessboard_distance, resize_mask
 from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, generators_for, host_timesteps,
                        initial_noise, make_scheduler, predict_noise, progress_bar, sampling_speedups, step_kwargs,
                        token_index)
@@ -108,11 +108,17 @@ def latent_mask(mask: torch.Tensor, hw: tuple[int, int], mode: str = "any") -> t
 
 def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Alpha ``(1, 1, R, R)`` of the pixel composite: 1 on M_tg, falling linearly to 0 over ``radius`` pixels
-    outside it (chessboard distance), exactly 0 farther away."""
+    outside it (chessboard distance), exactly 0 farther away: the mean of the mask's k-dilations, k = 0 .. radius-1.
+    A binary mask on the CPU (every mask the commands read) takes one distance transform instead, to the bit the
+    same, in time that does not grow with the radius (0.2 s for 512 px at radius 8 to 32, where the dilations take
+    0.4 s to 21 s; a photo's own size scales the radius with it, and the dilations took hours)."""
     m = mask.float().reshape(1, 1, *mask.shape[-2:])
     if radius <= 0:
         return m
-    # a pixel at distance d from the mask lies in the k-dilations for k >= d: (radius - d) of k = 0 .. radius-1
+    if m.device.type == "cpu" and bool(((m == 0) | (m == 1)).all()):
+        # a pixel at chessboard distance d < radius lies in the k-dilations for k >= d: (radius - d) of them
+        d = chessboard_distance(m[0, 0] > 0.5, radius)
+        return ((radius - d).float() / radius)[None, None]
     dilations = [F.max_pool2d(m, 2 * k + 1, stride=1, padding=k) for k in range(radius)]
     return torch.stack(dilations).mean(0)
 
