@@ -43,12 +43,12 @@ def toy_inpaint_dir(tmp_path_factory):
 
 
 def test_toy_inpainting_model_is_an_sd_inpainting_pipeline(toy_inpaint_dir):
-    from clic.models import load_backbone
+    from clic.models import bundled_model, load_backbone
 
     index = json.loads((toy_inpaint_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInpaintPipeline"
     b = load_backbone(str(toy_inpaint_dir), device="cpu")
-    assert b.unet.config.in_channels == 9 and b.resolution == 64
+    assert b.unet.config.in_channels == 9 and b.resolution == load_backbone(str(bundled_model())).resolution
 
 
 def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
@@ -75,14 +75,14 @@ def test_manifest_cases_and_truth(tmp_path, toy_inpaint_dir):
         assert len(renders) == len(masks) == 3 and all(m.sum() > 0 for m in masks)
         source = np.asarray(Image.open(tmp_path / case["source"]).convert("RGB"))
         assert all(not np.array_equal(r, source) for r in renders)
-        from clic_lab.toyworld.train import top_colours
+        from clic_lab.toyworld.evaluate import top_colours
 
         assert all(info["discover"]["pattern_colour"] in top_colours(r, m, 2) for r, m in zip(renders, masks))
     # the discovery renders do not disturb the cases' draws: case 0's source is still the scene of the seed's first draw
-    from clic_lab.toyworld.world import render_scene
+    from clic_lab.toyworld.world import HELD_OUT_PATTERNS, render_scene
 
-    first = render_scene(int(np.random.default_rng(1).integers(1 << 30)), size=64, object_class="chair",
-                         pattern="crosses", part="back")
+    first = render_scene(int(np.random.default_rng(1).integers(1 << 30)), object_class="chair",
+                         pattern=HELD_OUT_PATTERNS[0], part="back")
     assert np.array_equal(np.asarray(Image.open(tmp_path / manifest["cases"][0]["source"]).convert("RGB")), first.image)
 
 
@@ -173,7 +173,7 @@ def test_scores_of_a_source_against_itself(tmp_path):
     region = np.asarray(Image.open(tmp_path / case["source_mask"])) > 127
     from clic.imaging import load_image, load_mask
 
-    colours = source_colours(load_image(tmp_path / case["source"], 64), load_mask(tmp_path / case["source_mask"], 64))
+    colours = source_colours(load_image(tmp_path / case["source"], 128), load_mask(tmp_path / case["source_mask"], 128))
     assert len(colours) == 2
     det = PatternDetector.load()
     scores = pattern_scores(det, image, region, region, info["pattern"], colours)

@@ -11,8 +11,10 @@ import clic
 from clic.models import load_backbone
 from clic_lab.toyworld import render_scene
 from clic_lab.toyworld.detector import PatternDetector
-from clic_lab.toyworld.train import (ToyModelConfig, eval_prompts, foreground_mask, generate, part_priors,
-                                 part_region, score_images, train_toy_model)
+from clic_lab.toyworld.config import ToyModelConfig
+from clic_lab.toyworld.diffusion import generate
+from clic_lab.toyworld.evaluate import eval_prompts, foreground_mask, part_priors, part_region, score_images
+from clic_lab.toyworld.train import train_toy_model
 
 TOYMODEL = Path(clic.__file__).resolve().parent / "assets" / "toymodel"
 
@@ -94,7 +96,7 @@ def test_scoring_on_real_renders(priors):
 
 def test_train_toy_model_tiny(tmp_path):
     cfg = ToyModelConfig(
-        n_scenes=48, vae_channels=(8, 16, 16), vae_norm_groups=4, vae_steps=2, vae_batch=4,
+        n_scenes=48, size=64, vae_channels=(8, 16, 16), vae_norm_groups=4, vae_steps=2, vae_batch=4,
         text_hidden=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=4,
         unet_norm_groups=8, unet_steps=2, unet_batch=4, grid_steps=2, log_every=1, max_minutes=5, vae_eval_n=16,
     )
@@ -131,7 +133,7 @@ def test_train_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
 
 def test_render_dataset_is_the_same_with_workers():
     """The dataset depends on (n, seed) only: rendered in parallel processes it is the same arrays and captions."""
-    from clic_lab.toyworld.train import render_dataset
+    from clic_lab.toyworld.data import render_dataset
 
     one = render_dataset(1003, 5, size=32)
     two = render_dataset(1003, 5, size=32, workers=2)

@@ -43,6 +43,41 @@ def test_vocabulary():
     assert set(PATTERN_ADJECTIVES) == set(PATTERNS)
 
 
+def test_held_out_patterns_are_new_combinations_of_trained_parts():
+    """Each held-out pattern is a trained motif on the lattice that motif never has in training: both its motif and
+    its layout occur in the training split, the combination and the layout word never do."""
+    from clic_lab.toyworld import LAYOUTS, MOTIFS, TRAIN_PATTERNS, pattern_parts
+
+    assert len(HELD_OUT_PATTERNS) == len(MOTIFS) and not set(HELD_OUT_PATTERNS) & set(TRAIN_PATTERNS)
+    trained_layouts = {MOTIFS[m] for m in MOTIFS}
+    assert trained_layouts == set(LAYOUTS)
+    for pat in HELD_OUT_PATTERNS:
+        motif, layout = pattern_parts(pat)
+        assert motif in TRAIN_PATTERNS and layout != MOTIFS[motif] and layout in trained_layouts
+    captions = " ".join(sc.caption for sc in sample_scenes(300, seed=4, split="train", size=32))
+    assert not any(word in captions for word in LAYOUTS)
+    for sc in sample_scenes(300, seed=4, split="train", size=32):
+        assert sc.pattern is None or sc.pattern in TRAIN_PATTERNS
+
+
+def test_layouts_by_their_definition():
+    """grid: the field repeats every period in u and in v; staggered: a row down is the same row shifted by half a
+    period (so one row down is not the same field, two rows down are)."""
+    from clic_lab.toyworld import MOTIFS, pattern_field
+
+    p = 10.0
+    u, v = np.meshgrid(np.linspace(0.13, 40.13, 97), np.linspace(0.29, 40.29, 89))
+    for motif, layout in MOTIFS.items():
+        grid, stag = f"{motif}-grid" if layout == "staggered" else motif, f"{motif}-staggered" if layout == "grid" else motif
+        g = pattern_field(grid, u, v, p)
+        assert np.array_equal(g, pattern_field(grid, u + p, v, p)) and np.array_equal(g, pattern_field(grid, u, v + p, p))
+        s = pattern_field(stag, u, v, p)
+        assert np.array_equal(s, pattern_field(stag, u + p / 2, v + p, p))
+        assert np.array_equal(s, pattern_field(stag, u, v + 2 * p, p))
+        assert not np.array_equal(s, pattern_field(stag, u, v + p, p))
+        assert 0.1 < g.mean() < 0.6 and abs(g.mean() - s.mean()) < 0.05   # one motif per cell either way
+
+
 def test_deterministic_per_seed():
     a, b, c = render_scene(7), render_scene(7), render_scene(8)
     for f in ("image", "object_mask", "pattern_label", "background"):

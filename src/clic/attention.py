@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 
 BLOCKS = ("down", "mid", "up")
 
@@ -62,6 +63,7 @@ class ClicCrossAttnProcessor(nn.Module):
         self.to_q = _linear_copy(attn.to_q) if train_q_out else None
         self.to_out = _linear_copy(attn.to_out[0]) if train_q_out else None
         self.name = ""
+        self.start_token_grad = True     # see start_token_detached()
         self.capture: TokenMapCapture | None = None
         self.kv_cache: dict[int, tuple] | None = None     # see text_kv_cached()
 
@@ -107,6 +109,10 @@ class ClicCrossAttnProcessor(nn.Module):
                 if len(self.kv_cache) >= 4:                   # a few prompts' tensors at a time (CFG, guidance)
                     self.kv_cache.pop(next(iter(self.kv_cache)))
                 self.kv_cache[id(encoder_hidden_states)] = (*stamp, key, value)
+        if not self.start_token_grad and encoder_hidden_states is not None:
+            # the official code's: the start token's key and value give the trained K/V no gradient
+            key = torch.cat([key[:, :1].detach(), key[:, 1:]], 1)
+            value = torch.cat([value[:, :1].detach(), value[:, 1:]], 1)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
@@ -220,6 +226,37 @@ def text_kv_cached(unet, enabled: bool = True) -> Iterator[None]:
     finally:
         for proc in procs:
             proc.kv_cache = None
+
+
+@contextlib.contextmanager
+def start_token_detached(processors: Iterable[ClicCrossAttnProcessor], enabled: bool = True) -> Iterator[None]:
+    """Inside, the start-of-text token's key and value rows give the trained K/V no gradient, as in the official
+    code's processor (the same forward values; only the K/V gradients lose that token's terms). The start token's
+    text embedding does not depend on v* (CLIP's attention is causal), so v*'s gradient is the same either way."""
+    procs = list(processors) if enabled else []
+    for proc in procs:
+        proc.start_token_grad = False
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.start_token_grad = True
+
+
+@contextlib.contextmanager
+def attention_outputs_detached(unet, enabled: bool = True) -> Iterator[None]:
+    """Inside, the output of every attention layer of ``unet`` (self- and cross-attention) is detached: a gradient
+    with respect to the UNet input then flows through the convolutions, norms, feed-forward layers and residual
+    paths, and into the maps CA(v*, x_t) through their queries, but not through any attention output. This is what
+    the official transfer script's guidance gradient is: its processors reshape the attention output under
+    ``torch.no_grad()``. Forward values are unchanged."""
+    hooks = [m.register_forward_hook(lambda module, args, out: out.detach())
+             for m in unet.modules() if isinstance(m, Attention)] if enabled else []
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextlib.contextmanager

@@ -32,6 +32,11 @@ SPEED = "speed"                 # metadata group of the speed options
 PAPER_T_START = 15  # of 50 steps: the upper end of the paper's 5 <= t_start <= 15 (sec. 3.2)
 PAPER_T_S = 5       # of 50 steps (sec. 4.1)
 
+#: the official learning script's RoI prompts, one drawn per sample
+OFFICIAL_ROI_PROMPTS = ("A photo of {token}", "A pattern of {token}", "{token}", "{token} on a blank background",
+                        "A photo of {token} on a blank background", "{token} style", "A photo of {token} style",
+                        "{token} style on a blank background")
+
 
 def option(default, help: str, *, choices: tuple | None = None, group: str | None = None):
     """A dataclass field with the help text (and choices, group) of its ``--option``."""
@@ -67,8 +72,13 @@ class LearnConfig:
     prompt: str | None = option(None, "P_s, the context prompt; must contain the placeholder(s). "
                                       "Default: 'a OBJECT with <v*> style'")
     placeholder: str = option("<v*>", "the new token v*; with several masks the tokens are <v1*>, <v2*>, ...")
-    initializer: str = option("pattern", "a single-token word whose embedding initialises v*")
+    initializer: str = option("pattern", "a single-token word whose embedding initialises v*, or piece:NAME, the "
+                                         "vocabulary entry NAME as spelled there (official code: piece:ktn, a "
+                                         "sub-word piece)")
     roi_prompt: str = option("a photo of {token}", "the RoI prompt c* of eq. 4 ({token} is replaced by v*)")
+    roi_prompts: tuple[str, ...] = option((), "several RoI prompts c* (each with {token}); every step draws one per "
+                                              "token (official code: 8 templates such as '{token} on a blank "
+                                              "background'). Default: --roi-prompt only")
     steps: int = option(500, "optimisation steps (paper: 500)")
     lr: float = option(1e-5, "Adam learning rate of the cross-attention weights (paper: 1e-5)")
     token_lr: float | None = option(None, "learning rate of the token embedding (default: --lr, as Custom "
@@ -78,6 +88,15 @@ class LearnConfig:
     weight_decay: float = option(0.0, "weight decay (official code: 0.1 with adamw)")
     grad_clip: float | None = option(None, "clip the gradient norm (official code: 1.0)")
     alpha: float = option(0.5, "alpha of the soft mask M_soft = alpha + (1 - alpha) M_s (eq. 2; official code: 0.25)")
+    soft_mask_form: str = option("affine", "M_soft from M_s at latent size: affine, alpha + (1 - alpha) M_s (eq. 2), "
+                                           "or floor, values below 0.05 become alpha and the rest are kept (official "
+                                           "code; the same on a binary mask)", choices=("affine", "floor"))
+    context_border: int = option(0, "l_con leaves out this many latent cells along the border (official code: 1, "
+                                    "its augmentation's valid-region mask, which without the rescale augmentation "
+                                    "is the latent less its outer ring)")
+    mask_antialias: bool = option(True, "resize M_s to the latent size area-aware, each cell the mean of the pixels "
+                                        "it covers (default); --no-mask-antialias: plain bilinear, each cell from "
+                                        "the 4 pixels nearest its centre (official code)")
     lambda_con: float = option(1.0, "weight of l_con (paper: 1; official code: 0.5)")
     lambda_att: float = option(0.5, "lambda_att, weight of l_att (eq. 5; paper: 0.5; official code: 0.25)")
     lambda_roi: float = option(0.5, "lambda_RoI, weight of l_RoI (eq. 5; paper: 0.5; official code: 0.25)")
@@ -94,18 +113,30 @@ class LearnConfig:
                                            "cross-attention there uses its coarsest level); default: all")
     attn_norm: str = option("none", "rescale CA before l_att: none (paper), minmax (official code), max "
                                     "(Break-A-Scene)", choices=("none", "minmax", "max"))
-    context_form: str = option("paper", "l_con form: paper (||M_soft (e_hat - e)||^2) or official "
-                                        "(sum M_soft (e_hat - e)^2 / sum M_soft)", choices=("paper", "official"))
+    context_form: str = option("paper", "l_con form: paper (mean of (M_soft (e_hat - e))^2) or official (M_soft "
+                                        "(e_hat - e)^2 summed over pixels and the latent channels, divided by "
+                                        "M_soft summed over pixels)", choices=("paper", "official"))
     roi_input: str = option("latent", "RoI input: latent (paper: M_s * x_t) or pixels (official: the masked image "
                                       "with a mid-grey background, VAE-encoded, then noised)",
                             choices=("latent", "pixels"))
-    roi_weighting: str = option("none", "RoI error weighting: none (paper) or mask (official code)",
-                                choices=("none", "mask"))
+    roi_weighting: str = option("none", "RoI error weighting: none (paper) or mask (official code: the error "
+                                        "weighted by M_s, summed over pixels and channels, divided by M_s summed "
+                                        "over pixels)", choices=("none", "mask"))
+    posterior: str = option("mean", "x_0 of the source image (and of l_RoI's masked image): the VAE posterior mean, "
+                                    "encoded once (default), or a fresh posterior sample at every step (official "
+                                    "code)", choices=("mean", "sample"))
+    start_token_grad: bool = option(True, "the start token's key and value pass gradient to the trained K/V "
+                                          "(default); --no-start-token-grad: they do not (official code)")
     token_warmup_steps: int = option(0, "first train only the token for this many steps (Break-A-Scene's phase 1)")
     token_warmup_lr: float = option(5e-4, "token learning rate during the token-only warm-up (Break-A-Scene: 5e-4)")
     flip_p: float = option(0.5, "probability of a horizontal flip of image and mask per step (official code: 0.5; "
                                 "the paper does not say)")
     mask_threshold: float = option(0.5, "non-binary masks are thresholded at this value")
+    binary_masks: bool = option(True, "threshold the source masks at --mask-threshold (default); --no-binary-masks: "
+                                      "keep their soft values (official code)")
+    image_fit: str = option("crop", "how a source image and its mask become the model resolution: crop (centre crop, "
+                                    "bicubic image, area-resized mask) or stretch (the whole image, its aspect ratio "
+                                    "not kept, PIL bilinear: official code)", choices=("crop", "stretch"))
     seed: int = option(0, "random seed (timesteps, noise, flips): same seed, same concept on CPU")
     checkpoint_every: int = option(100, "save a resumable checkpoint every N steps (0: never)")
     gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass: less "
@@ -165,14 +196,21 @@ class LearnConfig:
         for token in self.tokens(n_tokens):
             if token not in self.context_prompt(n_tokens):
                 raise InputError(f"prompt {self.context_prompt(n_tokens)!r} does not contain the placeholder {token}")
-        if "{token}" not in self.roi_prompt:
-            raise InputError(f"RoI prompt {self.roi_prompt!r} must contain {{token}}")
+        for roi_prompt in (self.roi_prompt, *self.roi_prompts):
+            if "{token}" not in roi_prompt:
+                raise InputError(f"RoI prompt {roi_prompt!r} must contain {{token}}")
+        if self.context_border < 0:
+            raise InputError(f"--context-border must be >= 0, got {self.context_border}")
 
     def tokens(self, n: int) -> list[str]:
         if n == 1:
             return [self.placeholder]
         stem = self.placeholder.rstrip(">").rstrip("*")
         return [f"{stem}{i + 1}*>" for i in range(n)]
+
+    def rois(self) -> tuple[str, ...]:
+        """The RoI prompts c* a step draws from (one: no draw)."""
+        return tuple(self.roi_prompts) or (self.roi_prompt,)
 
     def context_prompt(self, n: int = 1) -> str:
         if self.prompt is not None:
@@ -311,10 +349,25 @@ class TransferConfig(SamplingConfig):
                                            "the final latent (paper)")
     blend_mask: str = option("any", "M_tg at latent resolution for eq. 6: any (a latent cell is edited if any of "
                                     "its pixels is in the mask), area (soft: the covered fraction), half (fraction "
-                                    ">= 0.5)", choices=("any", "area", "half"))
+                                    ">= 0.5), bicubic (soft: the mask file's grey levels resized straight to the "
+                                    "latent size by PIL's bicubic filter, official code)",
+                             choices=("any", "area", "half", "bicubic"))
+    blend_noise: str = option("once", "noise of noised(x_tg, t) in eq. 6: once (one draw for every step, so outside "
+                                      "M_tg the latent follows one forward-noising path) or fresh (a new draw at "
+                                      "every step, official code)", choices=("once", "fresh"))
+    posterior: str = option("mean", "x_tg, the target's latent: the VAE posterior mean (default) or a posterior "
+                                    "sample per seed (official code)", choices=("mean", "sample"))
     eta: float = option(1.0, "eta, step size of the cross-attention guidance (eq. 7) on ||CA(v*, x_t) - M_tg||^2 "
-                             "summed over the map's pixels; 0 switches the guidance off. The paper gives no value; "
+                             "(see --guidance-reduction); 0 switches the guidance off. The paper gives no value; "
                              "with --guidance-optimizer adam it is Adam's learning rate (official: 0.01)")
+    guidance_reduction: str = option("sum", "||CA(v*, x_t) - M||^2 of eq. 7 summed over the map's pixels (and "
+                                            "tokens), or their mean (official code; with Adam only its epsilon sees "
+                                            "the difference)", choices=("sum", "mean"))
+    guidance_attention_grad: bool = option(True, "eq. 7's gradient flows through every attention layer's output "
+                                                 "(the equation as written); --no-guidance-attention-grad: only "
+                                                 "through the maps' queries and the UNet's other layers, as the "
+                                                 "official code computes it (its processors reshape the attention "
+                                                 "output without gradient)")
     guidance_range: tuple[int, ...] = option((0, 30), "FROM TO: the steps FROM <= i < TO of the schedule get the "
                                                       "guidance step (official code: the first 30 of 50); clipped "
                                                       "to the steps that run")
@@ -558,14 +611,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("paper", "CLiC (paper)",
            "v* + cross-attention K/V with l_con + 0.5 l_att + 0.5 l_RoI; transfer by blended editing with "
            "cross-attention guidance; two-stage generation"),
+    # The published scripts (learning.py with reproduce.sh's options, --noaug; transfer.py), computed as they compute
+    # them: README.md, "Paper vs. official code", lists each difference with the option that selects it.
     Recipe("official", "CLiC (official code)",
-           "the published scripts: alpha 0.25, weights 0.5/0.25/0.25, AdamW, K/V/Q/out, masked-pixel RoI; transfer "
-           "with an Adam step toward an all-ones map, blending up to step 45, DDIM eta 1, no composite",
-           learn=dict(alpha=0.25, lambda_con=0.5, lambda_att=0.25, lambda_roi=0.25, optimizer="adamw",
-                      weight_decay=0.1, grad_clip=1.0, train="kv+q+out", attn_norm="minmax", context_form="official",
-                      roi_input="pixels", roi_weighting="mask", flip_p=0.5),
+           "the published scripts: alpha 0.25 (floor form), weights 0.5/0.25/0.25, AdamW, K/V/Q/out, masked-pixel RoI "
+           "under 8 prompts, posterior samples; transfer with an Adam step toward an all-ones map, blending up to "
+           "step 45 with a soft bicubic mask and fresh noise, DDIM eta 1, no composite",
+           learn=dict(alpha=0.25, soft_mask_form="floor", lambda_con=0.5, lambda_att=0.25, lambda_roi=0.25,
+                      optimizer="adamw", weight_decay=0.1, grad_clip=1.0, train="kv+q+out", attn_norm="minmax",
+                      context_form="official", context_border=1, mask_antialias=False, roi_input="pixels",
+                      roi_weighting="mask", roi_prompts=OFFICIAL_ROI_PROMPTS, initializer="piece:ktn",
+                      posterior="sample", start_token_grad=False, binary_masks=False, image_fit="stretch",
+                      flip_p=0.5),
            transfer=dict(replace_steps=15, blend_until=46, ddim_eta=1.0, guidance_target="ones",
-                         guidance_optimizer="adam", eta=0.01, composite=False)),
+                         guidance_optimizer="adam", eta=0.01, composite=False, blend_mask="bicubic",
+                         blend_noise="fresh", posterior="sample", guidance_reduction="mean",
+                         guidance_attention_grad=False)),
     # The paper's Custom Diffusion baseline: unmasked diffusion loss (alpha = 1), "an OBJECT with <v*> style" (the
     # same template as P_s). Published recipe: AdamW (weight decay 1e-2), grad clip 1, h-flip; its 250 steps at batch
     # 2 are 500 samples: here 500 steps at batch 1 (lr 1e-5 = its --scale_lr value at batch 1). See baselines/README.

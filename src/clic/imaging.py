@@ -1,8 +1,10 @@
 """Image and mask I/O: reading any common format, the shared resize transform, PNG outputs and grids.
 
-The transform: centre-crop to a square, then resize to the model resolution (bicubic for images; masks are
-resized with the same crop, bilinear, then thresholded at ``threshold``: a non-binary mask means "in the
-RoI where the value is above the threshold"). A mask whose aspect ratio differs from its image's is refused.
+The transform (``fit="crop"``, the default): centre-crop to a square, then resize to the model resolution (bicubic
+for images; masks are resized with the same crop, bilinear, then thresholded at ``threshold``: a non-binary mask
+means "in the RoI where the value is above the threshold"). A mask whose aspect ratio differs from its image's is
+refused. ``fit="stretch"`` is the official code's: the whole image (and its mask) resized to the model resolution
+with PIL's bilinear filter, the aspect ratio not kept; ``threshold=None`` keeps a mask's soft values.
 """
 
 from __future__ import annotations
@@ -109,21 +111,33 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def load_image(path, size: int) -> torch.Tensor:
-    """``(3, size, size)`` in [-1, 1]."""
+FITS = ("crop", "stretch")
+
+
+def load_image(path, size: int, fit: str = "crop") -> torch.Tensor:
+    """``(3, size, size)`` in [-1, 1]: the centre crop resized bicubic (``fit="crop"``), or the whole image resized
+    bilinearly (``fit="stretch"``, the official learning script's)."""
     image = _open(path)
-    pil = _to_rgb8(image.crop(center_crop_box(image.width, image.height))).resize((size, size), Image.BICUBIC)
+    pil = _to_rgb8(image)           # the whole image first: a 16-bit one's scale is read from all its pixels
+    if fit == "crop":
+        pil = pil.crop(center_crop_box(image.width, image.height)).resize((size, size), Image.BICUBIC)
+    elif fit == "stretch":
+        pil = pil.resize((size, size), Image.BILINEAR)
+    else:
+        raise ValueError(f"unknown fit {fit!r} ({' | '.join(FITS)})")
     return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def load_mask(path, size: int, image_size: tuple[int, int] | None = None, threshold: float = 0.5,
-              allow_full: bool = False) -> torch.Tensor:
-    """Binary ``(1, size, size)`` float mask, cropped and resized like its image.
+def load_mask(path, size: int, image_size: tuple[int, int] | None = None, threshold: float | None = 0.5,
+              allow_full: bool = False, fit: str = "crop") -> torch.Tensor:
+    """``(1, size, size)`` float mask, cropped and resized like its image; binary (values above ``threshold``), or
+    with ``threshold=None`` its soft values in [0, 1].
 
     ``image_size`` (w, h) of the image the mask belongs to: a mask of another aspect ratio is refused; one of
-    the same aspect ratio but another size is scaled to it first.
+    the same aspect ratio but another size is scaled to it first. ``fit="stretch"``: the whole mask, as 8-bit
+    grey levels, resized with PIL's bilinear filter (the official learning script's).
     """
-    if not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 < threshold < 1.0:
         raise InputError(f"mask threshold must be in (0, 1), got {threshold}")
     image = _open(path)
     values = _mask_values(image)
@@ -132,14 +146,36 @@ def load_mask(path, size: int, image_size: tuple[int, int] | None = None, thresh
         iw, ih = image_size
         if abs(w / h - iw / ih) > 0.01:
             raise InputError(f"{path}: mask is {w}x{h} but its image is {iw}x{ih} (different aspect ratio)")
-        if (w, h) != (iw, ih):
+        if (w, h) != (iw, ih) and fit == "crop":
             values = _resize_2d(values, (ih, iw))
             h, w = ih, iw
-    left, top, right, bottom = center_crop_box(w, h)
-    values = _resize_2d(values[top:bottom, left:right], (size, size))
-    mask = torch.from_numpy((values > threshold).astype(np.float32))[None]
+    if fit == "crop":
+        left, top, right, bottom = center_crop_box(w, h)
+        values = _resize_2d(values[top:bottom, left:right], (size, size))
+    elif fit == "stretch":
+        values = pil_resize(values, (size, size), Image.BILINEAR)
+    else:
+        raise ValueError(f"unknown fit {fit!r} ({' | '.join(FITS)})")
+    mask = torch.from_numpy(values.astype(np.float32) if threshold is None else
+                            (values > threshold).astype(np.float32))[None]
     check_mask(mask, path, allow_full=allow_full)
     return mask
+
+
+def pil_resize(values: np.ndarray, hw: tuple[int, int], resample) -> np.ndarray:
+    """HxW values in [0, 1] as an 8-bit grey image resized by PIL's ``resample`` filter to ``hw``, back in [0, 1]
+    (what the official scripts do to a mask file: read as 8 bits, resized by PIL, divided by 255)."""
+    grey = Image.fromarray(np.clip(np.round(values * 255), 0, 255).astype(np.uint8))          # mode L
+    return np.asarray(grey.resize((hw[1], hw[0]), resample), dtype=np.float32) / 255.0
+
+
+def load_latent_mask(path, hw: tuple[int, int]) -> torch.Tensor:
+    """``(1, 1, h, w)``: a mask file read as 8-bit grey levels and resized straight to the latent size ``hw`` with
+    PIL's bicubic filter, soft values in [0, 1] (the official transfer script's blending mask; of a non-square file
+    the centre crop, as its image is cropped here, where the official script stretches both)."""
+    values = _mask_values(_open(path))
+    left, top, right, bottom = center_crop_box(values.shape[1], values.shape[0])
+    return torch.from_numpy(pil_resize(values[top:bottom, left:right], hw, Image.BICUBIC))[None, None]
 
 
 def load_full_size(image_path, mask_path, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +228,13 @@ def chessboard_distance(inside: torch.Tensor, cap: int) -> torch.Tensor:
     return d
 
 
-def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (area-aware) resize of ``(..., H, W)`` masks to ``hw``; values stay in [0, 1]."""
+def resize_mask(mask: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of ``(..., H, W)`` masks to ``hw``; values stay in [0, 1]. Downscaling is area-aware
+    (antialiased: each output cell averages the pixels it covers) unless ``antialias`` is off (plain bilinear: each
+    cell interpolates the 4 pixels nearest its centre, as the official code resizes its mask to the latent)."""
     shape = mask.shape
     flat = mask.reshape(-1, 1, *shape[-2:]).float()
-    antialias = hw[0] < shape[-2]
+    antialias = antialias and hw[0] < shape[-2]
     out = F.interpolate(flat, size=hw, mode="bilinear", align_corners=False, antialias=antialias)
     return out.reshape(*shape[:-2], *hw).clamp(0, 1)
 

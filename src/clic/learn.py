@@ -16,6 +16,9 @@ backbone is left as it was found (:func:`clic.concept.applied_concept`).
 The steps' pieces are functions of their own, for the loop here and for other loops that reuse them (the speed
 bench's reference computation): :func:`prepare_sources` (what stays constant), :func:`draw` (the step's random
 numbers), :func:`noised_batch` (the UNet inputs), :func:`step_losses` (eq. 1-5).
+
+Every random number comes from one :class:`clic.draws.Draws` source, by name (default: seeded with ``cfg.seed``); a
+caller can inject another (``learn(..., draws=...)``) to feed two runs the same draws.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from typing import Callable
 
 import torch
 
-from .attention import capture_token_maps, cross_attention_layers
+from .attention import capture_token_maps, cross_attention_layers, start_token_detached
 from .concept import AppliedConcept, Concept, applied_concept
 from .config import SPEED, LearnConfig
+from .draws import Draws, SeededDraws
 from .errors import InputError
 from .imaging import resize_mask
-from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss
+from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss, valid_region
 from .runs import Run
 from .speed import mark_step, speed_levers, sync_interval, to_device, with_cuda_graphs
 from .tokens import initializer_embedding, token_positions
@@ -52,7 +56,7 @@ class LearnResult:
 def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: LearnConfig, out_path=None,
           log_path=None, resume: bool = False, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None,
-          init_vectors: torch.Tensor | None = None) -> LearnResult:
+          init_vectors: torch.Tensor | None = None, draws: Draws | None = None) -> LearnResult:
     """Learn v* from source images and their RoI masks.
 
     Args:
@@ -67,18 +71,21 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         init_vectors: ``(n_tokens, dim)`` initial embeddings (e.g. w* starts from the learned v*, sec. 3.3);
             default: the embedding of ``cfg.initializer``. With ``cfg.train == "token"`` the cross-attention
             processors installed on the backbone are kept (e.g. a learned concept's K/V, for w*).
+        draws: the source of every random number (:mod:`clic.draws`: image, flip, timestep, noise, RoI prompt,
+            posterior samples, by step); default :class:`~clic.draws.SeededDraws` of ``cfg.seed``. A checkpoint
+            saves and restores its ``generator``.
     """
     n_tok = check_inputs(images, masks, cfg)
     cfg = with_cuda_graphs(with_attention_level(backbone, cfg), backbone.device)
     start = Concept.untrained(cfg.tokens(n_tok), initial_vectors(backbone, cfg, n_tok, init_vectors))
 
     with applied_concept(backbone, start, train=cfg.train, train_token=cfg.train_token) as applied, \
-            speed_levers(backbone, cfg):
+            start_token_detached(applied.processors.values(), not cfg.start_token_grad), speed_levers(backbone, cfg):
         # 1. Everything constant once (latents, masks, token positions), the optimiser, the run's files.
         src = prepare_sources(backbone, images, masks, cfg, applied)
         params, optimizer = make_optimizer(applied, cfg, backbone.device)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        run = Run(out_path, log_path, resume, params, optimizer, generator, config_json(cfg), cfg.steps,
+        draws = draws if draws is not None else SeededDraws(cfg.seed)
+        run = Run(out_path, log_path, resume, params, optimizer, draws.generator, config_json(cfg), cfg.steps,
                   cfg.checkpoint_every, TERMS, sync_interval(cfg, backbone.device), "learning v*", progress, callback)
 
         # 2. The loop: a batch, the losses, an optimiser step.
@@ -86,13 +93,14 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
             for step in run.steps():
                 mark_step(cfg)
                 token_warmup(optimizer, applied, cfg, step, run.start)
-                noise = draw(src, cfg, generator)
+                noise = draw(src, cfg, draws, step)
                 batch = noised_batch(backbone, src, cfg, noise, src.latent(noise))
                 # the capture stays attached through backward (recomputed under gradient checkpointing)
-                with capture_token_maps(backbone.unet, src.pos_rows, src.layers if cfg.use_att else [],
+                with capture_token_maps(backbone.unet, src.positions(noise), src.layers if cfg.use_att else [],
                                         src.hw) as capture:
                     x_in = batch.x_in.contiguous(memory_format=src.memory_format)
-                    pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), src.text().to(src.text_dtype)).sample
+                    text = src.text(noise).to(src.text_dtype)
+                    pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), text).sample
                     losses = step_losses(pred.float(), capture.maps if cfg.use_att else None, batch, src, cfg)
                     losses[0].backward()
                 run.add(step, torch.stack(losses).detach().float(), t=int(noise.t))
@@ -203,7 +211,8 @@ def token_warmup(optimizer, applied: AppliedConcept, cfg: LearnConfig, step: int
 
 @dataclass
 class Sources:
-    """What stays constant during learning, computed once (N source images, T tokens, h x w the latent size)."""
+    """What stays constant during learning, computed once (N source images, T tokens, P RoI prompts, h x w the latent
+    size)."""
 
     backbone: object
     pixels: torch.Tensor                 # (N, 3, R, R) on the device
@@ -213,8 +222,8 @@ class Sources:
     union_lat: torch.Tensor              # (N, 1, h, w) their union (l_con's soft mask)
     roi_latents: torch.Tensor | None     # (N, T, C, h, w) the masked images' latents (roi_input "pixels")
     roi_latents_flip: torch.Tensor | None
-    text_ids: torch.Tensor               # (B, L) the prompts of the batch rows: [context][RoI x T]
-    pos_rows: torch.Tensor               # (B, T) where each row's tokens are (RoI row j: its own token)
+    text_ids: torch.Tensor               # (B', L) the prompt rows: [context][RoI: P x T, prompt-major]
+    pos_rows: torch.Tensor               # (B', T) where each row's tokens are (RoI row j: its own token)
     constant_text: torch.Tensor | None   # the rows' text embeddings, when the token does not train
     layers: list[str]                    # the cross-attention layers of CA(v*, x_t)
     text_dtype: torch.dtype              # what the UNet's cross-attention projections compute in
@@ -223,23 +232,67 @@ class Sources:
     n_images: int
     n_tokens: int
     need_context: bool                   # l_con or l_att: the batch has a context row
+    posterior: dict | None = None        # posterior "sample": {flipped: (mean, std)} of the images, (N, C, h, w) each
+    roi_posterior: dict | None = None    # the same of the masked images, (N, T, C, h, w) each
+    valid: torch.Tensor | None = None    # (1, 1, h, w) l_con's valid region (context_border > 0)
 
     @property
     def hw(self) -> tuple[int, int]:
         return tuple(self.latents.shape[-2:])
 
     def latent(self, noise: "Noise") -> torch.Tensor:
-        """x_0 of the step: the drawn image's cached latent (flipped or not), ``(1, C, h, w)``."""
-        return (self.latents_flip if noise.flip else self.latents)[noise.k:noise.k + 1]
+        """x_0 of the step, ``(1, C, h, w)``: the drawn image's cached latent (flipped or not), or a posterior
+        sample of it."""
+        k = noise.k
+        if noise.z is None:
+            return (self.latents_flip if noise.flip else self.latents)[k:k + 1]
+        mean, std = self.posterior[noise.flip]
+        return self.backbone.posterior_sample(mean[k:k + 1], std[k:k + 1], noise.z)
 
-    def text(self) -> torch.Tensor:
+    def roi_latent(self, noise: "Noise") -> torch.Tensor:
+        """x_0 of l_RoI's masked images of the drawn image, ``(T, C, h, w)`` (``roi_input`` pixels)."""
+        k = noise.k
+        if noise.z_roi is None:
+            return (self.roi_latents_flip if noise.flip else self.roi_latents)[k]
+        mean, std = self.roi_posterior[noise.flip]
+        return self.backbone.posterior_sample(mean[k], std[k], noise.z_roi)
+
+    def _rows(self, rows: torch.Tensor, noise: "Noise") -> torch.Tensor:
+        """The step's batch rows of ``rows`` (one per prompt row): all of them with one RoI prompt, else the
+        context row and, for each token, the row of its drawn prompt."""
+        if noise.roi_prompts is None:
+            return rows
+        off = 1 if self.need_context else 0
+        picked = [off + p * self.n_tokens + j for j, p in enumerate(noise.roi_prompts)]
+        return torch.cat([rows[r:r + 1] for r in [*range(off), *picked]])     # slices: no index sent to the device
+
+    def ids(self, noise: "Noise") -> torch.Tensor:
+        """The token ids ``(B, L)`` of the step's batch rows."""
+        return self._rows(self.text_ids, noise)
+
+    def positions(self, noise: "Noise") -> torch.Tensor:
+        """``(B, T)``: where each batch row's tokens are."""
+        return self._rows(self.pos_rows, noise)
+
+    def text(self, noise: "Noise") -> torch.Tensor:
         """The rows' text embeddings: encoded every step while the token trains (its gradient flows through)."""
-        return self.constant_text if self.constant_text is not None else self.backbone.encode_text(self.text_ids)
+        if self.constant_text is not None:
+            return self._rows(self.constant_text, noise)
+        return self.backbone.encode_text(self.ids(noise))
 
 
 @torch.no_grad()
 def _encode(backbone, pixels: torch.Tensor) -> torch.Tensor:
     return backbone.encode_image(pixels)
+
+
+@torch.no_grad()
+def _encode_posterior(backbone, pixels: torch.Tensor, flip: bool) -> dict:
+    """{False: (mean, std), True: the same of the flipped pixels (if ``flip``)}."""
+    out = {False: backbone.encode_posterior(pixels)}
+    if flip:
+        out[True] = backbone.encode_posterior(pixels.flip(-1))
+    return out
 
 
 def prepare_sources(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: LearnConfig,
@@ -248,23 +301,37 @@ def prepare_sources(backbone, images: list[torch.Tensor], masks: list[torch.Tens
     tokens = cfg.tokens(n_tok)
     prompt = cfg.context_prompt(n_tok)
     pixels = torch.stack(images).to(device)
-    latents = _encode(backbone, pixels)                                              # (N, C, h, w)
-    latents_flip = _encode(backbone, pixels.flip(-1)) if cfg.flip_p > 0 else None
+    sample = cfg.posterior == "sample"
+    flips = cfg.flip_p > 0
+    posterior = roi_posterior = None
+    if sample:       # x_0 drawn at every step: the posteriors are cached, their means scaled are the latents
+        posterior = _encode_posterior(backbone, pixels, flips)
+        scale = backbone.vae.config.scaling_factor
+        latents = posterior[False][0] * scale
+        latents_flip = posterior[True][0] * scale if flips else None
+    else:
+        latents = _encode(backbone, pixels)                                          # (N, C, h, w)
+        latents_flip = _encode(backbone, pixels.flip(-1)) if flips else None
     hw = tuple(latents.shape[-2:])
     masks_t = torch.stack(masks).float().to(device)                                  # (N, T, R, R)
-    masks_lat = resize_mask(masks_t, hw)                                             # (N, T, h, w)
+    masks_lat = resize_mask(masks_t, hw, antialias=cfg.mask_antialias)               # (N, T, h, w)
     roi_latents = roi_latents_flip = None
     if cfg.use_roi and cfg.roi_input == "pixels":
         # official code: pixels outside the mask set to 0 in [-1, 1] (mid-grey), then VAE-encoded
         roi_px = (pixels[:, None] * masks_t[:, :, None]).flatten(0, 1)              # (N T, 3, R, R)
-        roi_latents = _encode(backbone, roi_px).unflatten(0, (n, n_tok))
-        if cfg.flip_p > 0:
-            roi_latents_flip = _encode(backbone, roi_px.flip(-1)).unflatten(0, (n, n_tok))
+        if sample:
+            roi_posterior = {f: tuple(x.unflatten(0, (n, n_tok)) for x in ms)
+                             for f, ms in _encode_posterior(backbone, roi_px, flips).items()}
+        else:
+            roi_latents = _encode(backbone, roi_px).unflatten(0, (n, n_tok))
+            if flips:
+                roi_latents_flip = _encode(backbone, roi_px.flip(-1)).unflatten(0, (n, n_tok))
+    rois = cfg.rois()
     ctx_ids = backbone.tokenize(prompt, "cpu")                                       # positions found on the host
-    roi_ids = backbone.tokenize([cfg.roi_prompt.format(token=t) for t in tokens], "cpu")
+    roi_ids = backbone.tokenize([r.format(token=t) for r in rois for t in tokens], "cpu")      # (P T, L)
     ctx_pos = token_positions(ctx_ids, applied.token_ids, prompt)                    # (1, T)
-    roi_pos = torch.cat([token_positions(roi_ids[j:j + 1], [applied.token_ids[j]], cfg.roi_prompt)
-                         for j in range(n_tok)])                                     # (T, 1): row j holds v_j
+    roi_pos = torch.cat([token_positions(roi_ids[i:i + 1], [applied.token_ids[i % n_tok]], rois[i // n_tok])
+                         for i in range(len(roi_ids))])                              # (P T, 1): row (p, j) holds v_j
     layers = cross_attention_layers(backbone.unet, cfg.attn_blocks, cfg.attn_factor)
     if cfg.use_att and not layers:
         raise InputError(f"no cross-attention layer in blocks {cfg.attn_blocks} at factor {cfg.attn_factor}")
@@ -284,26 +351,38 @@ def prepare_sources(backbone, images: list[torch.Tensor], masks: list[torch.Tens
     return Sources(backbone, pixels, latents, latents_flip, masks_lat, masks_lat.amax(1, keepdim=True), roi_latents,
                    roi_latents_flip, text_ids, pos_rows, constant_text, layers, text_dtype,
                    torch.channels_last if cfg.channels_last else torch.contiguous_format,
-                   backbone.training_scheduler(), n, n_tok, need_ctx)
+                   backbone.training_scheduler(), n, n_tok, need_ctx, posterior, roi_posterior,
+                   valid_region(hw, cfg.context_border, device) if cfg.context_border else None)
 
 
 @dataclass
 class Noise:
-    """A step's random draws, on the host (the same numbers on every device)."""
+    """A step's random draws (the numbers on the host, the tensors on the device)."""
 
     k: int                  # the source image
     flip: bool              # flipped horizontally, image and mask
     t: torch.Tensor         # (1,) the timestep
     eps: torch.Tensor       # (1, C, h, w) the noise, on the device
+    roi_prompts: list[int] | None = None    # per token, which RoI prompt its row uses (several RoI prompts)
+    z: torch.Tensor | None = None           # (1, C, h, w) posterior sample of x_0 (posterior "sample")
+    z_roi: torch.Tensor | None = None       # (T, C, h, w) the same for l_RoI's masked images
 
 
-def draw(src: Sources, cfg: LearnConfig, generator: torch.Generator) -> Noise:
-    k = int(torch.randint(src.n_images, (1,), generator=generator))
-    flip = cfg.flip_p > 0 and float(torch.rand(1, generator=generator)) < cfg.flip_p
-    t = torch.randint(0, src.scheduler.config.num_train_timesteps, (1,), generator=generator)
-    # sent without waiting for the device
-    eps = to_device(torch.randn(src.latents[:1].shape, generator=generator), src.latents.device)
-    return Noise(k, flip, t, eps)
+def draw(src: Sources, cfg: LearnConfig, draws: Draws, step: int) -> Noise:
+    """The random numbers of step ``step`` (named as :mod:`clic.draws` lists them)."""
+    device, shape = src.latents.device, src.latents[:1].shape
+    k = draws.integer(f"{step}/image", src.n_images)
+    flip = cfg.flip_p > 0 and draws.uniform(f"{step}/flip") < cfg.flip_p
+    t = torch.tensor([draws.integer(f"{step}/t", src.scheduler.config.num_train_timesteps)])
+    eps = to_device(draws.normal(f"{step}/eps", shape), device)                    # sent without waiting
+    noise = Noise(k, flip, t, eps)
+    if cfg.use_roi and len(cfg.rois()) > 1:
+        noise.roi_prompts = [draws.integer(f"{step}/roi_prompt/{j}", len(cfg.rois())) for j in range(src.n_tokens)]
+    if src.posterior is not None:
+        noise.z = to_device(draws.normal(f"{step}/z", shape), device)
+    if src.roi_posterior is not None:
+        noise.z_roi = to_device(draws.normal(f"{step}/z_roi", (src.n_tokens, *shape[1:])), device)
+    return noise
 
 
 @dataclass
@@ -330,7 +409,7 @@ def noised_batch(backbone, src: Sources, cfg: LearnConfig, noise: Noise, x0: tor
         if cfg.roi_input == "latent":
             rows.append(m_lat[0, :, None] * x_t)                                      # eq. 4: M_s * x_t
         else:
-            roi0 = (src.roi_latents_flip if noise.flip else src.roi_latents)[k]
+            roi0 = src.roi_latent(noise)
             rows.append(scheduler.add_noise(roi0, noise.eps.expand_as(roi0), t))
     return Batch(torch.cat(rows).to(backbone.unet.dtype), t, target, m_lat, u_lat)
 
@@ -340,8 +419,12 @@ def step_losses(pred: torch.Tensor, maps: Callable[[], torch.Tensor] | None, bat
     """``[l_tot, l_con, l_att, l_roi]`` (eq. 5, 3, 1, 4) of the UNet's fp32 prediction ``pred (B, C, h, w)`` and the
     captured maps ``maps() (B, T, h, w)`` of CA(v*, x_t) (used only with l_att); a switched-off term is 0."""
     zero = torch.zeros((), device=pred.device)
-    l_con = context_loss(pred[:1], batch.target, soft_mask(batch.u_lat, cfg.alpha), cfg.context_form) \
-        if cfg.use_con else zero
+    l_con = zero
+    if cfg.use_con:
+        m_soft = soft_mask(batch.u_lat, cfg.alpha, cfg.soft_mask_form)
+        if src.valid is not None:
+            m_soft = m_soft * src.valid
+        l_con = context_loss(pred[:1], batch.target, m_soft, cfg.context_form)
     l_att = zero
     if cfg.use_att:
         ca = maps()[0]                                                               # (T, h, w), context row

@@ -12,31 +12,55 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_mask(mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Eq. 2: M_soft = alpha + (1 - alpha) M_s.
+#: the official code's soft mask: mask values below this become alpha (:func:`soft_mask`, ``form="floor"``)
+FLOOR_BELOW = 0.05
 
-    The official code instead sets values below 0.05 of the (bilinearly resized) mask to 0.25, i.e.
-    ``alpha = 0.25`` with a threshold; ``soft_mask(mask, 0.25)`` gives the same on a binary mask.
+
+def soft_mask(mask: torch.Tensor, alpha: float = 0.5, form: str = "affine") -> torch.Tensor:
+    """Eq. 2: M_soft = alpha + (1 - alpha) M_s (``form="affine"``).
+
+    ``form="floor"`` is the official code's: values of the (resized) mask below 0.05 become alpha, the others are
+    kept. Both give alpha outside and 1 inside a binary mask; on a soft mask the floor keeps a value of 0.1 at 0.1
+    (below alpha), where eq. 2 raises it to alpha + 0.1 (1 - alpha).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return alpha + (1.0 - alpha) * mask
+    if form == "affine":
+        return alpha + (1.0 - alpha) * mask
+    if form == "floor":
+        return torch.where(mask < FLOOR_BELOW, torch.full_like(mask, alpha), mask)
+    raise ValueError(f"unknown soft mask form {form!r} (affine | floor)")
+
+
+def valid_region(hw: tuple[int, int], border: int, device=None) -> torch.Tensor:
+    """``(1, 1, h, w)``: 1 inside, 0 on the outer ``border`` cells of the latent. The official code multiplies its
+    context mask by such a mask (its rescale augmentation's valid region, which without the augmentation is the
+    latent less its outer ring)."""
+    h, w = hw
+    region = torch.zeros(1, 1, h, w, device=device)
+    region[..., border:h - border, border:w - border] = 1.0
+    return region
 
 
 def context_loss(eps_pred: torch.Tensor, eps: torch.Tensor, m_soft: torch.Tensor, form: str = "paper") -> torch.Tensor:
     """Eq. 3: l_con = E || M_soft * (eps_theta(x_t, c, t) - eps) ||^2.
 
     ``form="paper"``: the mask is inside the norm, so each element is weighted by M_soft^2, averaged over all
-    elements. ``form="official"``: sum(M_soft * (eps_hat - eps)^2) / sum(M_soft) (per channel), as the
-    official code computes it.
+    elements. ``form="official"``: the official code's sum over pixels and latent channels of
+    M_soft (eps_hat - eps)^2, divided by the sum of the one-channel ``m_soft`` ``(B, 1, h, w)`` over its pixels
+    (not over the channels too: with C = 4 latent channels the value is C times the per-element weighted mean).
     """
     diff2 = (eps_pred.float() - eps.float()) ** 2
-    m_soft = m_soft.float().expand_as(diff2)
     if form == "paper":
-        return (m_soft**2 * diff2).mean()
+        return (m_soft.float().expand_as(diff2) ** 2 * diff2).mean()
     if form == "official":
-        return (m_soft * diff2).sum() / m_soft.sum()
+        return masked_sum(diff2, m_soft) / m_soft.float().sum()
     raise ValueError(f"unknown context loss form {form!r} (paper | official)")
+
+
+def masked_sum(diff2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum of ``weight (B, 1, h, w) * diff2 (B, C, h, w)`` over every element (the weight broadcast over C)."""
+    return (weight.float() * diff2).sum()
 
 
 def attention_loss(ca_map: torch.Tensor, mask: torch.Tensor, normalize: str = "none") -> torch.Tensor:
@@ -61,13 +85,13 @@ def roi_loss(eps_pred_roi: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor
     """Eq. 4: l_RoI = E || eps_theta(M_s * x_t, c*, t) - eps ||^2 with c* = "a photo of <v*>".
 
     The masking of the input happens before the UNet call (see :mod:`clic.learn`); here only the error.
-    ``weight`` (the official code's variant) weights the error by the mask and normalises by its sum.
+    ``weight`` ``(B, 1, h, w)`` (the official code's variant): the error weighted by the mask, summed over pixels
+    and latent channels, divided by the sum of the one-channel mask (as l_con's official form).
     """
     diff2 = (eps_pred_roi.float() - eps.float()) ** 2
     if weight is None:
         return diff2.mean()
-    weight = weight.float().expand_as(diff2)
-    return (weight * diff2).sum() / weight.sum().clamp_min(1e-8)
+    return masked_sum(diff2, weight) / weight.float().sum().clamp_min(1e-8)
 
 
 def total_loss(l_con: torch.Tensor, l_att: torch.Tensor, l_roi: torch.Tensor, lambda_att: float = 0.5,

@@ -180,6 +180,16 @@ class Backbone:
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
 
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1], ``(B, 3, H, W)`` -> the VAE posterior's (mean, std), unscaled, fp32."""
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def posterior_sample(self, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """A scaled latent drawn from the posterior (:meth:`encode_posterior`) with the standard Gaussian ``z``: as
+        diffusers' ``latent_dist.sample()``, (mean + std z) * scaling_factor."""
+        return (mean + std * z.to(mean.device)) * self.vae.config.scaling_factor
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [-1, 1]."""
         pixels = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample

@@ -80,14 +80,33 @@ def check_placeholder(tokenizer, token: str) -> None:
         raise InputError(f"placeholder {token!r} must be a non-empty string without spaces")
 
 
-def initializer_embedding(backbone, word: str) -> torch.Tensor:
-    """Embedding row of a single-token initializer word (e.g. "pattern")."""
-    ids = backbone.tokenizer(word, add_special_tokens=False).input_ids
+#: ``--initializer piece:NAME`` names a vocabulary entry as it is spelled there, e.g. a sub-word piece
+PIECE = "piece:"
+
+
+def initializer_id(tokenizer, word: str) -> int:
+    """The vocabulary id of an initializer: a word that tokenizes to one token (e.g. "pattern"), or ``piece:NAME``,
+    the entry NAME of the vocabulary as it is spelled there (word-final pieces end in ``</w>``, sub-word pieces do
+    not). The official code passes its initializer to the tokenizer as a ready token, so its "ktn" is the sub-word
+    piece ``piece:ktn`` (id 42170 in CLIP's vocabulary), not the word "ktn" (which is two pieces)."""
+    if word.startswith(PIECE):
+        name = word[len(PIECE):]
+        piece_id = tokenizer.get_vocab().get(name)
+        if piece_id is None:
+            raise InputError(f"initializer {word!r}: {name!r} is not an entry of the tokenizer's vocabulary")
+        return int(piece_id)
+    ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        pieces = backbone.tokenizer.tokenize(word)
+        pieces = tokenizer.tokenize(word)
         raise InputError(f"initializer word {word!r} is not a single token of the vocabulary (splits into {pieces}); "
-                         "pick a common word such as 'pattern' or 'ornament'")
-    return base_table(backbone.text_encoder)[ids[0]].detach().float().clone()
+                         f"pick a common word such as 'pattern' or 'ornament', or name one piece: {PIECE}{pieces[0]}")
+    return ids[0]
+
+
+def initializer_embedding(backbone, word: str) -> torch.Tensor:
+    """Embedding row of an initializer (:func:`initializer_id`: a single-token word such as "pattern", or
+    ``piece:NAME``)."""
+    return base_table(backbone.text_encoder)[initializer_id(backbone.tokenizer, word)].detach().float().clone()
 
 
 def add_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list[int]:

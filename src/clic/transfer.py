@@ -11,9 +11,14 @@ Per image (one per seed), with x_tg the VAE latent of the target, encoded once, 
     image    = alpha * decode(x_0') + (1 - alpha) * target             pixel composite, alpha = feathered M_tg
 
 with noised(x, t) = scheduler.add_noise(x, eps, t), the same eps at every step (as diffusers' inpainting
-pipeline), so outside the mask the latent follows exactly the target's forward-noising path. The model sees a
-centre crop of the target resized to its resolution; the CLI pastes the result back into the target at its own
-size (:func:`paste_back`), so every pixel outside the feathered mask is the target file's.
+pipeline), so outside the mask the latent follows exactly the target's forward-noising path (the official script
+draws a fresh eps at every step instead: ``blend_noise="fresh"``). The model sees a centre crop of the target
+resized to its resolution; the CLI pastes the result back into the target at its own size (:func:`paste_back`), so
+every pixel outside the feathered mask is the target file's.
+
+Every random number (the start noise, the blending noise, DDIM's noise, a posterior sample of x_tg) is a named draw
+of the seed's :class:`clic.draws.Draws` (default: seeded with the seed), which a caller can replace
+(``transfer(..., draws=...)``) to feed two transfers the same draws.
 
 The start of the edit can be given in the three ways in use (exactly one, or none for the default):
 
@@ -29,23 +34,25 @@ The start of the edit can be given in the three ways in use (exactly one, or non
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .attention import cross_attention_layers
+from .attention import attention_outputs_detached, cross_attention_layers
 from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import TransferConfig
+from .draws import Draws, SeededDraws
 from .errors import InputError
-from .imaging import center_crop_box, check_mask, chessboard_distance, resize_mask
-from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, generators_for, host_timesteps,
-                       initial_noise, make_scheduler, predict_noise, progress_bar, sampling_speedups, step_kwargs,
-                       token_index)
-from .speed import mark_step
+from .imaging import center_crop_box, check_mask, chessboard_distance, pil_resize, resize_mask
+from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, host_timesteps, make_scheduler,
+                       predict_noise, progress_bar, sampling_speedups, step_kwargs, token_index)
+from .speed import mark_step, to_device
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +65,37 @@ def blend(x_t: torch.Tensor, x_target_t: torch.Tensor, mask: torch.Tensor) -> to
     return mask * x_t + (1 - mask) * x_target_t
 
 
-def guidance_loss(ca: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
-    """||CA(v*, x_t) - M||^2 per image: ``ca (B, T, h, w)`` vs ``target_map (1, 1, h, w)`` -> ``(B,)`` (sum over
-    tokens and pixels; a sum, not a mean, so each image's gradient does not depend on the batch or map size)."""
-    return ((ca.float() - target_map.float()) ** 2).flatten(1).sum(1)
+def guidance_loss(ca: torch.Tensor, target_map: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """||CA(v*, x_t) - M||^2 per image: ``ca (B, T, h, w)`` vs ``target_map (1, 1, h, w)`` -> ``(B,)``: the sum over
+    tokens and pixels (a sum, not a mean, so each image's gradient does not depend on the batch or map size), or
+    with ``reduction="mean"`` their mean (the official code's MSE)."""
+    err = ((ca.float() - target_map.float()) ** 2).flatten(1)
+    if reduction == "sum":
+        return err.sum(1)
+    if reduction == "mean":
+        return err.mean(1)
+    raise ValueError(f"unknown guidance loss reduction {reduction!r} (sum | mean)")
 
 
 def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: torch.Tensor,
                             index: torch.Tensor, layers: list[str], target_map: torch.Tensor, eta: float,
-                            optimizer: str = "sgd") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            optimizer: str = "sgd", reduction: str = "sum", attention_grad: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 7: x''_t = x'_t - eta * grad_x ||CA(v*, x'_t) - M||^2, one UNet forward and backward on the conditional
     branch only.
 
     The latent, the maps (logits formed in fp32 by the capture) and the loss are fp32 also under a half-precision
     UNet; only the UNet's own layers run in its dtype. ``optimizer="adam"`` takes one step of a fresh Adam of
-    learning rate ``eta`` instead (official code; about ``eta * sign(grad)``).
+    learning rate ``eta`` instead (official code; about ``eta * sign(grad)``). ``reduction``: the loss summed or
+    averaged over pixels (:func:`guidance_loss`). ``attention_grad=False`` is the official code's gradient: none
+    through the attention layers' outputs (:func:`clic.attention.attention_outputs_detached`).
 
     Returns ``(x''_t, CA(v*, x'_t) (B, T, h, w), loss per image (B,))``.
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), attention_outputs_detached(backbone.unet, not attention_grad):
         x = x.detach().float().requires_grad_(True)
         _, ca = predict_noise(backbone, scheduler, x, t, text_cond, 1.0, layers, index)
-        loss = guidance_loss(ca, target_map)
+        loss = guidance_loss(ca, target_map, reduction)
         (grad,) = torch.autograd.grad(loss.sum(), x)
     if optimizer == "sgd":
         guided = x.detach() - eta * grad
@@ -94,8 +110,13 @@ def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tenso
 
 
 def latent_mask(mask: torch.Tensor, hw: tuple[int, int], mode: str = "any") -> torch.Tensor:
-    """M_tg ``(1, R, R)`` at latent resolution ``(1, 1, h, w)`` for eq. 6 (see ``TransferConfig.blend_mask``)."""
+    """M_tg ``(1, R, R)`` at latent resolution ``(1, 1, h, w)`` for eq. 6 (see ``TransferConfig.blend_mask``);
+    ``bicubic`` keeps the soft values of ``mask`` (8-bit grey levels resized by PIL's bicubic filter, as the official
+    script resizes its mask file)."""
     m = mask.float().reshape(1, 1, *mask.shape[-2:])
+    if mode == "bicubic":
+        values = pil_resize(m[0, 0].cpu().numpy(), hw, Image.BICUBIC)
+        return torch.from_numpy(values)[None, None].to(mask.device)
     if mode == "any":
         return F.adaptive_max_pool2d(m, hw)
     area = F.adaptive_avg_pool2d(m, hw)
@@ -103,7 +124,7 @@ def latent_mask(mask: torch.Tensor, hw: tuple[int, int], mode: str = "any") -> t
         return area
     if mode == "half":
         return (area >= 0.5).float()
-    raise ValueError(f"unknown latent mask mode {mode!r} (any | area | half)")
+    raise ValueError(f"unknown latent mask mode {mode!r} (any | area | half | bicubic)")
 
 
 def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -172,7 +193,8 @@ class TransferResult:
     tokens: list[str]           # the concept tokens whose maps are in ``attention``
 
 
-def _prepare_inputs(backbone, target: torch.Tensor, mask: torch.Tensor, threshold: float):
+def _prepare_inputs(backbone, target: torch.Tensor, mask: torch.Tensor, threshold: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     size = backbone.resolution
     target = torch.as_tensor(target).float()
     if target.shape != (3, size, size):
@@ -183,14 +205,15 @@ def _prepare_inputs(backbone, target: torch.Tensor, mask: torch.Tensor, threshol
         mask = mask.reshape(1, *mask.shape[-2:])
     if mask.ndim != 3 or mask.shape[-2:] != target.shape[-2:]:
         raise InputError(f"target mask {tuple(mask.shape)} and target {tuple(target.shape)} differ in size")
-    mask = (mask > threshold).float()
+    soft, mask = mask, (mask > threshold).float()
     check_mask(mask, "target mask")
-    return target.to(backbone.device), mask.to(backbone.device)
+    return target.to(backbone.device), mask.to(backbone.device), soft.to(backbone.device)
 
 
 @torch.no_grad()
 def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: TransferConfig | None = None,
-             progress: bool = True, callback: Callable[[dict], None] | None = None) -> TransferResult:
+             progress: bool = True, callback: Callable[[dict], None] | None = None,
+             draws: Callable[[int], Draws] | None = None, blend_mask: torch.Tensor | None = None) -> TransferResult:
     """Transfer ``concept`` into the region ``mask`` of ``target`` (paper sec. 3.2); one result per seed.
 
     Args:
@@ -198,7 +221,12 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
             applied for the call, and the backbone is as it was afterwards.
         concept: a :class:`clic.concept.Concept`.
         target: I_tg, ``(3, R, R)`` in [-1, 1] at the model resolution R.
-        mask: M_tg, ``(1, R, R)`` or ``(R, R)``, thresholded at ``cfg.mask_threshold``.
+        mask: M_tg, ``(1, R, R)`` or ``(R, R)``, thresholded at ``cfg.mask_threshold`` (``cfg.blend_mask`` bicubic
+            resizes its values as given).
+        draws: ``draws(seed)``: the source of the seed's random draws (:mod:`clic.draws`); default
+            :class:`~clic.draws.SeededDraws` of the seed.
+        blend_mask: M_tg at the latent size ``(1, 1, h, w)`` for eq. 6, made by the caller (e.g. from the mask file,
+            :func:`clic.imaging.load_latent_mask`); default: from ``mask`` by ``cfg.blend_mask``.
         callback: called after every denoising step with a dict: ``step``, ``timestep``, ``seeds``, ``latents``
             (after the step), ``blended`` (x'_t, or None), ``target_noised`` (noised(x_tg, t), or None), ``guided``
             (x''_t, or None), ``maps`` (CA(v*, x''_t), ``(B, T, h, w)``), ``guidance_loss``.
@@ -211,7 +239,7 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     seeds = cfg.seed_list()
     prompt = cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", "")
     tokens = check_prompt(prompt, concept.tokens)
-    target, mask = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
+    target, mask, soft = _prepare_inputs(backbone, target, mask, cfg.mask_threshold)
 
     with applied_concept(backbone, concept), sampling_speedups(backbone, cfg):
         # 2. Encode the prompt; find v* by tokenizing
@@ -219,18 +247,27 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
         index = token_index(backbone, prompt, tokens)
         layers = cross_attention_layers(backbone.unet, cfg.attn_blocks)
 
-        # 3. Encode the target once; M_tg at latent resolution (blending) and at map resolution (guidance)
-        x_tg = backbone.encode_image(target[None])                                  # (1, C, h, w)
-        hw = tuple(x_tg.shape[-2:])
-        m_blend = latent_mask(mask, hw, cfg.blend_mask)
+        # 3. Encode the target once (its posterior, if x_tg is a sample of it); M_tg at latent resolution (blending)
+        #    and at map resolution (guidance)
+        if cfg.posterior == "sample":
+            x_tg = backbone.encode_posterior(target[None])                         # (mean, std), (1, C, h, w) each
+            hw = tuple(x_tg[0].shape[-2:])
+        else:
+            x_tg = backbone.encode_image(target[None])                              # (1, C, h, w)
+            hw = tuple(x_tg.shape[-2:])
+        if blend_mask is not None:
+            m_blend = blend_mask.float().reshape(1, 1, *hw).to(backbone.device)
+        else:
+            m_blend = latent_mask(soft if cfg.blend_mask == "bicubic" else mask, hw, cfg.blend_mask)
         target_map = resize_mask(mask[None], hw) if cfg.guidance_target == "mask" else torch.ones(1, 1, *hw)
         target_map = target_map.to(backbone.device)
 
         # 4. Denoise, a batch of seeds at a time (4a, 4b in _denoise)
         latents, maps, losses = [], [], []
         for batch_seeds in chunks(seeds, cfg.batch_size):
-            lat, m, loss, timesteps = _denoise(backbone, cfg, batch_seeds, x_tg, m_blend, target_map, text, index,
-                                               layers, start, progress, callback)
+            sources = [(draws or SeededDraws)(seed) for seed in batch_seeds]
+            lat, m, loss, timesteps = _denoise(backbone, cfg, batch_seeds, sources, x_tg, m_blend, target_map, text,
+                                               index, layers, start, progress, callback)
             latents.append(lat)
             maps.append(m)
             losses.append(loss)
@@ -251,29 +288,53 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     )
 
 
-def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor, m_blend: torch.Tensor,
+def _normal(sources: list[Draws], name: str, backbone) -> torch.Tensor:
+    """``(B, C, h, w)``: one latent-shaped Gaussian draw ``name`` per seed, on the device (as diffusers' randn_tensor
+    draws a batch from per-image generators)."""
+    shape = (1, backbone.latent_channels, backbone.latent_size, backbone.latent_size)
+    return to_device(torch.cat([d.normal(name, shape) for d in sources]), backbone.device)
+
+
+def _denoise(backbone, cfg: TransferConfig, seeds: list[int], sources: list[Draws], x_tg, m_blend: torch.Tensor,
              target_map: torch.Tensor, text: torch.Tensor, index: torch.Tensor, layers: list[str], start: int,
              progress: bool, callback) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step. Returns final latents, the
-    maps ``(S, B, T, h, w)`` and guidance losses ``(S, B)`` per step, and the timesteps that ran."""
+    """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step. ``x_tg``: the target's latent
+    ``(1, C, h, w)``, or its posterior (mean, std) to draw one per seed. Returns final latents, the maps
+    ``(S, B, T, h, w)`` and guidance losses ``(S, B)`` per step, and the timesteps that ran."""
     batch = len(seeds)
     scheduler = make_scheduler(backbone, cfg)                  # fresh per batch: multistep samplers keep state
     timesteps = scheduler.timesteps
     on_host = host_timesteps(scheduler)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)                       # sigma-indexed samplers (as diffusers img2img)
-    generators = generators_for(seeds)
+    generators = [d.generator for d in sources]
     extra = step_kwargs(scheduler, generators, cfg.ddim_eta)
+    # DDIM's own noise (eta > 0) as a named draw: the numbers it would draw from the seeds' generators
+    variance = "variance_noise" in inspect.signature(scheduler.step).parameters and cfg.ddim_eta > 0
+    if variance:
+        extra.pop("generator", None)
     text = text.repeat_interleave(batch, 0)                    # [uncond x B; cond x B] or [cond x B]
     text_cond = text[-batch:]
-    x_tg = x_tg.expand(batch, -1, -1, -1)
 
     # 4a. Prepare latents: the target noised to the start step (or pure noise, official --replace-steps 0)
-    noise = initial_noise(backbone, generators)
+    noise = _normal(sources, "initial", backbone)
+    if isinstance(x_tg, tuple):                                # a posterior sample of x_tg per seed
+        x_tg = backbone.posterior_sample(*x_tg, _normal(sources, "target", backbone))
+    else:
+        x_tg = x_tg.expand(batch, -1, -1, -1)
+    fresh = cfg.blend_noise == "fresh"
+
+    def blend_noise(i: int) -> torch.Tensor:
+        return _normal(sources, f"{i}/blend", backbone) if fresh else noise
+
     if cfg.starts_from_noise:
         x = noise * scheduler.init_noise_sigma
+        step_noise = blend_noise(start) if cfg.blended(start) else None
     else:
-        x = scheduler.add_noise(x_tg, noise, timesteps[start:start + 1].expand(batch))
+        # the official script overwrites the latent with the noised target at the steps before its start: the last
+        # of them is this one, with its own blending noise
+        step_noise = blend_noise(start)
+        x = scheduler.add_noise(x_tg, step_noise, timesteps[start:start + 1].expand(batch))
 
     # 4b. Denoising loop
     maps, losses = [], []
@@ -284,13 +345,17 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], x_tg: torch.Tensor
         t = timesteps[i]
         blended = target_noised = guided = loss = None
         if cfg.blended(i):
-            target_noised = scheduler.add_noise(x_tg, noise, t.expand(batch))
+            eps = step_noise if i == start else blend_noise(i)
+            target_noised = scheduler.add_noise(x_tg, eps, t.expand(batch))
             x = blended = blend(x, target_noised, m_blend)
         if cfg.guided(i):
             x, _, loss = attention_guidance_step(backbone, scheduler, x, t, text_cond, index, layers, target_map,
-                                                 cfg.eta, cfg.guidance_optimizer)
+                                                 cfg.eta, cfg.guidance_optimizer, cfg.guidance_reduction,
+                                                 cfg.guidance_attention_grad)
             guided = x
         noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
+        if variance:
+            extra["variance_noise"] = _normal(sources, f"{i}/variance", backbone)
         x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
         watch.see(x, i)
         maps.append(ca)                      # kept on the device: no wait for it at every step

@@ -33,8 +33,8 @@ def add_source_options(p, command: str) -> None:
     """The source images and masks, the output file, its log and resuming (``clic learn`` and ``realfill learn``)."""
     p.add_argument("--image", action="append", required=True, help="source image I_s (PNG/JPEG/WebP, any mode); "
                    "repeat for several images of one concept")
-    p.add_argument("--mask", action="append", required=True, help="binary mask M_s of the concept (white = RoI); "
-                   "resized with its image; repeat: one per image"
+    p.add_argument("--mask", action="append", required=True, help="mask M_s of the concept (white = RoI; "
+                   "thresholded unless --no-binary-masks); resized with its image; repeat: one per image"
                    + (", or several for one image (one token each)" if command == "learn" else ""))
     p.add_argument("--out", required=True, help="output concept file (.safetensors)")
     p.add_argument("--log", default=None, help="JSON-lines log of the losses (default: OUT with .log.jsonl)")
@@ -52,10 +52,13 @@ def learn_files(args, cfg, learner, model: str, after=None):
     log = output_file(args.log or out.with_suffix(".log.jsonl"), None, {**inputs, "--out": [out]})
     output_file(checkpoint_path(out), None, {**inputs, "--log": [log]})
     cfg.check(len(groups[0][1]))
-    check_sources(groups, cfg.mask_threshold)                     # fail fast, before the model loads
+    # how the files become model inputs (RealFill's config has the defaults: crop, binary)
+    threshold = cfg.mask_threshold if getattr(cfg, "binary_masks", True) else None
+    fit = getattr(cfg, "image_fit", "crop")
+    check_sources(groups, threshold, fit)                         # fail fast, before the model loads
     with exclusive(out):                                          # one run per output: no interleaved log
         backbone = load_backbone(model, args.device, args.dtype)
-        images, masks = load_sources(groups, backbone.resolution, cfg.mask_threshold)
+        images, masks = load_sources(groups, backbone.resolution, threshold, fit)
         try:
             result = learner(backbone, images, masks, cfg, out_path=out, log_path=str(log), resume=args.resume,
                              progress=not args.quiet)

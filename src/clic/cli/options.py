@@ -139,25 +139,26 @@ def source_groups(images: list[str], masks: list[str]) -> list[tuple[str, list[s
                      "or several masks for a single image (one concept each)")
 
 
-def check_sources(groups: list[tuple[str, list[str]]], threshold: float) -> None:
+def check_sources(groups: list[tuple[str, list[str]]], threshold: float | None, fit: str = "crop") -> None:
     """Read every image and mask once at a small size: fail fast, before the model loads (also: :func:`check_target`)."""
     for image_path, masks in groups:
         for mask_path in masks:
-            load_mask(mask_path, 256, image_size(image_path), threshold)
+            load_mask(mask_path, 256, image_size(image_path), threshold, fit=fit)
 
 
-def check_target(target: str, mask: str | None, threshold: float) -> None:
+def check_target(target: str, mask: str | None, threshold: float, fit: str = "crop") -> None:
     """The target image and its mask (None: found later), read at a small size before the model loads."""
     size = image_size(target)
     if mask is not None:
-        load_mask(mask, 256, size, threshold)
+        load_mask(mask, 256, size, threshold, fit=fit)
 
 
-def load_sources(groups: list[tuple[str, list[str]]], size: int, threshold: float
+def load_sources(groups: list[tuple[str, list[str]]], size: int, threshold: float | None, fit: str = "crop"
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The images ``(3, R, R)`` and their masks ``(n_tokens, R, R)`` at the model resolution."""
+    """The images ``(3, R, R)`` and their masks ``(n_tokens, R, R)`` at the model resolution (``fit``: see
+    :func:`clic.imaging.load_image`; ``threshold`` None keeps the masks' soft values)."""
     pixels, masks = [], []
     for image_path, mask_paths in groups:
-        pixels.append(load_image(image_path, size))
-        masks.append(torch.cat([load_mask(m, size, image_size(image_path), threshold) for m in mask_paths]))
+        pixels.append(load_image(image_path, size, fit))
+        masks.append(torch.cat([load_mask(m, size, image_size(image_path), threshold, fit=fit) for m in mask_paths]))
     return pixels, masks

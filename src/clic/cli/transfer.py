@@ -8,7 +8,8 @@ from pathlib import Path
 from ..concept import Concept
 from ..config import LEARN_RECIPES, TransferConfig, transfer_config
 from ..errors import InputError
-from ..imaging import grid, heat_overlay, image_size, load_full_size, load_image, load_mask, mask_overlay, to_pil
+from ..imaging import (grid, heat_overlay, image_size, load_full_size, load_image, load_latent_mask, load_mask,
+                       mask_overlay, to_pil)
 from ..models import load_backbone
 from ..roi import MaskConfig, Matcher, auto_target_mask
 from ..sampling import check_prompt
@@ -124,7 +125,11 @@ def _run(args, cfg, concept, out_dir: Path, auto: bool, label: str) -> None:
         mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
     source = load_image(args.source, size) if args.source else None
 
-    result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet)
+    # the official script's blending mask: the mask file's grey levels resized straight to the latent size
+    blend_mask = None
+    if cfg.blend_mask == "bicubic" and not auto:
+        blend_mask = load_latent_mask(args.mask, (backbone.latent_size, backbone.latent_size))
+    result = transfer(backbone, concept, target, mask, cfg, progress=not args.quiet, blend_mask=blend_mask)
 
     images = result.images
     if cfg.composite and getattr(args, "full_size", False) and not auto:

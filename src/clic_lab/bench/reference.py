@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from clic.attention import ClicCrossAttnProcessor, capture_token_maps
+from clic.attention import ClicCrossAttnProcessor, capture_token_maps, start_token_detached
 from clic.concept import Concept, applied_concept
 from clic.config import LearnConfig
+from clic.draws import SeededDraws
 from clic.learn import (TERMS, LearnResult, check_inputs, config_json, draw, initial_vectors, make_optimizer,
                         noised_batch, prepare_sources, step_losses, token_warmup, with_attention_level)
 from clic.runs import Run
@@ -64,25 +65,28 @@ def learn_reference(backbone, images: list[torch.Tensor], masks: list[torch.Tens
     start = Concept.untrained(cfg.tokens(n_tok), initial_vectors(backbone, cfg, n_tok))
     unet = backbone.unet
     with applied_concept(backbone, start, train=cfg.train, train_token=cfg.train_token,
-                         processor_class=ExplicitSoftmaxCrossAttn) as applied, official_computation(unet):
+                         processor_class=ExplicitSoftmaxCrossAttn) as applied, official_computation(unet), \
+            start_token_detached(applied.processors.values(), not cfg.start_token_grad):
         src = prepare_sources(backbone, images, masks, cfg, applied)
         params, optimizer = make_optimizer(applied, cfg, backbone.device)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        run = Run(None, None, False, params, optimizer, generator, config_json(cfg), cfg.steps, 0, TERMS, 1,
+        draws = SeededDraws(cfg.seed)
+        run = Run(None, None, False, params, optimizer, draws.generator, config_json(cfg), cfg.steps, 0, TERMS, 1,
                   "learning v* (reference)", progress, callback)
         with run:
             for step in run.steps():
                 token_warmup(optimizer, applied, cfg, step, run.start)
-                noise = draw(src, cfg, generator)
+                noise = draw(src, cfg, draws, step)
                 k = noise.k
                 with torch.no_grad():                   # no caching: the (flipped) source encoded every step
-                    x0 = backbone.encode_image(src.pixels[k:k + 1].flip(-1) if noise.flip else src.pixels[k:k + 1])
+                    pixels = src.pixels[k:k + 1].flip(-1) if noise.flip else src.pixels[k:k + 1]
+                    x0 = (backbone.encode_image(pixels) if noise.z is None else
+                          backbone.posterior_sample(*backbone.encode_posterior(pixels), noise.z))
                 batch = noised_batch(backbone, src, cfg, noise, x0)
-                text = backbone.encode_text(src.text_ids)               # nor the prompts
+                text = backbone.encode_text(src.ids(noise))             # nor the prompts
                 preds, capture = [], None
                 for i in range(batch.x_in.shape[0]):    # one UNet pass per branch, the maps from the context pass
                     layers = src.layers if cfg.use_att and i == 0 else []
-                    with capture_token_maps(unet, src.pos_rows[i:i + 1], layers, src.hw) as cap:
+                    with capture_token_maps(unet, src.positions(noise)[i:i + 1], layers, src.hw) as cap:
                         preds.append(unet(batch.x_in[i:i + 1], batch.t, text[i:i + 1].to(src.text_dtype)).sample.float())
                     capture = capture or cap
                 losses = step_losses(torch.cat(preds), capture.maps if cfg.use_att else None, batch, src, cfg)

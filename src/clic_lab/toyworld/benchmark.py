@@ -7,11 +7,11 @@ analogous part of another object, scored by the pattern detector.
                                               [--extras generation,matching,text,discover,pipeline]
 
 ``make`` renders the cases (source: an object with a pattern on a part; target: a plain object of the same class,
-its same part as the target mask). ``--patterns heldout`` (default) uses the three patterns the toy model never saw
-(crosses, stars, rings): the concept must bring the pattern itself. ``--patterns seen`` uses three patterns the toy
-model draws from their names (stripes, waves, hatching; :data:`SEEN_PATTERNS`): the concept then has to carry which
-pattern, in which colours, on which part, which separates the methods where the held-out split is limited by what the
-small model can draw at all. ``make`` writes ``manifest.yaml`` (CLiC, Custom Diffusion, Break-A-Scene, CLiC with
+its same part as the target mask). ``--patterns heldout`` (default) uses the six held-out patterns of the world: a
+trained motif on the lattice it never has in training ("stars on a grid" where training only has staggered stars),
+which no caption names and the toy model never drew: the concept must carry the combination. ``--patterns seen``
+uses patterns the toy model draws from their names (stripes, waves, stars; :data:`SEEN_PATTERNS`): the concept then
+has to carry which pattern, in which colours, on which part. ``make`` writes ``manifest.yaml`` (CLiC, Custom Diffusion, Break-A-Scene, CLiC with
 the official code's l_RoI, the three loss ablations and an eta sweep; RealFill too when ``--inpaint-model`` names the toy
 inpainting model of :mod:`clic_lab.toyworld.inpaint`) plus ``truth.json`` (each case's pattern and the target's object
 mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (transfer):
@@ -21,7 +21,7 @@ mask). ``run`` registers the ``pattern`` metric and runs ``clic benchmark`` (tra
 - ``colour``: the share of the source region's two main named colours (part and pattern colour) among the two main
   colours of the target region of the result (0, 0.5, 1);
 - ``psnr`` (out of the target mask; transfers run without the pixel composite, which would make it infinite) and
-  the attention localisation come from :mod:`clic.benchmark`.
+  the attention localisation come from :mod:`clic_lab.compare`.
 
 then the measurements ``clic benchmark`` does not make (:func:`extras`, from the cached concepts; written to
 ``results/extras.json`` and ``results/extras.md``):
@@ -57,16 +57,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .world import HELD_OUT_PATTERNS, PATTERN_ADJECTIVES, render_scene
+from .world import HELD_OUT_PATTERNS, NATIVE_SIZE, PATTERN_ADJECTIVES, pattern_parts, render_scene
 
-# (class, part) pairs whose parts are big enough at 64 px for a pattern to be recognisable
+# (class, part) pairs whose parts hold at least two rows of a motif (the layout is visible)
 PAIRS = (("chair", "back"), ("house", "walls"), ("vase", "body"), ("lamp", "shade"), ("table", "top"),
          ("mug", "body"))
 
 
-#: trained patterns the bundled toy model draws from their caption word (generated-pattern accuracy 0.93 / 1.00 /
-#: 1.00 in its eval.json) and whose words are single CLIP tokens (the text controls put them in v*'s place)
-SEEN_PATTERNS = ("stripes", "waves", "diagonal")
+#: trained patterns the toy model draws from their caption word, one of each kind (lines, a staggered motif, a grid
+#: motif); the text controls put their word in v*'s place
+SEEN_PATTERNS = ("stripes", "stars", "dots")
 PATTERN_SETS = {"heldout": HELD_OUT_PATTERNS, "seen": SEEN_PATTERNS}
 
 
@@ -78,8 +78,8 @@ def context_prompt(object_class: str, part: str) -> str:
     return f"{article} {object_class} with {'' if part.endswith('s') else 'a '}<v*> {part}"
 
 
-def make_cases(out_dir, n_cases: int = 30, seed: int = 0, model: str | None = None, steps: int = 300,
-               sample_steps: int = 50, size: int = 64, inpaint_model: str | None = None,
+def make_cases(out_dir, n_cases: int = 72, seed: int = 0, model: str | None = None, steps: int = 300,
+               sample_steps: int = 50, size: int = NATIVE_SIZE, inpaint_model: str | None = None,
                patterns: str = "heldout") -> Path:
     if patterns not in PATTERN_SETS:
         raise ValueError(f"unknown pattern set {patterns!r} ({' | '.join(PATTERN_SETS)})")
@@ -171,7 +171,7 @@ def pattern_scores(det, image: np.ndarray, region: np.ndarray, obj: np.ndarray, 
     (None when fewer than 16 pixels are left); with the source region's two named ``colours`` (part and pattern
     colour, :func:`source_colours`), ``colour``: the share of them among the two main colours of ``region``
     (0, 0.5 or 1)."""
-    from .train import top_colours
+    from .evaluate import top_colours
 
     rest = obj & ~region
     out = {"presence": float(det.predict(image, region)[0] == pattern),
@@ -185,7 +185,7 @@ def source_colours(source, source_mask) -> list[str]:
     """The two main named colours of the source region (the part's colour and its pattern's); ``source``
     ``(3, R, R)`` in [-1, 1], ``source_mask`` ``(1, R, R)``, as the benchmark loads them."""
     from clic.imaging import to_pil
-    from .train import top_colours
+    from .evaluate import top_colours
 
     return top_colours(np.asarray(to_pil(source)), source_mask[0].cpu().numpy() > 0.5, 2)
 
@@ -217,11 +217,18 @@ def _object_mask(root: Path, info: dict, size: int) -> np.ndarray:
 
 
 def text_words(pattern: str, patterns: str = "heldout") -> dict[str, str]:
-    """The words of the text controls of a case: ``text-name`` its pattern's caption word, ``text-other`` the next
-    pattern's of the same set."""
+    """The words of the text controls of a case (one word each: it takes v*'s place as a token embedding):
+    ``text-name`` the nearest name text has for the pattern (a trained pattern's own caption word; for a held-out
+    pattern its motif's word, which the model draws on the motif's training layout: no caption word names the
+    layout), ``text-other`` the same for the next pattern of the set (the chance level of presence)."""
     group = PATTERN_SETS[patterns]
     other = group[(group.index(pattern) + 1) % len(group)]
-    return {"text-name": PATTERN_ADJECTIVES[pattern], "text-other": PATTERN_ADJECTIVES[other]}
+
+    def word(p: str) -> str:
+        motif, _ = pattern_parts(p)
+        return PATTERN_ADJECTIVES[motif if p in HELD_OUT_PATTERNS else p]
+
+    return {"text-name": word(pattern), "text-other": word(other)}
 
 
 #: the measurements of :func:`extras`
@@ -248,7 +255,7 @@ def extras(root, results_dir=None, n_images: int = 2, match_steps: int | None = 
     from clic.models import load_backbone
     from clic.roi import DiscoverConfig, MatchConfig
     from .detector import PatternDetector
-    from .train import part_priors
+    from .evaluate import part_priors
 
     unknown = set(parts) - set(EXTRAS)
     if unknown:
@@ -326,7 +333,7 @@ class _ExtrasCase:
     def generation(self, variant: str, concept, n_images: int, progress: bool) -> list[dict]:
         from clic.generate import GenerateConfig, generate
         from clic.imaging import to_pil
-        from .train import foreground_mask, part_region
+        from .evaluate import foreground_mask, part_region
 
         priors = self.priors
         res = generate(self.backbone, concept, GenerateConfig(seeds=tuple(range(n_images)), object_class=self.cls),
@@ -402,7 +409,7 @@ class _ExtrasCase:
         from clic_lab.compare.metrics import iou
         from clic.roi import ROLE, Matcher, auto_target_mask, discover, discover_prompt
         from clic.tokens import initializer_embedding
-        from .train import foreground_mask
+        from .evaluate import foreground_mask
 
         sets = self.info.get("discover")
         if not sets:
@@ -494,6 +501,68 @@ DISCOVER_ROWS = {"discover": "discover: w* maps on its own images", "discover-ne
                  "object": "control: the whole object"}
 
 
+def _per_case(rows: list[dict], column: str) -> dict[str, dict[str, float]]:
+    """method -> case -> the mean of ``column`` over the case's rows (seeds, generated images)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        v = r.get(column)
+        if v in (None, ""):
+            continue
+        acc.setdefault(r["method"], {}).setdefault(r["case"], []).append(float(v))
+    return {m: {c: sum(v) / len(v) for c, v in cases.items()} for m, cases in acc.items()}
+
+
+#: (table, column, higher is better) compared between the reference method and every other one
+PAIRED_COLUMNS = (("transfer", "presence", True), ("transfer", "colour", True), ("transfer", "leakage", False),
+                  ("generation", "on_part", True), ("generation", "off_part", False))
+
+
+def paired_report(results_dir, reference: str = "clic", n_boot: int = 10000) -> dict:
+    """The reference method against every other method on the same cases, per column of
+    :data:`PAIRED_COLUMNS`: mean difference with its paired-bootstrap 95% interval, wins/losses/ties and the
+    sign test (:func:`clic_lab.stats.paired_comparison`). Reads ``results.csv`` (transfers) and ``extras.json``
+    (generation); writes ``paired.json`` and ``paired.md``; returns the report."""
+    import csv
+
+    from clic_lab.stats import paired_comparison
+
+    results = Path(results_dir)
+    tables: dict[str, list[dict]] = {"transfer": [], "generation": []}
+    if (results / "results.csv").is_file():
+        with open(results / "results.csv", newline="") as f:
+            tables["transfer"] = list(csv.DictReader(f))
+    if (results / "extras.json").is_file():
+        tables["generation"] = json.loads((results / "extras.json").read_text()).get("rows", {}).get("generation", [])
+    report: dict = {"reference": reference, "comparisons": []}
+    for table, column, higher in PAIRED_COLUMNS:
+        by_method = _per_case(tables[table], column)
+        ref = by_method.get(reference)
+        if not ref:
+            continue
+        for other, scores in by_method.items():
+            if other == reference:
+                continue
+            cases = sorted(set(ref) & set(scores))
+            cmp = paired_comparison([ref[c] for c in cases], [scores[c] for c in cases], n_boot=n_boot)
+            if not higher and cmp["ahead"] is not None:      # lower is better: ahead means a lower score
+                cmp["ahead"] = not cmp["ahead"]
+            report["comparisons"].append({"table": table, "column": column, "other": other,
+                                          "higher_is_better": higher, **cmp})
+    (results / "paired.json").write_text(json.dumps(report, indent=1))
+    lines = [f"| {reference} vs | measure | cases | {reference} | other | difference [95% paired bootstrap] | "
+             "wins / losses / ties | sign test p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        if not c["n"]:
+            continue
+        verdict = {True: f"**{reference} ahead**", False: f"{c['other']} ahead", None: "not separated"}[c["ahead"]]
+        arrow = "↑" if c["higher_is_better"] else "↓"
+        lines.append(f"| {c['other']} | {c['table']} {c['column']} {arrow} | {c['n']} | {c['mean_a']:.3f} | "
+                     f"{c['mean_b']:.3f} | {c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+                     f"{c['wins']} / {c['losses']} / {c['ties']} | {c['sign_p']:.3g} | {verdict} |")
+    (results / "paired.md").write_text("\n".join(lines) + "\n")
+    return report
+
+
 def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
     from clic_lab.compare import mean_ci
 
@@ -536,7 +605,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("make")
     p.add_argument("--out", required=True)
-    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--cases", type=int, default=72, help="cases (default 72: each held-out pattern on each of the six "
+                                                             "(class, part) pairs, twice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="default: the bundled toy model")
     p.add_argument("--steps", type=int, default=300)
@@ -577,6 +647,9 @@ def main(argv=None) -> int:
             print(report.table)
     if not args.no_extras and (args.extras_only or report is not None):   # the main process only
         extras(root, out, n_images=args.images, device=args.device, parts=tuple(args.extras.split(",")))
+    if args.extras_only or report is not None:
+        paired_report(out)
+        print((Path(out) / "paired.md").read_text())
     return 0
 
 

@@ -1,8 +1,8 @@
 """Pattern detector for toy-world regions: which pattern (or "none") fills a region.
 
-A small CNN reads a 32x32 window of the image, taken at the 64x64 scale of the
-toy world (larger images are box-downsampled first) and centred on the
-region's bounding box.  Its input is the window's RGB, normalised by the mean
+A small CNN reads a 64x64 window of the image, taken at the world's native
+128x128 scale (other sizes are resized first) and centred on the region's
+bounding box.  Its input is the window's RGB, normalised by the mean
 and spread of the region's own pixels (so the pattern and base colours do not
 matter) and zeroed outside the region, plus the region mask as a fourth
 channel.  It is trained on the world's ground truth (crops of patterned parts
@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from .world import PATTERNABLE_PARTS, PATTERNS, Scene, render_scene
+from .world import NATIVE_SIZE, PATTERNABLE_PARTS, PATTERNS, Scene, render_scene
 
 __all__ = [
     "LABELS",
@@ -46,9 +46,9 @@ LABELS: Tuple[str, ...] = ("none",) + PATTERNS
 #: Shipped weights.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "detector.safetensors"
 
-REF_SIZE = 64  # the detector looks at images at this scale
-CROP = 32  # window side at REF_SIZE
-PAD = 2  # training windows are CROP + 2*PAD, randomly cropped to CROP
+REF_SIZE = NATIVE_SIZE  # the detector looks at images at this scale
+CROP = 64  # window side at REF_SIZE
+PAD = 4  # training windows are CROP + 2*PAD, randomly cropped to CROP
 
 
 # --------------------------------------------------------------------------
@@ -68,8 +68,9 @@ def _to_ref(image: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray
         image = np.clip(np.round(img), 0, 255).astype(np.uint8)
     h, w = mask.shape
     if (h, w) != (REF_SIZE, REF_SIZE):
-        image = np.asarray(Image.fromarray(image).resize((REF_SIZE, REF_SIZE), Image.BOX))
-        m = Image.fromarray(mask.astype(np.float32), mode="F").resize((REF_SIZE, REF_SIZE), Image.BOX)
+        resample = Image.BOX if h > REF_SIZE else Image.BICUBIC
+        image = np.asarray(Image.fromarray(image).resize((REF_SIZE, REF_SIZE), resample))
+        m = Image.fromarray(mask.astype(np.float32), mode="F").resize((REF_SIZE, REF_SIZE), Image.BOX if h > REF_SIZE else Image.BILINEAR)
         mask = np.asarray(m) >= 0.5
     return image, mask
 
@@ -78,7 +79,7 @@ def region_window(image: np.ndarray, mask: np.ndarray, pad: int = 0) -> Tuple[np
     """Cut the detector's window around ``mask`` out of ``image``.
 
     Returns ``(rgb, mask)``: ``(S, S, 3)`` uint8 and ``(S, S)`` bool with
-    ``S = 32 + 2 * pad``, at the 64x64 scale.  Raises ValueError on an empty mask.
+    ``S = 64 + 2 * pad``, at the 128x128 scale.  Raises ValueError on an empty mask.
     """
     image, mask = _to_ref(image, mask)
     if not mask.any():
@@ -128,10 +129,12 @@ class _Net(nn.Module):
             *_block(2 * w, 4 * w),
             nn.MaxPool2d(2),
             *_block(4 * w, 6 * w),
+            nn.MaxPool2d(2),
+            *_block(6 * w, 8 * w),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.head = nn.Linear(6 * w, n_classes)
+        self.head = nn.Linear(8 * w, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -262,12 +265,13 @@ def _augment(rgb: torch.Tensor, msk: torch.Tensor, g: torch.Generator) -> Tuple[
     if torch.rand(1, generator=g).item() < 0.5:
         rgb, msk = rgb.flip(2), msk.flip(2)
     rgb = rgb[:, torch.randperm(3, generator=g)]
-    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.2
-    if blur.any():
-        k = torch.tensor([1.0, 2.0, 1.0])
-        k = (k[:, None] * k[None, :]) / 16.0
-        soft = F.conv2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3).contiguous(), groups=3)
-        rgb = torch.where(blur, soft, rgb)
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = ((k[:, None] * k[None, :]) / 16.0).expand(3, 1, 3, 3).contiguous()
+    for p_blur in (0.3, 0.15):  # one or two passes of a 3x3 binomial blur (decoded images are softer than renders)
+        blur = torch.rand(b, 1, 1, 1, generator=g) < p_blur
+        if blur.any():
+            soft = F.conv2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+            rgb = torch.where(blur, soft, rgb)
     sigma = torch.rand(b, 1, 1, 1, generator=g) * 0.04
     rgb = (rgb + sigma * torch.randn(rgb.shape, generator=g)).clamp(0, 1)
     return rgb, msk
@@ -286,7 +290,7 @@ def train_detector(
     batch_size: int = 128,
     lr: float = 3e-3,
     n_eval: int = 1500,
-    size: int = 64,
+    size: int = NATIVE_SIZE,
     width: int = 16,
     threads: Optional[int] = 1,
     verbose: bool = True,
@@ -353,7 +357,7 @@ def train_detector(
     return metrics
 
 
-def evaluate_detector(detector: PatternDetector, n: int = 1000, seed: int = 0, size: int = 64, split: str = "any") -> Dict[str, object]:
+def evaluate_detector(detector: PatternDetector, n: int = 1000, seed: int = 0, size: int = NATIVE_SIZE, split: str = "any") -> Dict[str, object]:
     """Accuracy of ``detector`` on the regions of ``n`` scenes.
 
     Scene seeds come from the stream ``SeedSequence([seed, 1])`` while

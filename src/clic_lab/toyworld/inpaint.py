@@ -61,7 +61,8 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     (a 4-channel one gets plain text-to-image sampling with the known region blended back each step, which is
     the parent model's best effort). Returns uint8 ``(N, R, R, 3)``."""
     from clic.baselines.realfill import inpainting_input
-    from .train import _to_uint8
+
+    from .data import to_uint8
 
     dev = backbone.device
     pixels, masks = pixels.to(dev), masks.to(dev)
@@ -86,7 +87,7 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
         x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     if not wide:
         x = mask_lat * x + (1 - mask_lat) * x0
-    return _to_uint8(backbone.decode(x))
+    return to_uint8(backbone.decode(x))
 
 
 def _masked_psnr(a: np.ndarray, b: np.ndarray, masks: np.ndarray) -> float:
@@ -106,7 +107,8 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     from clic.baselines.realfill import inpainting_input, random_masks
     from clic.imaging import save_png
     from clic.models import load_backbone
-    from .train import SCHEDULER_CONFIG, _to_pixels, render_dataset, train_device
+    from .data import render_dataset, to_pixels, to_uint8, train_device
+    from .diffusion import SCHEDULER_CONFIG
 
     dev = train_device(device)          # the networks there; data and random draws on the CPU
     torch.set_num_threads(threads)
@@ -119,13 +121,13 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     held_images, held_captions = render_dataset(16, seed + 12, size)
     gen = torch.Generator().manual_seed(seed)
     held_masks = random_masks(16, size, torch.Generator().manual_seed(seed + 13), full_p=0.0)
-    held_pixels = _to_pixels(held_images)
+    held_pixels = to_pixels(held_images)
     parent = inpaint_batch(backbone, backbone.unet, held_pixels, held_masks, held_captions, seed=seed)
 
     unet = widen_unet(backbone.unet).train()
     # constant inputs once: the clean latents and the caption embeddings (VAE and text encoder are frozen); only
     # the masked-image latent changes with each step's random masks
-    latents = torch.cat([_encode(backbone, _to_pixels(images[k:k + 256]).to(dev))
+    latents = torch.cat([_encode(backbone, to_pixels(images[k:k + 256]).to(dev))
                          for k in range(0, len(images), 256)])
     with torch.no_grad():
         texts = torch.cat([backbone.encode_text(backbone.tokenize(captions[k:k + 256]))
@@ -144,7 +146,7 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         masks = random_masks(batch, size, gen).to(dev)
         x0 = latents[idx.to(dev)]
-        mask_lat, masked = _conditioning(backbone, _to_pixels(images[idx.numpy()]).to(dev), masks, x0.shape[-2:])
+        mask_lat, masked = _conditioning(backbone, to_pixels(images[idx.numpy()]).to(dev), masks, x0.shape[-2:])
         text = texts[idx.to(dev)].clone()
         text[(torch.rand(batch, generator=gen) < cond_drop).to(dev)] = empty_text
         noise = torch.randn(x0.shape, generator=gen).to(dev)
@@ -171,10 +173,8 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
                                           feature_extractor=None, requires_safety_checker=False).to("cpu", torch.float16)
     pipe_dir = out / "pipeline"
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
-    from .train import _to_uint8
-
     m = held_masks[:, 0].cpu().numpy() > 0.5
-    shown = _to_uint8(held_pixels * (held_masks < 0.5))
+    shown = to_uint8(held_pixels * (held_masks < 0.5))
     sheet = np.concatenate([np.concatenate(list(row), axis=1) for row in (shown, parent, tuned, held_images)], axis=0)
     from PIL import Image
 

@@ -46,44 +46,73 @@ __all__ = [
     "is_heldout",
     "allowed_pairs",
     "pattern_field",
+    "pattern_parts",
     "scene_seeds",
+    "MOTIFS",
+    "LAYOUTS",
+    "LINE_PATTERNS",
+    "NATIVE_SIZE",
 ]
 
 # --------------------------------------------------------------------------
 # Vocabulary
 # --------------------------------------------------------------------------
 
-#: Pattern names; ``pattern_label`` values index into this tuple.
-PATTERNS: Tuple[str, ...] = (
-    "stripes",
-    "dots",
-    "checker",
-    "zigzag",
-    "grid",
-    "crosses",
-    "waves",
-    "stars",
-    "diagonal",
-    "rings",
-    "argyle",
-    "bricks",
-)
+#: Motifs and the lattice each is drawn on in the training split (its *canonical layout*). A motif pattern is a
+#: motif repeated on a square lattice, either aligned ("grid") or with every other row shifted by half a period
+#: ("staggered"). Captions name the motif only ("a starry back"); the layout is never named.
+MOTIFS: Dict[str, str] = {
+    "dots": "grid",
+    "rings": "staggered",
+    "crosses": "grid",
+    "stars": "staggered",
+    "diamonds": "grid",
+    "triangles": "staggered",
+}
+LAYOUTS: Tuple[str, ...] = ("grid", "staggered")
 
-#: Caption adjective of each pattern (plain English words).
+#: Patterns drawn with lines rather than motifs (no layout).
+LINE_PATTERNS: Tuple[str, ...] = ("stripes", "checker", "zigzag", "waves")
+
+
+def _other_layout(layout: str) -> str:
+    return LAYOUTS[1 - LAYOUTS.index(layout)]
+
+
+#: Held-out patterns: each motif on the lattice it never has in training (e.g. ``"stars-grid"``). The model has
+#: drawn every motif and both layouts, never this combination, and no training caption can name it: a concept that
+#: must be composed from the prior and carried by the learned token.
+HELD_OUT_PATTERNS: Tuple[str, ...] = tuple(f"{m}-{_other_layout(lay)}" for m, lay in MOTIFS.items())
+
+#: Pattern names; ``pattern_label`` values index into this tuple.
+PATTERNS: Tuple[str, ...] = LINE_PATTERNS + tuple(MOTIFS) + HELD_OUT_PATTERNS
+
+_MOTIF_ADJECTIVES = {"dots": "dotted", "rings": "ringed", "crosses": "crossed", "stars": "starry",
+                     "diamonds": "diamond", "triangles": "triangle"}
+
+#: Caption adjective of each pattern (plain English words). A held-out pattern's words ("staggered dotted") never
+#: occur in a training caption: the layout word is unknown to the model, the motif word names the canonical layout.
 PATTERN_ADJECTIVES: Dict[str, str] = {
     "stripes": "striped",
-    "dots": "dotted",
     "checker": "checkered",
     "zigzag": "zigzag",
-    "grid": "gridded",
-    "crosses": "crossed",
     "waves": "wavy",
-    "stars": "starry",
-    "diagonal": "hatched",
-    "rings": "ringed",
-    "argyle": "argyle",
-    "bricks": "brick",
+    **_MOTIF_ADJECTIVES,
+    **{f"{m}-{_other_layout(lay)}": f"{_other_layout(lay)} {_MOTIF_ADJECTIVES[m]}" for m, lay in MOTIFS.items()},
 }
+
+
+def pattern_parts(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(motif, layout)`` of a pattern name (``(None, None)`` for a line pattern)."""
+    if name in LINE_PATTERNS:
+        return None, None
+    if name in MOTIFS:
+        return name, MOTIFS[name]
+    motif, _, layout = name.partition("-")
+    if motif in MOTIFS and layout in LAYOUTS:
+        return motif, layout
+    raise ValueError(f"unknown pattern {name!r}")
+
 
 #: Object classes and their parts, in drawing order (later parts occlude earlier ones).
 CLASSES: Dict[str, Tuple[str, ...]] = {
@@ -105,8 +134,6 @@ PATTERNABLE_PARTS: Dict[str, Tuple[str, ...]] = {
     "mug": ("body",),
 }
 
-#: Patterns never used by ``split="train"``.
-HELD_OUT_PATTERNS: Tuple[str, ...] = ("crosses", "stars", "rings")
 
 #: (class, part) pairs that never carry a pattern in ``split="train"``.
 HELD_OUT_COMBOS: Tuple[Tuple[str, str], ...] = (
@@ -117,7 +144,7 @@ HELD_OUT_COMBOS: Tuple[Tuple[str, str], ...] = (
     ("table", "apron"),
 )
 
-TRAIN_PATTERNS: Tuple[str, ...] = tuple(p for p in PATTERNS if p not in HELD_OUT_PATTERNS)
+TRAIN_PATTERNS: Tuple[str, ...] = LINE_PATTERNS + tuple(MOTIFS)
 
 SPLITS = ("train", "heldout", "any")
 
@@ -137,21 +164,13 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "teal": (25, 150, 150),
 }
 
-# Base pattern period (pixels at 64x64) of each pattern.
-_PERIOD = {
-    "stripes": 6.0,
-    "dots": 7.0,
-    "checker": 7.0,
-    "zigzag": 7.0,
-    "grid": 7.0,
-    "crosses": 9.0,
-    "waves": 7.0,
-    "stars": 9.5,
-    "diagonal": 6.5,
-    "rings": 9.0,
-    "argyle": 8.0,
-    "bricks": 8.0,
-}
+# Base pattern period in pixels at 64x64 (scaled with the image size: at the world's native 128x128 a motif period
+# is 15 px, 3.75 cells of a factor-4 latent). Motif patterns share one period.
+_PERIOD = {"stripes": 6.5, "checker": 9.0, "zigzag": 7.5, "waves": 7.5}
+_MOTIF_PERIOD = 7.5
+
+#: Native image side of the world (what the toy model is trained at).
+NATIVE_SIZE = 128
 
 _BG_GAP = 80.0  # min RGB distance between any background pixel and any object colour
 _GLASS = [(170, 215, 245), (250, 235, 150), (55, 70, 95)]
@@ -378,12 +397,12 @@ def _lamp(rng: np.random.Generator) -> Parts:
 
 def _table(rng: np.random.Generator) -> Parts:
     tw = rng.uniform(0.95, 1.15)
-    td = rng.uniform(0.3, 0.42)
+    td = rng.uniform(0.5, 0.65)
     inset = rng.uniform(0.1, 0.2)
     et = rng.uniform(0.08, 0.12)
     top = [_trap(-td, tw - inset, 0.0, tw), _rect(-tw, 0.0, tw, et)]
     aw = tw * rng.uniform(0.82, 0.92)
-    ah = rng.uniform(0.3, 0.42)
+    ah = rng.uniform(0.45, 0.58)
     apron = _rect(-aw, et, aw, et + ah)
     lw = rng.uniform(0.06, 0.1)
     ly = rng.uniform(0.9, 1.15)
@@ -432,49 +451,47 @@ def _cell(u: np.ndarray, v: np.ndarray, p: float, stagger: bool = False) -> Tupl
     return (_frac(u / p) - 0.5) * p, (_frac(v / p) - 0.5) * p
 
 
+def _motif(motif: str, du: np.ndarray, dv: np.ndarray, p: float) -> np.ndarray:
+    """Boolean field of one motif centred in its lattice cell (``du, dv`` from the cell centre, period ``p``)."""
+    if motif == "dots":
+        return du * du + dv * dv < (0.27 * p) ** 2
+    if motif == "rings":
+        rho = np.hypot(du, dv)
+        return (rho < 0.40 * p) & (rho > 0.2 * p)
+    if motif == "crosses":
+        a, b = 0.11 * p, 0.4 * p
+        return ((np.abs(du) < a) & (np.abs(dv) < b)) | ((np.abs(dv) < a) & (np.abs(du) < b))
+    if motif == "stars":
+        rho = np.hypot(du, dv)
+        ang = np.arctan2(du, -dv)  # tip pointing up
+        sector = 2 * np.pi / 5
+        t = np.abs(_frac(ang / sector) - 0.5) * 2.0  # 1 at the tips, 0 between
+        r_out, r_in = 0.46 * p, 0.19 * p
+        return rho < r_in + (r_out - r_in) * t**2
+    if motif == "diamonds":
+        return np.abs(du) + 0.8 * np.abs(dv) < 0.34 * p
+    if motif == "triangles":  # pointing up
+        top, bottom = -0.36 * p, 0.3 * p
+        half = 0.4 * p * (dv - top) / (bottom - top)
+        return (dv > top) & (dv < bottom) & (np.abs(du) < half)
+    raise ValueError(f"unknown motif {motif!r}")
+
+
 def pattern_field(name: str, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     """Boolean field of pattern ``name`` (True = pattern colour) in pattern coordinates."""
     if name == "stripes":
         return _frac(v / p) < 0.5
-    if name == "dots":
-        du, dv = _cell(u, v, p, stagger=True)
-        return du * du + dv * dv < (0.3 * p) ** 2
     if name == "checker":
         c = 0.5 * p
         return (np.floor(u / c) + np.floor(v / c)) % 2 == 0
     if name == "zigzag":
         tri = np.abs(_frac(u / p) - 0.5) * 2.0  # 0..1 triangle wave
         return _frac((v + 0.7 * p * tri) / p) < 0.45
-    if name == "grid":
-        return (_frac(u / p) < 0.3) | (_frac(v / p) < 0.3)
-    if name == "crosses":
-        du, dv = _cell(u, v, p)
-        a, b = 0.12 * p, 0.4 * p
-        return ((np.abs(du) < a) & (np.abs(dv) < b)) | ((np.abs(dv) < a) & (np.abs(du) < b))
     if name == "waves":
         return _frac((v + 0.25 * p * np.sin(2 * np.pi * u / (2.2 * p))) / p) < 0.45
-    if name == "stars":
-        du, dv = _cell(u, v, p, stagger=True)
-        rho = np.hypot(du, dv)
-        ang = np.arctan2(du, -dv)  # tip pointing up
-        sector = 2 * np.pi / 5
-        t = np.abs(_frac(ang / sector) - 0.5) * 2.0  # 1 at the tips, 0 between
-        r_out, r_in = 0.47 * p, 0.2 * p
-        return rho < r_in + (r_out - r_in) * t**2
-    if name == "diagonal":
-        return _frac((u + v) / (np.sqrt(2.0) * p)) < 0.5
-    if name == "rings":
-        du, dv = _cell(u, v, p, stagger=True)
-        rho = np.hypot(du, dv)
-        return (rho < 0.44 * p) & (rho > 0.22 * p)
-    if name == "argyle":
-        return (_frac((u + v) / p) < 0.5) ^ (_frac((u - v) / p) < 0.5)
-    if name == "bricks":
-        h = 0.5 * p
-        row = np.floor(v / h)
-        uu = u + 0.5 * p * (row % 2)
-        return (_frac(v / h) < 0.28) | (_frac(uu / p) < 0.14)
-    raise ValueError(f"unknown pattern {name!r}")
+    motif, layout = pattern_parts(name)
+    du, dv = _cell(u, v, p, stagger=layout == "staggered")
+    return _motif(motif, du, dv, p)
 
 
 # --------------------------------------------------------------------------
@@ -534,7 +551,7 @@ def _choose_class(rng, object_class, part) -> str:
 
 def render_scene(
     seed: int,
-    size: int = 64,
+    size: int = NATIVE_SIZE,
     object_class: Optional[str] = None,
     pattern: Optional[str] = None,
     part: Optional[str] = None,
@@ -706,7 +723,7 @@ def render_scene(
                 good = [n for n in names_c if _dist(COLOURS[n], pc) > 110] or names_c
             pcol_name = good[int(r_pat.integers(len(good)))]
         pcol = _jitter(r_pat, COLOURS[pcol_name], 6)
-        period = _PERIOD[pat] * r_pat.uniform(0.92, 1.15) * size / 64.0
+        period = _PERIOD.get(pat, _MOTIF_PERIOD) * r_pat.uniform(0.92, 1.12) * size / 64.0
         phase = r_pat.uniform(0, period * 4, size=2)
         flip = bool(r_pat.random() < 0.5)  # stripes vertical / diagonal direction
 
