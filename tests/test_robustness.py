@@ -575,7 +575,7 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch):
 
 
 def test_intervals_use_students_t_at_every_n():
-    from clic_lab.compare import mean_ci, t_quantile95
+    from clic_lab.stats import mean_ci, t_quantile95
 
     # reference quantiles (scipy.stats.t.ppf(0.975, df))
     for df, t in [(1, 12.706204736174694), (4, 2.7764451051977934), (31, 2.039513446396408),
