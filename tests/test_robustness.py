@@ -467,6 +467,20 @@ def test_a_read_only_folder_is_refused_before_any_model_loads(tiny_model_dir, co
     one_line_error(*run(capsys, *transfer_args(tiny_model_dir, concept_path, ro / "t")), ro, "cannot write")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+@pytest.mark.parametrize("command", ["transfer", "generate", "discover", "export-diffusers", "learn"])
+def test_a_place_nobody_may_write_is_refused_before_any_model_loads(tiny_model_dir, concept_path, tmp_path, capsys,
+                                                                   no_model, command):
+    """/proc takes no new files, whoever asks (root too, whom permission bits do not stop): tried, not guessed."""
+    out = Path("/proc/clic-out")
+    argv = {"transfer": transfer_args(tiny_model_dir, concept_path, out),
+            "generate": generate_args(tiny_model_dir, concept_path, out),
+            "discover": ["discover", "--image", IMAGE, "--image", IMAGE, "--out", out, "--model", tiny_model_dir],
+            "export-diffusers": ["export-diffusers", concept_path, out],
+            "learn": learn_args(tiny_model_dir, out / "c.safetensors")}[command]
+    one_line_error(*run(capsys, *argv), out, "cannot write in /proc")
+    assert not out.exists() and left_in(tmp_path) == []
+
 # ---------------------------------------------------------------------------------------------- 8. manifests
 
 
