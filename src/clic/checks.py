@@ -23,8 +23,9 @@ import torch
 
 from .errors import ConceptFileError, InputError, NonFiniteError
 
-#: seeds seed a torch.Generator: 64 bits (torch also takes negative ones, the same generators again)
-MAX_SEED = 2**64 - 1
+#: seeds seed torch's CPU generator, a Mersenne Twister that keeps the low 32 bits of its seed (it takes 64-bit
+#: and negative seeds, but 2^32 + 1 and 2^63 + 1 draw what 1 draws): larger seeds are refused, not silently repeated
+MAX_SEED = 2**32 - 1
 #: any other integer option (a count, a step) fits a signed 64-bit integer
 MAX_INT = 2**63 - 1
 #: images a sampling call makes (each is written, and all of them go into one grid)
@@ -78,7 +79,8 @@ def check_options(cfg) -> None:
             raise InputError(f"{_flag(f.name)} must be {_type_name(hint)}, got {value!r}")
         values = value if isinstance(value, (tuple, list)) else [value]
         if f.name in SEEDS and any(not 0 <= v <= MAX_SEED for v in values):
-            raise InputError(f"{_flag(f.name)} must be in 0..{MAX_SEED} (2^64 - 1), got {value}")
+            raise InputError(f"{_flag(f.name)} must be in 0..{MAX_SEED} (2^32 - 1: torch's CPU generator keeps 32 bits "
+                             f"of a seed, a larger one would repeat a smaller one's draws), got {value}")
         for v in values:
             if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v):
                 raise InputError(f"{_flag(f.name)} must be a finite number, got {v}")
