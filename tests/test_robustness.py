@@ -414,6 +414,7 @@ def test_the_page_refuses_a_huge_image():
     (["evaluate", "--size", "0"], "--size must be in 16..4096"),
     (["generate", "--num", "1000000000"], "at most 256"),
     (["transfer", "--seeds", *map(str, range(300))], "at most 256"),
+    (["transfer", "--feather", "1000000000"], "--feather must be in 0..1024 pixels"),
 ])
 def test_sizes_and_counts_are_bounded(tiny_model_dir, concept_path, tmp_path, capsys, no_model, argv, message):
     command, *extra = argv

@@ -325,6 +325,8 @@ class SamplingConfig:
 
 
 START_OPTIONS = ("t_start", "replace_steps", "strength")
+#: --feather, in model pixels (the default is 8 at 512 px); a photo's own size scales it, up to ~14x
+MAX_FEATHER = 1024
 
 
 @dataclass
@@ -427,8 +429,8 @@ class TransferConfig(SamplingConfig):
             raise InputError(f"--guidance-range takes FROM TO with 0 <= FROM <= TO, got {self.guidance_range}")
         if self.blend_until is not None and self.blend_until < 0:
             raise InputError(f"--blend-until must be >= 0, got {self.blend_until}")
-        if self.feather is not None and self.feather < 0:
-            raise InputError(f"--feather must be >= 0, got {self.feather}")
+        if self.feather is not None and not 0 <= self.feather <= MAX_FEATHER:
+            raise InputError(f"--feather must be in 0..{MAX_FEATHER} pixels, got {self.feather}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise InputError(f"--mask-threshold must be in (0, 1), got {self.mask_threshold}")
         unknown = set(self.attn_blocks) - set(BLOCKS)
