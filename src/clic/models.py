@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -232,13 +233,17 @@ def _is_local(model: str) -> bool:
 
 
 def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype = "fp32") -> Backbone:
+                  dtype: str | torch.dtype = "fp32", timings: dict | None = None) -> Backbone:
     """Load tokenizer, text encoder, VAE and UNet of a diffusers checkpoint; everything frozen, eval mode.
 
     ``model`` is a hub id (looked up in the local cache first; offline, a miss is a one-line error) or a
     local folder in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``).
+    ``tokenizer/``, ``scheduler/``). ``timings``: filled with the seconds of each part (``tokenizer``,
+    ``text_encoder``, ``vae``, ``unet``: reading and building each on the CPU in ``dtype``; ``to_device``: moving
+    them to ``device`` and freezing them).
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype = parse_dtype(dtype)
     model = str(model)
@@ -252,10 +257,15 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         source, kw = model, {"local_files_only": offline}
     try:
+        t0 = clock()
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        t1 = clock()
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        t2 = clock()
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        t3 = clock()
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        timings.update(tokenizer=t1 - t0, text_encoder=t2 - t1, vae=t3 - t2, unet=clock() - t3)
         with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
             scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     except ModelError:
@@ -269,7 +279,12 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
             "(e.g. one made by `clic make-model tiny DIR`)"
         ) from exc
     log.info("loaded %s on %s (%s)", model, device, dtype)
-    return Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+    t0 = clock()
+    backbone = Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["to_device"] = clock() - t0
+    return backbone
 
 
 def bundled_model() -> Path | None:
