@@ -41,10 +41,40 @@ SCHEDULERS = {
 }
 
 
+def available_devices() -> list[str]:
+    """The devices this torch can run on here, best first (``cuda:N`` for each GPU)."""
+    out = [f"cuda:{k}" if torch.cuda.device_count() > 1 else "cuda" for k in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` names, if this machine has it; else a :class:`ModelError` naming the alternatives."""
+    here = f"available here: {', '.join(available_devices())}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown device {name!r}; {here}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelError(f"device {name!r}: {why}; {here}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"device {name!r}: there are {torch.cuda.device_count()} GPU(s); {here}")
+    elif device.type == "mps":
+        if "mps" not in available_devices():
+            raise ModelError(f"device {name!r}: Apple's MPS is not available; {here}")
+    elif device.type != "cpu":
+        raise ModelError(f"device {name!r} is not supported; {here}")
+    return device
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` if given, else cuda > mps > cpu."""
+    """``name`` if given (and available: :func:`check_device`), else cuda > mps > cpu."""
     if name and name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from ..concept import Concept, export_diffusers
+from ..concept import EXPORT_EMBEDS, EXPORT_WEIGHTS, Concept, export_diffusers
+from ..errors import ConceptFileError
+from ..fileio import staged_folder
 from ..models import load_backbone
 from .options import add_model_options
+from .validate import exclusive, output_folder
 
 
 def register(sub, argv) -> None:
@@ -18,5 +21,12 @@ def register(sub, argv) -> None:
 
 def run(args) -> None:
     concept = Concept.load(args.concept)
-    backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
-    print(export_diffusers(concept, backbone, args.out))
+    out = output_folder(args.out, [EXPORT_WEIGHTS, EXPORT_EMBEDS, "clic_concept.json"], {"concept": [args.concept]})
+    with exclusive(out):
+        backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
+        missing = sorted(set(concept.layers) - set(backbone.unet.attn_processors))
+        if missing:
+            raise ConceptFileError(f"{args.concept}: layer {missing[0]} does not exist in {backbone.model_id}")
+        with staged_folder(out) as tmp:           # the three files together, or none of them
+            export_diffusers(concept, backbone, tmp)
+    print(out)
