@@ -62,6 +62,34 @@ def test_transfer_is_clic_transfer(pipe, concept, example_paths):
     assert isinstance(full.images[0], PIL.Image.Image) and full.images[0].size == (256, 256)
 
 
+def test_full_size_results_are_pasted_back_with_the_distance_feather(pipe, example_paths, monkeypatch):
+    """At the target's own size the results are clic.transfer.paste_back's, whose feather of a binary mask is one
+    chessboard distance transform (not a dilation per pixel of radius): the pipeline, hence the commands and the
+    page, take that path."""
+    import torch.nn.functional as F
+
+    import clic.transfer
+    from clic.imaging import load_full_size
+
+    calls, real = [], clic.transfer.chessboard_distance
+
+    def spy(inside, cap):
+        calls.append((tuple(inside.shape), cap))
+        return real(inside, cap)
+
+    monkeypatch.setattr(clic.transfer, "chessboard_distance", spy)
+    image, mask = example_paths
+    out = pipe(image=image, mask_image=mask, num_inference_steps=STEPS, t_start=1, output_type="pt",
+               generator=torch.Generator().manual_seed(2))
+    # the composite at the model's 64 px (feather 64 // 64 = 1 pixel), then at the 256 px target's (256 / 64 = 4)
+    assert calls == [((64, 64), 1), ((256, 256), 4)]
+    original, original_mask = load_full_size(image, mask, 0.5)
+    expected = clic.transfer.paste_back(out.result.decoded, original, original_mask, 4)
+    torch.testing.assert_close(out.images, ((expected + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+    far = F.max_pool2d(original_mask[None], 9, stride=1, padding=4)[0, 0] == 0    # over 4 pixels from the mask
+    assert far.any() and torch.equal(expected[0][:, far], original[:, far])      # the target's pixels, exactly
+
+
 def test_generate_is_a_stock_pipeline_with_the_concept(pipe, concept, tiny_model_dir):
     """base_steps=0 (plain sampling with the concept) and DDIM without clipping: a stock StableDiffusionPipeline with
     the concept loaded gives the same image."""

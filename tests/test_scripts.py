@@ -1,5 +1,5 @@
 """The shell scripts parse (bash -n); the GPU ones cannot run in CI, so a syntax slip would surface only on the
-lent machine, where every minute counts."""
+GPU machine, where every minute counts."""
 
 import subprocess
 from pathlib import Path

@@ -105,6 +105,15 @@ def test_several_tokens_and_q_out_round_trip(tiny_model_dir, backbone, two_token
     assert {"<v1*>", "<v2*>"} <= set(pipe.tokenizer.get_vocab())
 
 
+def test_an_export_replaces_an_earlier_one_whole(backbone, kv_concept, two_token_concept, tmp_path):
+    folder = export_diffusers(two_token_concept, tmp_path / "export", backbone)
+    assert export_diffusers(kv_concept, folder, backbone) == folder      # one token over two
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]             # no temporary folder left beside it
+    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS, META, EMBEDS])   # <v1*>, <v2*> gone
+    back = read_export(folder)
+    assert back.tokens == kv_concept.tokens and torch.equal(back.embeddings, kv_concept.embeddings)
+
+
 @pytest.mark.parametrize("cls", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                                  "StableDiffusionInpaintPipeline"])
 def test_every_stock_pipeline_class_gets_the_trained_weights(tiny_model_dir, kv_concept, cls):

@@ -67,6 +67,49 @@ def test_feather_ramp():
     assert alpha[4, 7] == 0 and alpha[0, 0] == 0
 
 
+def test_chessboard_distance_by_hand():
+    from clic.imaging import chessboard_distance
+    inside = torch.zeros(5, 7, dtype=torch.bool)
+    inside[1, 1] = inside[3, 5] = True
+    # max(|dy|, |dx|) to the nearer of (1, 1) and (3, 5)
+    expected = torch.tensor([[1, 1, 1, 2, 3, 3, 3],
+                             [1, 0, 1, 2, 2, 2, 2],
+                             [1, 1, 1, 2, 1, 1, 1],
+                             [2, 2, 2, 2, 1, 0, 1],
+                             [3, 3, 3, 2, 1, 1, 1]], dtype=torch.int32)
+    assert torch.equal(chessboard_distance(inside, 9), expected)
+    assert torch.equal(chessboard_distance(inside, 2), expected.clamp(max=2))
+    nothing = torch.zeros(3, 4, dtype=torch.bool)
+    assert torch.equal(chessboard_distance(nothing, 5), torch.full((3, 4), 5, dtype=torch.int32))
+
+
+def test_feather_of_a_binary_mask_is_the_dilations_mean_to_the_bit():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        h, w = torch.randint(1, 40, (2,), generator=g).tolist()
+        m = (torch.rand(1, h, w, generator=g) > torch.rand(1, generator=g).item()).float()
+        for radius in (1, 2, 5, 13, 50):
+            dilations = torch.stack([F.max_pool2d(m[None], 2 * k + 1, stride=1, padding=k) for k in range(radius)])
+            assert torch.equal(feather_mask(m, radius), dilations.mean(0))
+    soft = torch.rand(1, 9, 9, generator=g)          # a soft mask keeps the dilations
+    assert torch.equal(feather_mask(soft, 2), torch.stack([soft[None], F.max_pool2d(soft[None], 3, 1, 1)]).mean(0))
+
+
+def test_feather_radius_of_a_photo_does_not_cost_its_cube():
+    # 4000 x 3000 px with the radius the commands scale to it (8 * 3000 / 512 = 47): dilations were 47 max-pools of
+    # up to 93 x 93 windows over 12 megapixels; the distance transform reads each pixel a fixed number of times
+    m = torch.zeros(1, 3000, 4000)
+    m[:, 1000:2000, 1500:2500] = 1
+    alpha = feather_mask(m, 47)[0, 0]
+    def ramp(d):                                      # (radius - d) / radius, as float32 computes it
+        return torch.tensor(47.0 - d) / 47
+
+    # mask: rows 1000..1999, columns 1500..2499
+    assert alpha[1500, 2000] == 1 and alpha[1500, 2500] == ramp(1) and alpha[1500, 2545] == ramp(46)
+    assert alpha[1500, 2546] == 0 and alpha[954, 1454] == ramp(46) and alpha[953, 1453] == 0
+
+
 def test_official_blending_range_leaves_the_last_steps_unblended(backbone, concept):
     seen = []
     result = transfer(backbone, concept, random_image(seed=1), square_mask(), _cfg(blend_until=7), progress=False,

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .attention import ClicCrossAttnProcessor, clic_processors, install_processors, restored_processors
+from .checks import check_concept_file
 from .errors import ConceptFileError
-from .fileio import atomic_path
+from .fileio import atomic_path, readable_file
 from .tokens import ConceptTokenEmbedding, add_placeholders, concept_embedding, restored_vocabulary, set_placeholders
 
 #: what a concept's attention weights train as (``train`` of :meth:`Concept.apply`): None = frozen
@@ -92,9 +93,7 @@ class Concept:
 
     @classmethod
     def load(cls, path) -> "Concept":
-        path = Path(path)
-        if not path.is_file():
-            raise ConceptFileError(f"{path}: concept file not found")
+        path = readable_file(path, "concept file", ConceptFileError)
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -103,13 +102,10 @@ class Concept:
             raise ConceptFileError(f"{path}: not a valid safetensors concept file ({str(exc).splitlines()[0]})") from exc
         try:
             meta = json.loads(metadata["clic"])
-        except (KeyError, json.JSONDecodeError) as exc:
+        except (KeyError, json.JSONDecodeError, RecursionError) as exc:
             raise ConceptFileError(f"{path}: safetensors file without clic concept metadata") from exc
-        if meta.get("format") != FORMAT or "token_embeddings" not in tensors:
-            raise ConceptFileError(f"{path}: unsupported concept format {meta.get('format')!r} (expected {FORMAT})")
+        check_concept_file(path, meta, tensors, FORMAT)
         emb = tensors.pop("token_embeddings").float()
-        if emb.shape[0] != len(meta["tokens"]):
-            raise ConceptFileError(f"{path}: {emb.shape[0]} embeddings for {len(meta['tokens'])} tokens")
         return cls(list(meta["tokens"]), emb, {k: v.float() for k, v in tensors.items()}, meta)
 
     # -- applying to a backbone -----------------------------------------------------------------------------

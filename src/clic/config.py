@@ -16,16 +16,14 @@ command line) in its metadata; options that change how fast a job runs, not what
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from .attention import BLOCKS
+from .checks import check_options
 from .errors import InputError
+from .fileio import read_document
 from .models import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, SCHEDULERS
 from .speed import COMPILE_MODES, CUDA_GRAPHS, GPU_SYNC_EVERY, compiles, sets_graph_options
 
@@ -159,7 +157,9 @@ class LearnConfig:
                                       "backend, channels-last UNet; the first run of a process pays a one-off "
                                       "capture, then the host no longer launches every kernel: see BENCHMARKS.md). "
                                       "auto: on for a CUDA device unless --gradient-checkpointing or a --compile / "
-                                      "--channels-last option is given; same losses up to float rounding",
+                                      "--channels-last option is given; capture: the whole learning step, update "
+                                      "included, recorded as one CUDA graph after two eager steps (no tracing); "
+                                      "same losses up to float rounding",
                               choices=CUDA_GRAPHS, group=SPEED)
     sync_every: int = option(0, "read the loss values back from the device every N steps (progress bar, log, NaN "
                                 "check); in between the host runs ahead of the GPU without waiting. 0: 1 on the "
@@ -171,6 +171,7 @@ class LearnConfig:
                          choices=LEARN_RECIPES)
 
     def check(self, n_tokens: int = 1) -> None:
+        check_options(self)
         if self.steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
         if self.lr <= 0 or (self.token_lr is not None and self.token_lr < 0):
@@ -187,6 +188,9 @@ class LearnConfig:
             raise InputError(f"--sync-every must be >= 0, got {self.sync_every}")
         if self.compile_mode != "default" and not compiles(self):
             raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet or --compile-text")
+        if self.cuda_graphs == "capture" and (compiles(self) or self.gradient_checkpointing):
+            raise InputError("--cuda-graphs capture records the whole step itself: it does not go with --compile-* "
+                             "or --gradient-checkpointing")
         if self.cuda_graphs == "on" and sets_graph_options(self):
             raise InputError("--cuda-graphs on sets the compile and memory-format options itself: give one or the "
                              "other")
@@ -251,6 +255,7 @@ class RealFillConfig:
     recipe: str = "realfill"
 
     def check(self, n_tokens: int = 1) -> None:
+        check_options(self)
         if n_tokens != 1:
             raise InputError("RealFill learns one concept per run: give one mask per image")
         if self.steps < 1 or self.batch_size < 1:
@@ -302,6 +307,7 @@ class SamplingConfig:
         return [int(self.seeds[0]) + k for k in range(self.num)]
 
     def check_sampling(self) -> None:
+        check_options(self)
         if self.steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
         if self.scheduler not in SCHEDULERS:
@@ -324,6 +330,8 @@ class SamplingConfig:
 
 
 START_OPTIONS = ("t_start", "replace_steps", "strength")
+#: --feather, in model pixels (the default is 8 at 512 px); a photo's own size scales it, up to ~14x
+MAX_FEATHER = 1024
 
 
 @dataclass
@@ -426,8 +434,8 @@ class TransferConfig(SamplingConfig):
             raise InputError(f"--guidance-range takes FROM TO with 0 <= FROM <= TO, got {self.guidance_range}")
         if self.blend_until is not None and self.blend_until < 0:
             raise InputError(f"--blend-until must be >= 0, got {self.blend_until}")
-        if self.feather is not None and self.feather < 0:
-            raise InputError(f"--feather must be >= 0, got {self.feather}")
+        if self.feather is not None and not 0 <= self.feather <= MAX_FEATHER:
+            raise InputError(f"--feather must be in 0..{MAX_FEATHER} pixels, got {self.feather}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise InputError(f"--mask-threshold must be in (0, 1), got {self.mask_threshold}")
         unknown = set(self.attn_blocks) - set(BLOCKS)
@@ -512,6 +520,7 @@ class MaskConfig:
         return value
 
     def check(self, num_train_timesteps: int | None = None) -> None:
+        check_options(self)
         self.level()
         if not self.map_timesteps:
             raise InputError("--map-timesteps needs at least one timestep")
@@ -546,6 +555,7 @@ class MatchConfig:
     seed: int = option(0, "random seed of the optimisation (timesteps, noise, flips)")
 
     def check(self) -> None:
+        check_options(self)
         if self.steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
@@ -572,6 +582,7 @@ class DiscoverConfig:
     learn_concept: bool = option(True, "then learn the concept in context (sec. 3.1) with the discovered masks")
 
     def check(self) -> None:
+        check_options(self)
         MatchConfig(steps=self.steps, lr=self.lr, flip_p=self.flip_p, prompt=self.prompt,
                     placeholder=self.placeholder).check()
 
@@ -699,15 +710,7 @@ def generate_config(recipe: str = "paper", **overrides) -> GenerateConfig:
 
 def read_options(path) -> dict:
     """Option values from a YAML or JSON file holding one mapping (e.g. ``{recipe: official, steps: 300}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                         f"({str(exc).splitlines()[0]})") from exc
+    data = read_document(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

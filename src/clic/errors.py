@@ -19,3 +19,11 @@ class ConceptFileError(ClicError):
 
 class TrainingError(ClicError):
     """Training diverged (NaN/inf loss) or could not resume."""
+
+
+class OutputError(ClicError):
+    """An output that cannot be written (a full disk, a read-only place); nothing half-written is left."""
+
+
+class NonFiniteError(ClicError):
+    """A computation produced NaN or inf; it was stopped before the value reached an output."""

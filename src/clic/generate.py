@@ -17,11 +17,14 @@ from typing import Callable
 import torch
 
 from .attention import swapped_processors
+from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import GenerateConfig
 from .sampling import check_prompt, decode_batches, denoise, encode_prompt, sampling_speedups, seed_batches
 
 log = logging.getLogger(__name__)
+
+GUIDANCE_HINT = "try a smaller --guidance-scale"
 
 
 def with_article(obj: str) -> str:
@@ -77,12 +80,14 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
         for b in seed_batches(backbone, cfg, seeds, "generate", progress):
             # 4. Denoising loop: the base stage with the concept's processors swapped out, then the concept stage
             x, batch = b.latents, len(b.seeds)
+            watch = FiniteWatch("the generated latents", GUIDANCE_HINT)
             if cfg.t_s:
                 with swapped_processors(backbone.unet, base_procs):
                     x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s), base_text.repeat_interleave(batch, 0),
-                                   cfg, b.extra, b.bar, callback, {"stage": "base", "seeds": b.seeds})
+                                   cfg, b.extra, b.bar, callback, {"stage": "base", "seeds": b.seeds}, watch=watch)
             x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s, cfg.steps), text.repeat_interleave(batch, 0),
-                           cfg, b.extra, b.bar, callback, {"stage": "concept", "seeds": b.seeds})
+                           cfg, b.extra, b.bar, callback, {"stage": "concept", "seeds": b.seeds}, watch=watch)
+            watch.check()
             latents.append(x)
         latents = torch.cat(latents)
 

@@ -10,7 +10,7 @@ with PIL's bilinear filter, the aspect ratio not kept; ``threshold=None`` keeps 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
@@ -18,20 +18,41 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .fileio import atomic_path
+from .fileio import atomic_path, readable_file
+
+#: the most pixels an input image may have (8000 x 6000 fits); a larger one is refused before it is decoded
+MAX_PIXELS = 50_000_000
+
+
+def _too_large(path, width: int | None, height: int | None) -> InputError:
+    size = (f"{width}x{height} ({width * height / 1e6:.0f} megapixels)" if width else
+            f"over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (Pillow refuses it as a decompression bomb)")
+    return InputError(f"{path}: image is {size}; the limit is {MAX_PIXELS / 1e6:.0f} megapixels: scale it down first")
+
+
+def _open_header(path) -> Image.Image:
+    """``Image.open``: the header only, the pixels are decoded by ``load()``. Pillow's warning about large images
+    is ours to give (:data:`MAX_PIXELS` is below its threshold); its error, for the largest, is turned into ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def _open(path) -> Image.Image:
-    """A file, or an image in memory (:func:`as_pil`)."""
+    """The image at ``path``, decoded; refused before decoding if it has more than :data:`MAX_PIXELS` pixels (the
+    header says how many: a small file can decode into gigabytes). An image in memory is taken as it is
+    (:func:`as_pil`)."""
     if not isinstance(path, (str, os.PathLike)):
         return as_pil(path)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    path = readable_file(path)
     try:
-        image = Image.open(path)
+        image = _open_header(path)
+        if image.width * image.height > MAX_PIXELS:
+            raise _too_large(path, image.width, image.height)
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:          # Pillow's own limit, met before ours in some formats
+        raise _too_large(path, None, None) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
     return ImageOps.exif_transpose(image)
 
@@ -65,6 +86,24 @@ def as_pil(image, name: str = "image") -> Image.Image:
     return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def probe_image(path) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` as stored, from its header: an :class:`InputError` for a file that is
+    not a readable image or has too many pixels, found without decoding it (checks before a model loads)."""
+    path = readable_file(path)
+    try:
+        with _open_header(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise _too_large(path, image.width, image.height)
+            return image.size
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None, None) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+
+
 def _to_float(image: Image.Image) -> np.ndarray:
     """HxWxC float in [0, 1] for 8-bit, 16-bit, grayscale, palette, RGBA (composited on white) images."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -74,11 +113,19 @@ def _to_float(image: Image.Image) -> np.ndarray:
         return arr.astype(np.float32)
     if image.mode == "F":
         return np.clip(np.asarray(image, dtype=np.float32), 0, 1)[..., None].repeat(3, -1)
+    return np.asarray(_to_rgb8(image), dtype=np.float32) / 255.0
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image of :func:`_to_float`'s values times 255: for 8-bit modes without the float copy (4 bytes
+    a channel: the memory of a large photo)."""
+    if image.mode in _WIDE_MODES:
+        return Image.fromarray((_to_float(image) * 255).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA", "P", "PA"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return image.convert("RGB")
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:
@@ -104,8 +151,7 @@ def load_image(path, size: int, fit: str = "crop") -> torch.Tensor:
     bicubic (``fit="crop"``), or the whole image resized bilinearly (``fit="stretch"``, the official learning
     script's)."""
     image = _open(path)
-    arr = _to_float(image)
-    pil = Image.fromarray((arr * 255).round().astype(np.uint8))
+    pil = _to_rgb8(image)           # the whole image first: a 16-bit one's scale is read from all its pixels
     if fit == "crop":
         pil = pil.crop(center_crop_box(image.width, image.height)).resize((size, size), Image.BICUBIC)
     elif fit == "stretch":
@@ -170,7 +216,7 @@ def load_full_size(image_path, mask_path, threshold: float = 0.5) -> tuple[torch
     """An image ``(3, H, W)`` in [-1, 1] and its binary mask ``(1, H, W)`` at the image's own size, read as
     :func:`load_image` / :func:`load_mask` read them (same modes, alpha and threshold), without the crop."""
     image = _open(image_path)
-    pixels = np.round(_to_float(image) * 255).astype(np.float32) / 127.5 - 1.0
+    pixels = np.asarray(_to_rgb8(image), dtype=np.float32) / 127.5 - 1.0
     values = _mask_values(_open(mask_path))
     if values.shape != (image.height, image.width):
         values = _resize_2d(values, (image.height, image.width))
@@ -192,6 +238,28 @@ def _resize_2d(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def image_size(path) -> tuple[int, int]:
     return _open(path).size
+
+
+def chessboard_distance(inside: torch.Tensor, cap: int) -> torch.Tensor:
+    """``(H, W)`` int32: each pixel's chessboard (Chebyshev) distance to the nearest True pixel of the bool ``inside``,
+    capped at ``cap``. Two raster passes of the 3x3 chamfer transform (exact for this metric), each row relaxed from
+    the row before and then along itself with a running minimum: O(H W), where dilating with squares of growing
+    size costs O(H W cap^2) (hours for a 48-megapixel photo)."""
+    height, width = inside.shape
+    d = torch.where(inside.cpu(), 0, cap).to(torch.int32)
+    x = torch.arange(width, dtype=torch.int32)
+    pad = torch.full((1,), cap, dtype=torch.int32)
+    for rows in (range(height), range(height - 1, -1, -1)):
+        prev = None
+        for y in rows:
+            row = d[y]
+            if prev is not None:            # the three neighbours in the row before, one step away
+                near = torch.minimum(prev, torch.minimum(torch.cat([prev[1:], pad]), torch.cat([pad, prev[:-1]])))
+                row = torch.minimum(row, near + 1)
+            row = torch.minimum(row, x + torch.cummin(row - x, 0).values)                       # from the left
+            row = torch.minimum(row, torch.cummin((row + x).flip(0), 0).values.flip(0) - x)     # from the right
+            d[y] = prev = row.clamp(max=cap)
+    return d
 
 
 def resize_mask(mask: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,10 +41,40 @@ SCHEDULERS = {
 }
 
 
+def available_devices() -> list[str]:
+    """The devices this torch can run on here, best first (``cuda:N`` for each GPU)."""
+    out = [f"cuda:{k}" if torch.cuda.device_count() > 1 else "cuda" for k in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` names, if this machine has it; else a :class:`ModelError` naming the alternatives."""
+    here = f"available here: {', '.join(available_devices())}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown device {name!r}; {here}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelError(f"device {name!r}: {why}; {here}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"device {name!r}: there are {torch.cuda.device_count()} GPU(s); {here}")
+    elif device.type == "mps":
+        if "mps" not in available_devices():
+            raise ModelError(f"device {name!r}: Apple's MPS is not available; {here}")
+    elif device.type != "cpu":
+        raise ModelError(f"device {name!r} is not supported; {here}")
+    return device
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` if given, else cuda > mps > cpu."""
+    """``name`` if given (and available: :func:`check_device`), else cuda > mps > cpu."""
     if name and name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -220,9 +251,9 @@ def _is_local(model: str) -> bool:
 
 
 def load_backbone(model=DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
-                  revision: str | None = None, variant: str | None = None, token: str | bool | None = None,
-                  **hub_kwargs) -> Backbone:
+                  dtype: str | torch.dtype | None = None, timings: dict | None = None, *,
+                  torch_dtype: torch.dtype | None = None, revision: str | None = None, variant: str | None = None,
+                  token: str | bool | None = None, **hub_kwargs) -> Backbone:
     """Load tokenizer, text encoder, VAE and UNet of a diffusers checkpoint; everything frozen, eval mode.
 
     Args:
@@ -233,17 +264,27 @@ def load_backbone(model=DEFAULT_MODEL, device: str | torch.device | None = None,
         device: default cuda > mps > cpu (:func:`pick_device`); a pipeline's own device for a pipeline.
         dtype / torch_dtype: precision of the frozen parts (``"fp16"``, ``torch.float16``, ...; default fp32, or a
             pipeline's own); ``torch_dtype``, diffusers' name, wins when both are given.
+        timings: filled with the seconds of each part (``tokenizer``, ``text_encoder``, ``vae``, ``unet``: reading
+            and building each on the CPU in ``dtype``; ``to_device``: moving them to ``device`` and freezing them;
+            for a loaded pipeline only ``to_device``).
         revision, variant, token: as in diffusers' ``from_pretrained`` (a branch or commit; ``"fp16"`` reads the
             half-precision files, half the download; a hub token for gated or private repositories). Other keyword
             arguments (``cache_dir``, ``local_files_only``, ...) go to every component's ``from_pretrained``.
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
     if not isinstance(model, (str, os.PathLike)):
         backbone = Backbone.of_pipeline(model)
         dtype = parse_dtype(torch_dtype or dtype or backbone.dtype)
         device = pick_device(device) if device is not None else backbone.device
-        return Backbone.from_modules(backbone.model_id, backbone.tokenizer, backbone.text_encoder, backbone.vae,
-                                     backbone.unet, backbone.scheduler_config, torch.device(device), dtype,
-                                     base_vocab_size=backbone.base_vocab_size)
+        t0 = clock()
+        backbone = Backbone.from_modules(backbone.model_id, backbone.tokenizer, backbone.text_encoder, backbone.vae,
+                                         backbone.unet, backbone.scheduler_config, torch.device(device), dtype,
+                                         base_vocab_size=backbone.base_vocab_size)
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize(backbone.device)
+        timings["to_device"] = clock() - t0
+        return backbone
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype = parse_dtype(torch_dtype or dtype or "fp32")
     model = str(model)
@@ -259,11 +300,16 @@ def load_backbone(model=DEFAULT_MODEL, device: str | torch.device | None = None,
     kw.update({k: v for k, v in dict(hub_kwargs, revision=revision, token=token).items() if v is not None})
     weights = {"variant": variant} if variant else {}
     try:
+        t0 = clock()
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        t1 = clock()
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw,
                                                      **weights)
+        t2 = clock()
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw, **weights)
+        t3 = clock()
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw, **weights)
+        timings.update(tokenizer=t1 - t0, text_encoder=t2 - t1, vae=t3 - t2, unet=clock() - t3)
         with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
             scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     except ModelError:
@@ -281,7 +327,12 @@ def load_backbone(model=DEFAULT_MODEL, device: str | torch.device | None = None,
             "(e.g. one made by `clic make-model tiny DIR`)"
         ) from exc
     log.info("loaded %s on %s (%s)", model, device, dtype)
-    return Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+    t0 = clock()
+    backbone = Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["to_device"] = clock() - t0
+    return backbone
 
 
 def bundled_model() -> Path | None:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import TrainingError
+from .errors import OutputError, TrainingError
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,45 @@ def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer, generator
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise TrainingError(f"{path}: unreadable checkpoint ({exc})") from exc
-    if meta.get("config") != config_json:
+    if (meta or {}).get("config") != config_json:
         raise TrainingError(f"{path}: checkpoint was made with other options; remove it or use the same options")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"].to(p.device))
-    state = optimizer.state_dict()
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = value.to(params[int(i)].device) if name != "step" else value
-    state["state"] = opt_state
-    optimizer.load_state_dict(state)
-    generator.set_state(tensors["rng"])
-    return int(meta["step"])
+    try:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"param.{i}"].to(p.device))
+        state = optimizer.state_dict()
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = value.to(params[int(i)].device) if name != "step" else value
+        state["state"] = opt_state
+        optimizer.load_state_dict(state)
+        generator.set_state(tensors["rng"])
+        return int(meta["step"])
+    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+        raise TrainingError(f"{path}: the checkpoint does not fit this run ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); remove it") from exc
+
+
+def read_log(path) -> list[dict]:
+    """The records of a JSON-lines log. A last line cut short (the run was killed while writing it) is dropped: the
+    checkpoint the run resumes from comes before it; any other line that is not a record is an error."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a step record")
+        except ValueError:
+            if k == len(lines) - 1:
+                log.warning("%s: its last line is cut short (the run was stopped while writing it); dropped", path)
+                break
+            raise TrainingError(f"{path}: line {k + 1} is not a log record; remove the log, or run without "
+                                "--resume") from None
+        records.append(record)
+    return records
 
 
 def reads_losses(step: int, start: int, last: int, every: int) -> bool:
@@ -105,14 +129,16 @@ class Run:
             self.start = load_checkpoint(self.ckpt, params, optimizer, generator, config_json)
             log.info("resumed from %s at step %d", self.ckpt, self.start)
             if log_path and Path(log_path).is_file():
-                self.history = [r for r in map(json.loads, Path(log_path).read_text().splitlines())
-                                if r["step"] <= self.start]
-        self.log_file = None
+                self.history = [r for r in read_log(log_path) if r["step"] <= self.start]
+        self.log_path, self.log_file = log_path, None
         if log_path:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(log_path, "w")
-            for record in self.history:
-                self.log_file.write(json.dumps(record) + "\n")
+            try:
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                self.log_file = open(log_path, "w")
+                for record in self.history:
+                    self.log_file.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise self._log_failed(exc) from exc
         self.bar = tqdm(total=steps, initial=self.start, disable=not progress, desc=desc, unit="step")
         self.last_good: Path | None = None
         self.pending: list[tuple[int, dict, torch.Tensor]] = []   # (step, record so far, loss values on the device)
@@ -149,6 +175,11 @@ class Run:
         self.pending.clear()
         return records
 
+    def _log_failed(self, exc: OSError) -> OutputError:
+        where = f"the last good checkpoint is {self.last_good}" if getattr(self, "last_good", None) else \
+            "no checkpoint was written yet"
+        return OutputError(f"{self.log_path}: cannot write the log ({exc.strerror or exc}); {where}")
+
     def check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
@@ -160,8 +191,11 @@ class Run:
         for record in records:
             self.history.append(record)
             if self.log_file:
-                self.log_file.write(json.dumps(record) + "\n")
-                self.log_file.flush()
+                try:
+                    self.log_file.write(json.dumps(record) + "\n")
+                    self.log_file.flush()
+                except OSError as exc:
+                    raise self._log_failed(exc) from exc
             self.bar.update(1)
             self.bar.set_postfix({k: f"{record[k]:.4f}" for k in self.terms[1:] or self.terms})
             if self.callback:

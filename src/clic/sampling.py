@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .attention import capture_token_maps, text_kv_cached
+from .checks import FiniteWatch, check_finite
 from .config import SamplingConfig
 from .errors import InputError
 from .speed import compiled_forward, fused_self_attention, mark_step, to_device
@@ -37,7 +38,12 @@ def make_scheduler(backbone, cfg: SamplingConfig):
     """A fresh scheduler (:meth:`clic.models.Backbone.sampling_scheduler`) with ``cfg.steps`` timesteps set on the
     backbone's device."""
     scheduler = backbone.sampling_scheduler(cfg.scheduler)
-    scheduler.set_timesteps(cfg.steps, device=backbone.device)
+    try:
+        scheduler.set_timesteps(cfg.steps, device=backbone.device)
+    except ValueError as exc:   # more steps than the model's training timesteps
+        top = scheduler.config.get("num_train_timesteps")
+        raise InputError(f"--steps {cfg.steps} is more than the model's {top} training timesteps" if top and
+                         cfg.steps > top else f"--steps {cfg.steps}: {' '.join(str(exc).split())}") from exc
     if len(scheduler.timesteps) != cfg.steps:  # e.g. PNDM's doubled step; refused rather than mis-indexed
         raise InputError(f"scheduler {cfg.scheduler} makes {len(scheduler.timesteps)} timesteps for {cfg.steps} steps")
     return scheduler
@@ -140,12 +146,13 @@ def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, t
 
 def denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Tensor, cfg: SamplingConfig,
             extra: dict, bar, callback=None, info: dict | None = None, condition: torch.Tensor | None = None,
-            capture_layers: Sequence[str] = (), index: torch.Tensor | None = None
+            capture_layers: Sequence[str] = (), index: torch.Tensor | None = None, watch: FiniteWatch | None = None
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Steps ``steps`` of the schedule with whatever processors are installed; ``text`` holds [uncond; cond] rows
     (CFG) or cond rows for the ``B`` latents. Returns the latents and, with ``capture_layers``, CA(token, x_t) of
     the conditional rows at each step (``(B, T, h, w)`` each). ``callback`` gets ``info`` with ``step``,
-    ``timestep`` and ``latents`` after every step."""
+    ``timestep`` and ``latents`` after every step; ``watch`` sees the latents after every step (the caller checks
+    it before decoding)."""
     on_host = host_timesteps(scheduler)
     maps = []
     for i in steps:
@@ -155,6 +162,8 @@ def denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Tens
         if ca is not None:
             maps.append(ca)
         x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
+        if watch is not None:
+            watch.see(x, i)
         bar.update(1)
         if callback is not None:
             callback({**(info or {}), "step": i, "timestep": int(on_host[i]), "latents": x})
@@ -214,5 +223,9 @@ def seed_batches(backbone, cfg: SamplingConfig, seeds: Sequence[int], desc: str,
 
 
 def decode_batches(backbone, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Scaled latents -> pixels in [-1, 1], ``batch_size`` at a time."""
-    return torch.cat([backbone.decode(latents[k:k + batch_size]) for k in range(0, len(latents), batch_size)])
+    """Scaled latents -> pixels in [-1, 1], ``batch_size`` at a time; a :class:`~clic.errors.NonFiniteError` if the
+    latents or the pixels hold NaN or inf (e.g. a half-precision VAE that overflows), never such an image."""
+    check_finite(latents, "the final latents")
+    pixels = torch.cat([backbone.decode(latents[k:k + batch_size]) for k in range(0, len(latents), batch_size)])
+    check_finite(pixels, "the decoded images", "a half-precision VAE can overflow: try --dtype fp32")
+    return pixels

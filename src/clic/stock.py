@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .concept import Concept, split_weight_key
 from .errors import ConceptFileError
-from .fileio import atomic_path
+from .fileio import staged_folder
 from .models import Backbone
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
@@ -137,7 +137,9 @@ def export_diffusers(concept, out_dir, backbone=None) -> Path:
     :func:`load_concept`, or with diffusers' ``load_attn_procs``/``load_textual_inversion`` pair.
 
     ``backbone`` (optional) is checked to be the concept's base model; the layer names come from it when given, else
-    from the concept (the self-attention entries of ``save_attn_procs``'s layout are then left out). Returns the
+    from the concept (the self-attention entries of ``save_attn_procs``'s layout are then left out). The files are
+    written into a temporary folder and moved into place together (a full disk leaves the folder as it was); the
+    embedding files of an earlier export to the same folder that this one does not write are removed. Returns the
     folder."""
     concept, name = read_concept(concept)
     if backbone is not None:
@@ -153,16 +155,16 @@ def export_diffusers(concept, out_dir, backbone=None) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConceptFileError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("learned_embeds*.safetensors"):    # a previous export's tokens would be loaded along
-        old.unlink()
     files = embedding_files(concept.tokens)
-    _save(state, out / WEIGHTS)
-    for token, vector, file in zip(concept.tokens, concept.embeddings, files):
-        _save({token: vector.float().contiguous()}, out / file)
-    meta = {**concept.meta, "tokens": list(concept.tokens), "embedding_files": files, "weights_file": WEIGHTS}
-    with atomic_path(out / META) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=2, default=str))
+    with staged_folder(out) as tmp:          # every file of the export, or none of them (e.g. on a full disk)
+        _save(state, tmp / WEIGHTS)
+        for token, vector, file in zip(concept.tokens, concept.embeddings, files):
+            _save({token: vector.float().contiguous()}, tmp / file)
+        meta = {**concept.meta, "tokens": list(concept.tokens), "embedding_files": files, "weights_file": WEIGHTS}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    for old in out.glob("learned_embeds*.safetensors"):    # a previous export's other tokens would be loaded along
+        if old.name not in files:
+            old.unlink()
     return out
 
 
@@ -216,5 +218,4 @@ def read_concept(concept) -> tuple[Concept, str]:
 
 
 def _save(tensors: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -50,7 +50,7 @@ from .concept import Concept, applied_concept
 from .config import LearnConfig, MatchConfig, learn_config, transfer_config
 from .errors import ClicError, InputError
 from .generate import GenerateConfig, with_article
-from .imaging import center_crop_box, check_mask, heat_overlay, mask_overlay, resize_mask
+from .imaging import MAX_PIXELS, center_crop_box, check_mask, heat_overlay, mask_overlay, resize_mask
 from .maps import token_attention_maps
 from .models import bundled_model, load_backbone
 from .pipeline import ClicPipeline
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 MASK_RGB = (20, 110, 255)
 MASK_ALPHA = 150
 MIN_IMAGE_SIDE = 16
+#: the largest upload the page takes: a concept file of SD1.4 with K, V, Q and out trained is about 180 MB
+MAX_UPLOAD_BYTES = 256 * 2**20
 
 Progress = Callable[[dict], None]
 
@@ -95,11 +97,29 @@ def editor_image(value, name: str = "source") -> np.ndarray:
     background = value.get("background") if isinstance(value, dict) else value
     if background is None:
         raise InputError(f"upload a {name} image first")
+    h, w = np.shape(background)[:2] if np.ndim(background) >= 2 else (0, 0)
+    if h * w > MAX_PIXELS:      # the page decoded it already: refused before any copy of it is made
+        raise InputError(f"the {name} image is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} megapixels: scale it down first")
     image = _rgb(background)
     if min(image.shape[:2]) < MIN_IMAGE_SIDE:
         raise InputError(f"the {name} image is {image.shape[1]}x{image.shape[0]} pixels; it must be at least "
                          f"{MIN_IMAGE_SIDE} pixels on each side")
     return image
+
+
+def whole(value, name: str) -> int:
+    """A whole number from a page field (an int, or a float from a number box): an :class:`InputError` for what is
+    not one (empty, NaN, inf, 2.5); ranges are the configs' to check."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    try:
+        number = float(value)
+        if number != int(number):
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def editor_mask(value, name: str = "source") -> np.ndarray:
@@ -287,8 +307,8 @@ class Workbench:
         object_class = (object_class or "").strip() or "object"
         d = self.defaults()
         cfg = learn_config(object_class=object_class, prompt=(prompt or "").strip() or None,
-                           steps=int(steps or d["steps"]), lr=lr or d["lr"], alpha=alpha, lambda_att=lambda_att,
-                           lambda_roi=lambda_roi, seed=int(seed), checkpoint_every=0)
+                           steps=whole(steps or d["steps"], "Steps"), lr=lr or d["lr"], alpha=alpha,
+                           lambda_att=lambda_att, lambda_roi=lambda_roi, seed=whole(seed, "Seed"), checkpoint_every=0)
         cfg.check()
         with self.lock:
             pipe = self.pipeline()
@@ -319,9 +339,10 @@ class Workbench:
         size and v*'s attention (averaged over the steps) over the model's view of it, as ``(image, caption)``
         pairs."""
         concept = _load_concept(concept_path)
-        cfg = transfer_config(steps=int(steps), t_start=None if t_start is None else int(t_start), eta=eta,
-                              seeds=(int(seed),), num=int(num), prompt=(prompt or "").strip() or None,
-                              guidance_scale=guidance_scale)
+        cfg = transfer_config(steps=whole(steps, "Denoising steps"),
+                              t_start=None if t_start is None else whole(t_start, "t_start"), eta=eta,
+                              seeds=(whole(seed, "Seed"),), num=whole(num, "Number of results"),
+                              prompt=(prompt or "").strip() or None, guidance_scale=guidance_scale)
         cfg.check()
         start = cfg.start_step()
         with self.lock:
@@ -329,7 +350,7 @@ class Workbench:
             size = pipe.resolution
             image_tensor(image, size)
             mask_tensor(mask, size, "target")          # the page's own message for a mask too thin for the model
-            total = (cfg.steps - start) * int(num)
+            total = (cfg.steps - start) * cfg.num
             done = [0]
 
             def on_step(info: dict) -> None:
@@ -349,13 +370,14 @@ class Workbench:
                  seed: int = 0, steps: int = 50, callback: Progress | None = None) -> list[tuple[Image.Image, str]]:
         """Two-stage generation: the first ``base_steps`` (t_s) steps with the base model."""
         concept = _load_concept(concept_path)
-        cfg = GenerateConfig(object_class=(object_class or "").strip() or None, num=int(num), seeds=(int(seed),),
-                             base_steps=int(base_steps), steps=int(steps))
+        cfg = GenerateConfig(object_class=(object_class or "").strip() or None, num=whole(num, "Number of images"),
+                             seeds=(whole(seed, "Seed"),), base_steps=whole(base_steps, "t_s"),
+                             steps=whole(steps, "Steps"))
         cfg.check()
         with self.lock:
             pipe = self.pipeline()
             pipe.load_concept(concept)
-            total = cfg.steps * int(num)
+            total = cfg.steps * cfg.num
             done = [0]
 
             def on_step(info: dict) -> None:
@@ -372,7 +394,7 @@ class Workbench:
         """w* learned on the source image and mask under the concept (the first half of "Find region")."""
         concept = _load_concept(concept_path)
         d = self.defaults()
-        steps = int(steps or d["match_steps"])
+        steps = whole(steps or d["match_steps"], "w* steps")
         cfg = MatchConfig(steps=steps, lr=d["lr"])
         with self.lock:
             backbone = self.backbone()
@@ -647,7 +669,7 @@ def build_app(bench: Workbench):
                 raise InputError("Find region learns a token w* on the source image and its mask (paper sec. 3.3): "
                                  f"keep them in the source panel ({exc})") from None
             # w* depends on the concept, the source and its mask: learned once, reused for every target
-            key = f"{concept}:{_fingerprint(source, source_mask)}:{int(match_steps or 0)}"
+            key = f"{concept}:{_fingerprint(source, source_mask)}:{whole(match_steps or 0, 'w* steps')}"
             matcher = state.get("matcher")
             if not matcher or state.get("matcher_key") != key or not Path(matcher).is_file():
                 matcher = str(bench.learn_matcher(concept, source, source_mask, match_steps, callback=report))
@@ -838,7 +860,8 @@ def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, s
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(bench)
     app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
-               show_error=False, css=CSS, allowed_paths=[str(bench.workdir)], footer_links=[])
+               show_error=False, css=CSS, allowed_paths=[str(bench.workdir)], footer_links=[],
+               max_file_size=MAX_UPLOAD_BYTES)
     if block:
         print(f"clic ui: {app.local_url}{f'  public link: {app.share_url}' if share else ''}  (model {bench.model}; "
               "Ctrl+C stops)", flush=True)

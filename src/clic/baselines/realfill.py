@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import cross_attention_layers, swapped_processors
+from ..checks import FiniteWatch
 from ..concept import Concept, applied_concept
 from ..config import GenerateConfig, InpaintConfig, RealFillConfig
 from ..errors import InputError, ModelError
-from ..generate import GenerateResult, fill_prompt
+from ..generate import GUIDANCE_HINT, GenerateResult, fill_prompt
 from ..imaging import check_mask
 from ..models import DEFAULT_INPAINT_MODEL
 from ..runs import Run
@@ -325,8 +326,10 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
         for b in seed_batches(backbone, cfg, seeds, "inpaint", progress):
             condition = torch.cat(_conditioning(backbone, target, mask, b.generators), 1)
             # 4. Denoising loop
+            watch = FiniteWatch("the inpainted latents", GUIDANCE_HINT)
             x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds), 0),
-                           cfg, b.extra, b.bar, callback, {"seeds": b.seeds}, condition, layers, index)
+                           cfg, b.extra, b.bar, callback, {"seeds": b.seeds}, condition, layers, index, watch)
+            watch.check()
             latents.append(x)
             maps.append(torch.stack(m).cpu() if m else torch.zeros(0))
             timesteps = [int(t) for t in b.scheduler.timesteps]
@@ -364,13 +367,14 @@ def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
             batch = len(b.seeds)
             condition = torch.cat(_conditioning(backbone, blank.to(backbone.device), full.to(backbone.device),
                                                 b.generators), 1)
-            x = b.latents
+            x, watch = b.latents, FiniteWatch("the generated latents", GUIDANCE_HINT)
             if t_s:
                 with swapped_processors(backbone.unet, applied.base_processors):
                     x, _ = denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch, 0), cfg,
-                                   b.extra, b.bar, condition=condition)
+                                   b.extra, b.bar, condition=condition, watch=watch)
             x, _ = denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch, 0), cfg,
-                           b.extra, b.bar, condition=condition)
+                           b.extra, b.bar, condition=condition, watch=watch)
+            watch.check()
             latents.append(x)
         latents = torch.cat(latents)
         images = decode_batches(backbone, latents, cfg.batch_size)

@@ -1,11 +1,14 @@
 """The ``clic`` command: one module per sub-command, each parsing its options into the library's config dataclasses
 (:mod:`clic.cli.options` is the one bridge), calling the Python API and writing the outputs. This package is the
 only place that knows argparse, prints and writes output folders; library errors
-(:class:`clic.errors.ClicError`) become one line on stderr and exit code 2. The library never imports it.
+(:class:`clic.errors.ClicError`), and a full disk or a read-only place met anywhere, become one line on stderr and
+exit code 2. Inputs and outputs are checked before any model loads (:mod:`clic.cli.validate`). The library never
+imports it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -48,6 +51,15 @@ def _quiet_libraries(verbose: bool) -> None:
         lib.disable_progress_bar()
 
 
+#: write and read failures of the machine, not of clic (the library reports its own outputs as OutputError)
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _error(message: str) -> int:
+    print(f"clic: error: {' '.join(message.splitlines())}", file=sys.stderr)     # always one line
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -62,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ClicError as exc:
-        print(f"clic: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        return _error(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}")
+    except MemoryError:
+        return _error("out of memory: an input or option asks for more than this machine has")
     except KeyboardInterrupt:
         print("clic: interrupted", file=sys.stderr)
         return 130

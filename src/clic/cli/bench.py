@@ -12,6 +12,7 @@ from clic_lab.bench import LEVERS, BenchOptions, format_report, run_bench
 from ..errors import InputError
 from ..fileio import atomic_path
 from ..speed import COMPILE_MODES
+from .options import add_device_option
 
 
 def register(sub, argv) -> None:
@@ -22,7 +23,7 @@ def register(sub, argv) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed learning steps after warm-up (0: no timing, e.g. "
                                                                   "with --flops alone)")
     p.add_argument("--warmup", type=int, default=3, help="untimed learning steps first")
-    p.add_argument("--device", default=None)
+    add_device_option(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the frozen model (trainable weights stay fp32)")
     p.add_argument("--reference", action="store_true",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from clic_lab.compare import run_benchmark
 
+from .options import add_device_option
+from .validate import input_file, output_folder
+
 
 def register(sub, argv) -> None:
     p = sub.add_parser(
@@ -14,7 +17,7 @@ def register(sub, argv) -> None:
                     "benchmark ...` (CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m clic benchmark ...`).")
     p.add_argument("manifest", help="the manifest (.yaml, .yml or .json)")
     p.add_argument("--out", required=True, help="output folder (reused: cached runs are not recomputed)")
-    p.add_argument("--device", default=None, help="device of every process (default: accelerate's per process)")
+    add_device_option(p, "device of every process (default: accelerate's per process)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="overrides the manifest's dtype")
     p.add_argument("--merge-only", action="store_true", help="only score the cached results and write the outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -22,6 +25,8 @@ def register(sub, argv) -> None:
 
 
 def run(args) -> None:
+    input_file(args.manifest, "manifest")
+    output_folder(args.out)     # reused by every process of a sharded run, and by reruns: not locked
     report = run_benchmark(args.manifest, args.out, args.device, args.dtype, progress=not args.quiet,
                            merge_only=args.merge_only)
     if report is not None:

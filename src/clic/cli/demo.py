@@ -6,6 +6,8 @@ from pathlib import Path
 
 from clic_lab.demo import run_demo
 
+from .options import add_device_option
+
 
 def register(sub, argv) -> None:
     p = sub.add_parser("demo", help="the offline demo: learn a held-out pattern, transfer it, generate with it")
@@ -14,7 +16,7 @@ def register(sub, argv) -> None:
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps of transfer and generation (50)")
     p.add_argument("--model", default=None, help="diffusers model (default: the bundled toy model; 'tiny' builds "
                                                  "a tiny random one)")
-    p.add_argument("--device", default=None)
+    add_device_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

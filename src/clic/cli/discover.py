@@ -9,9 +9,9 @@ from ..errors import InputError
 from ..imaging import load_image
 from ..models import DEFAULT_MODEL, load_backbone
 from ..roi import discover
-from .masks import grid_file, image_sizes, mask_files, output_names
-from .options import (add_config_options, add_model_options, add_quiet_option, config_values, output_folder,
-                      write_images)
+from .masks import grid_file, image_sizes, mask_files, output_names, stem_names
+from .options import add_config_options, add_model_options, add_quiet_option, config_values, write_folder
+from .validate import exclusive, output_folder
 
 
 def register(sub, argv) -> None:
@@ -46,7 +46,6 @@ def run(args) -> None:
     learn_cfg = (learn_config_file(args.learn_config, object_class=cfg.object_class) if args.learn_config
                  else learn_config(object_class=cfg.object_class))
     learn_cfg.check(1)
-    out_dir = output_folder(args.out)
     paths = list(args.image)
     if len(paths) < 2:
         raise InputError(f"discover needs at least 2 images that share the pattern, got {len(paths)}")
@@ -54,21 +53,27 @@ def run(args) -> None:
     if len(set(sizes)) > 1:
         listing = ", ".join(f"{Path(p).name} {w}x{h}" for p, (w, h) in zip(paths, sizes))
         raise InputError(f"the images must all have the same size ({listing}); crop or resize them first")
+    out_dir = output_folder(args.out, stem_names(output_names(paths)) + ["pattern.safetensors", "concept.safetensors"],
+                            {"--image": paths, "--learn-config": [args.learn_config]})
 
-    # 2. Discovery (and in-context learning); nothing is written before it all succeeded.
-    backbone = load_backbone(args.model or DEFAULT_MODEL, args.device, args.dtype)
-    size = backbone.resolution
-    images = [load_image(p, size) for p in paths]
-    result = discover(backbone, images, cfg, mask_cfg, learn_cfg, progress=not args.quiet)
-    files = {}
-    for stem, image, mask, attention in zip(output_names(paths), images, result.masks, result.maps):
-        files.update(mask_files(out_dir, stem, image, mask, attention, sizes[0]))
-    files.update(grid_file(out_dir, output_names(paths), images, result.masks, result.maps))
+    # 2. Discovery (and in-context learning); nothing is written before it all succeeded, then all at once.
+    with exclusive(out_dir):
+        backbone = load_backbone(args.model or DEFAULT_MODEL, args.device, args.dtype)
+        size = backbone.resolution
+        images = [load_image(p, size) for p in paths]
+        result = discover(backbone, images, cfg, mask_cfg, learn_cfg, progress=not args.quiet)
+        files = {}
+        for stem, image, mask, attention in zip(output_names(paths), images, result.masks, result.maps):
+            files.update(mask_files(stem, image, mask, attention, sizes[0]))
+        files.update(grid_file(output_names(paths), images, result.masks, result.maps))
+        files["pattern.safetensors"] = result.matcher.save
+        if result.concept is not None:
+            files["concept.safetensors"] = result.concept.save
+        write_folder(out_dir, files, show=False)
     matcher_path = out_dir / "pattern.safetensors"
-    result.matcher.save(matcher_path)
     print(f"{matcher_path}  token={result.matcher.tokens[0]}  (w* + K/V: clic match --matcher {matcher_path})")
     if result.concept is not None:
-        concept_path = out_dir / "concept.safetensors"
-        result.concept.save(concept_path)
-        print(f"{concept_path}  tokens={' '.join(result.concept.tokens)}")
-    write_images(files)
+        print(f"{out_dir / 'concept.safetensors'}  tokens={' '.join(result.concept.tokens)}")
+    for name in files:
+        if name.endswith(".png"):
+            print(out_dir / name)

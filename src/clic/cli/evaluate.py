@@ -10,6 +10,7 @@ from clic_lab.compare.metrics import ImageEncoder, evaluate
 
 from ..errors import InputError, ModelError
 from ..imaging import image_size, load_image, load_mask
+from .validate import SIZE_RANGE, size as check_size
 
 
 def register(sub, argv) -> None:
@@ -27,7 +28,9 @@ def register(sub, argv) -> None:
                                                    "id of a CLIP (vision) or DINO/ViT model")
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
-    p.add_argument("--size", type=int, default=None, help="evaluate at this square size (default: the result's)")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"evaluate at this square size, {SIZE_RANGE[0]}..{SIZE_RANGE[1]} (default: the result's "
+                        f"shorter side, at most {SIZE_RANGE[1]})")
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,7 @@ def _clean(value):
 
 
 def run(args) -> None:
-    size = args.size or min(image_size(args.result))
+    size = check_size(args.size, "--size") or min(min(image_size(args.result)), SIZE_RANGE[1])
     result = load_image(args.result, size)
     target = load_image(args.target, size)
     mask = load_mask(args.mask, size, image_size(args.target))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from ..concept import Concept
+from ..errors import ConceptFileError
 from ..models import load_backbone
-from ..stock import export_diffusers
+from ..stock import META, WEIGHTS, embedding_files, export_diffusers
 from .options import add_model_options
+from .validate import exclusive, output_folder
 
 
 def register(sub, argv) -> None:
@@ -25,5 +27,12 @@ def register(sub, argv) -> None:
 
 def run(args) -> None:
     concept = Concept.load(args.concept)
-    backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
-    print(export_diffusers(concept, args.out, backbone))
+    names = [WEIGHTS, META, *embedding_files(concept.tokens)]
+    out = output_folder(args.out, names, {"concept": [args.concept]})
+    with exclusive(out):
+        backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)
+        missing = sorted(set(concept.layers) - set(backbone.unet.attn_processors))
+        if missing:
+            raise ConceptFileError(f"{args.concept}: layer {missing[0]} does not exist in {backbone.model_id}")
+        export_diffusers(args.concept, out, backbone)   # all the files, or none of them
+    print(out)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..concept import Concept
 from ..config import LEARN_RECIPES, GenerateConfig, generate_config
 from ..generate import generate
 from ..imaging import grid, to_pil
 from ..pipeline import ClicPipeline
 from .options import (add_config_options, add_model_options, add_quiet_option, add_recipe_option, config_values,
-                      output_folder, peek_recipe, write_images)
+                      peek_recipe, write_folder)
 from .transfer import concept_and_model
+from .validate import exclusive, output_folder
 
 
 def register(sub, argv) -> None:
@@ -40,16 +42,19 @@ def image_files(result, size: int, rows: int = 1) -> dict:
 
 def run(args, recipe: str | None = None, generator=generate) -> None:
     """``clic generate`` (and ``clic baselines generate``: ``recipe`` and ``generator`` are the concept's method's)."""
-    out_dir = output_folder(args.out)
     cfg = generate_config(getattr(args, "recipe", None) or recipe or "paper", **config_values(args, GenerateConfig))
     cfg.check()
-    concept, backbone = concept_and_model(args)
-    if generator is generate:
-        pipe = ClicPipeline.from_backbone(backbone, cfg.scheduler)
-        pipe.set_progress_bar_config(disable=args.quiet)
-        pipe.load_concept(concept)
-        result = pipe.generate(config=cfg, output_type="pt").result
-    else:                                        # a baseline's own sampling (RealFill: its inpainting model)
-        result = generator(backbone, concept, cfg, progress=not args.quiet)
-    rows = max(1, round(len(result.seeds) ** 0.5)) if generator is generate else 1
-    write_images(image_files(result, backbone.resolution, rows), out_dir)
+    out_dir = output_folder(args.out, [f"seed{s}.png" for s in cfg.seed_list()] + ["grid.png"],
+                            {"concept": [args.concept]})
+    concept = Concept.load(args.concept)
+    with exclusive(out_dir):
+        concept, backbone = concept_and_model(args, concept)
+        if generator is generate:
+            pipe = ClicPipeline.from_backbone(backbone, cfg.scheduler)
+            pipe.set_progress_bar_config(disable=args.quiet)
+            pipe.load_concept(concept)
+            result = pipe.generate(config=cfg, output_type="pt").result
+        else:                                    # a baseline's own sampling (RealFill: its inpainting model)
+            result = generator(backbone, concept, cfg, progress=not args.quiet)
+        rows = max(1, round(len(result.seeds) ** 0.5)) if generator is generate else 1
+        write_folder(out_dir, image_files(result, backbone.resolution, rows))

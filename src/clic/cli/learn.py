@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from ..config import LEARN_RECIPES, LearnConfig, learn_config
+from ..errors import OutputError
 from ..learn import learn
 from ..maps import learning_preview
 from ..models import DEFAULT_MODEL, load_backbone
+from ..runs import checkpoint_path
 from .options import (add_config_options, add_model_options, add_quiet_option, add_recipe_option, check_sources,
-                      config_values, load_sources, output_file, output_folder, peek_recipe, source_groups,
-                      write_images)
+                      config_values, load_sources, peek_recipe, source_groups, write_folder)
+from .validate import exclusive, output_file, output_folder
 
 
 def register(sub, argv) -> None:
@@ -40,28 +42,50 @@ def add_source_options(p, command: str) -> None:
     add_quiet_option(p)
 
 
-def learn_files(args, cfg, learner, model: str):
-    """Check every input, load the model, learn with ``learner`` (:func:`clic.learn.learn`'s signature); returns the
-    backbone, the images, the masks, the result and a summary line."""
-    out = output_file(args.out, ".safetensors")
+def learn_files(args, cfg, learner, model: str, after=None):
+    """Check every input and output, load the model, learn with ``learner`` (:func:`clic.learn.learn`'s signature),
+    then ``after(backbone, images, masks, result)`` (more outputs), all while holding the output's lock; returns a
+    summary line."""
     groups = source_groups(list(args.image), list(args.mask))
+    inputs = {"--image": args.image, "--mask": args.mask}
+    out = output_file(args.out, ".safetensors", inputs)
+    log = output_file(args.log or out.with_suffix(".log.jsonl"), None, {**inputs, "--out": [out]})
+    output_file(checkpoint_path(out), None, {**inputs, "--log": [log]})
     cfg.check(len(groups[0][1]))
     # how the files become model inputs (RealFill's config has the defaults: crop, binary)
     threshold = cfg.mask_threshold if getattr(cfg, "binary_masks", True) else None
     fit = getattr(cfg, "image_fit", "crop")
     check_sources(groups, threshold, fit)                         # fail fast, before the model loads
-    backbone = load_backbone(model, args.device, args.dtype)
-    images, masks = load_sources(groups, backbone.resolution, threshold, fit)
-    result = learner(backbone, images, masks, cfg, out_path=out, log_path=args.log or str(out.with_suffix(".log.jsonl")),
-                     resume=args.resume, progress=not args.quiet)
+    with exclusive(out):                                          # one run per output: no interleaved log
+        backbone = load_backbone(model, args.device, args.dtype)
+        images, masks = load_sources(groups, backbone.resolution, threshold, fit)
+        try:
+            result = learner(backbone, images, masks, cfg, out_path=out, log_path=str(log), resume=args.resume,
+                             progress=not args.quiet)
+        except OutputError as exc:            # e.g. a full disk: what was learned up to the checkpoint is kept
+            ckpt = checkpoint_path(out)
+            raise OutputError(f"{exc}; {ckpt} is kept: --resume continues from it" if ckpt.is_file() else
+                              str(exc)) from exc
+        if after is not None:
+            after(backbone, images, masks, result)
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k.startswith("l_"))
-    return backbone, images, masks, result, f"{out}  tokens={' '.join(result.concept.tokens)}  {losses}"
+    return f"{out}  tokens={' '.join(result.concept.tokens)}  {losses}"
+
+
+def preview_names(groups, n_tokens: int) -> list[str]:
+    """The files of :func:`clic.maps.learning_preview`."""
+    return [f"{kind}_{i}_{j}.png" for i in range(len(groups)) for j in range(n_tokens)
+            for kind in ("mask", "attention")] + ["grid.png"]
 
 
 def run(args) -> None:
     cfg = learn_config(args.recipe or "paper", **config_values(args, LearnConfig))
-    maps = output_folder(args.save_maps) if args.save_maps else None
-    backbone, images, masks, result, summary = learn_files(args, cfg, learn, args.model or DEFAULT_MODEL)
-    if maps is not None:
-        write_images(learning_preview(backbone, result.concept, images, masks, seed=cfg.seed), maps, show=False)
-    print(summary)
+    after = None
+    if args.save_maps:
+        groups = source_groups(list(args.image), list(args.mask))
+        maps = output_folder(args.save_maps, preview_names(groups, len(groups[0][1])),
+                             {"--image": args.image, "--mask": args.mask})
+
+        def after(backbone, images, masks, result):
+            write_folder(maps, learning_preview(backbone, result.concept, images, masks, seed=cfg.seed), show=False)
+    print(learn_files(args, cfg, learn, args.model or DEFAULT_MODEL, after))

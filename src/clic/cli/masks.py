@@ -20,8 +20,13 @@ def output_names(paths: list[str]) -> list[str]:
     return [f"{k:02d}_{s}" for k, s in enumerate(stems)]
 
 
+def stem_names(stems: list[str]) -> list[str]:
+    """The files :func:`mask_files` and :func:`grid_file` write for these stems."""
+    return [f"{stem}_{kind}.png" for stem in stems for kind in ("mask", "overlay", "attention")] + ["grid.png"]
+
+
 def image_sizes(paths: list[str]) -> list[tuple[int, int]]:
-    """(w, h) of each image; a missing or unreadable file is a one-line error."""
+    """(w, h) of each image as it is read (EXIF rotation applied); a missing or unreadable file is a one-line error."""
     return [image_size(p) for p in paths]
 
 
@@ -38,15 +43,15 @@ def full_size_mask(mask: torch.Tensor, image_wh: tuple[int, int]) -> Image.Image
     return canvas
 
 
-def mask_files(out_dir: Path, stem: str, image, mask, attention, full_size) -> dict:
-    return {out_dir / f"{stem}_mask.png": full_size_mask(mask, full_size),
-            out_dir / f"{stem}_overlay.png": mask_overlay(image, mask),
-            out_dir / f"{stem}_attention.png": heat_overlay(image, attention)}
+def mask_files(stem: str, image, mask, attention, full_size) -> dict:
+    return {f"{stem}_mask.png": full_size_mask(mask, full_size),
+            f"{stem}_overlay.png": mask_overlay(image, mask),
+            f"{stem}_attention.png": heat_overlay(image, attention)}
 
 
-def grid_file(out_dir: Path, names: list[str], images, masks, attentions) -> dict:
+def grid_file(names: list[str], images, masks, attentions) -> dict:
     """``grid.png``: the masks over their images (top row) and the token's attention (bottom row), one column per
     image, labelled with its name."""
     cells = [mask_overlay(im, m) for im, m in zip(images, masks)] + [heat_overlay(im, a) for im, a in
                                                                       zip(images, attentions)]
-    return {out_dir / "grid.png": grid(cells, rows=2, labels=list(names) * 2, cell=max(256, images[0].shape[-1]))}
+    return {"grid.png": grid(cells, rows=2, labels=list(names) * 2, cell=max(256, images[0].shape[-1]))}

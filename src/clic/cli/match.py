@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..concept import Concept
 from ..config import MaskConfig, MatchConfig
 from ..errors import InputError
 from ..imaging import image_size, load_image, load_mask
 from ..models import load_backbone
 from ..roi import Matcher, attention_to_mask, learn_matcher, matcher_attention
-from .masks import grid_file, image_sizes, mask_files, output_names
-from .options import (add_config_options, add_model_options, add_quiet_option, config_values, output_folder,
-                      write_images)
+from .masks import grid_file, image_sizes, mask_files, output_names, stem_names
+from .options import add_config_options, add_model_options, add_quiet_option, config_values, write_folder
+from .validate import exclusive, output_file, output_folder
 
 
 def register(sub, argv) -> None:
@@ -41,12 +39,11 @@ def register(sub, argv) -> None:
 
 
 def run(args) -> None:
-    # 1. Check every input before the model loads and before anything is written.
+    # 1. Check every input and output before the model loads and before anything is written.
     cfg = MatchConfig(**config_values(args, MatchConfig))
     mask_cfg = MaskConfig(**config_values(args, MaskConfig))
     cfg.check()
     mask_cfg.check()
-    out_dir = output_folder(args.out)
     targets = list(args.target or [])
     training = args.source is not None or args.mask is not None
     if args.matcher and training:
@@ -58,10 +55,15 @@ def run(args) -> None:
     if not targets and not training:
         raise InputError("give at least one --target image")
     target_sizes = image_sizes(targets)
-    matcher_out = Path(args.save_matcher) if args.save_matcher else out_dir / "matcher.safetensors"
+    inputs = {"--concept": [args.concept], "--source": [args.source], "--mask": [args.mask],
+              "--matcher": [args.matcher], "--target": targets}
+    in_folder = training and not args.save_matcher            # the trained w* goes with the masks
+    out_dir = output_folder(args.out, stem_names(output_names(targets)) + ["matcher.safetensors"] * in_folder,
+                            inputs)
+    matcher_out = out_dir / "matcher.safetensors"
     if training:
-        if matcher_out.suffix != ".safetensors" or matcher_out.is_dir():
-            raise InputError(f"{matcher_out}: the matcher file must be a .safetensors file name")
+        if not in_folder:
+            matcher_out = output_file(args.save_matcher, ".safetensors", inputs)
         concept = Concept.load(args.concept)
         load_mask(args.mask, 256, image_size(args.source))
         model = args.model or concept.meta["base_model"]
@@ -69,32 +71,36 @@ def run(args) -> None:
         matcher = Matcher.load(args.matcher, args.concept)
         model = args.model or matcher.token.meta["base_model"]
 
-    # 2. Model; w* (trained, or loaded).
-    backbone = load_backbone(model, args.device, args.dtype)
-    size = backbone.resolution
-    mask_cfg.check(backbone.training_scheduler().config.num_train_timesteps)
-    if training:
-        image = load_image(args.source, size)
-        mask = load_mask(args.mask, size, image_size(args.source))
-        matcher = learn_matcher(backbone, concept, image, mask, cfg, concept_path=args.concept,
-                                progress=not args.quiet)
-    else:
-        matcher.token.check_base(backbone, args.matcher)
-        if matcher.parent is not None:
-            matcher.parent.check_base(backbone, "concept")
+    with exclusive(out_dir):
+        # 2. Model; w* (trained, or loaded).
+        backbone = load_backbone(model, args.device, args.dtype)
+        size = backbone.resolution
+        mask_cfg.check(backbone.training_scheduler().config.num_train_timesteps)
+        if training:
+            image = load_image(args.source, size)
+            mask = load_mask(args.mask, size, image_size(args.source))
+            matcher = learn_matcher(backbone, concept, image, mask, cfg, concept_path=args.concept,
+                                    progress=not args.quiet)
+        else:
+            matcher.token.check_base(backbone, args.matcher)
+            if matcher.parent is not None:
+                matcher.parent.check_base(backbone, "concept")
 
-    # 3. Masks, all computed before any file is written.
-    files, shown = {}, []
-    names = output_names(targets)
-    for path, stem, wh in zip(targets, names, target_sizes):
-        image = load_image(path, size)
-        attention = matcher_attention(backbone, matcher, image, mask_cfg)
-        mask = attention_to_mask(attention, size, mask_cfg)
-        files.update(mask_files(out_dir, stem, image, mask, attention, wh))
-        shown.append((image, mask, attention))
-    if shown:
-        files.update(grid_file(out_dir, names, *zip(*shown)))
+        # 3. Masks, all computed before any file is written; then all files at once.
+        files, shown = {}, []
+        names = output_names(targets)
+        for path, stem, wh in zip(targets, names, target_sizes):
+            image = load_image(path, size)
+            attention = matcher_attention(backbone, matcher, image, mask_cfg)
+            mask = attention_to_mask(attention, size, mask_cfg)
+            files.update(mask_files(stem, image, mask, attention, wh))
+            shown.append((image, mask, attention))
+        if shown:
+            files.update(grid_file(names, *zip(*shown)))
+        if in_folder:
+            files["matcher.safetensors"] = matcher.save
+        elif training:
+            matcher.save(matcher_out)
+        write_folder(out_dir, files)
     if training:
-        matcher.save(matcher_out)
         print(f"{matcher_out}  token={matcher.tokens[0]}  prompt={matcher.prompt!r}")
-    write_images(files)

@@ -1,12 +1,12 @@
 """What the commands share: the one bridge from a config dataclass to ``--options`` (help text from the field's
 metadata, the selected recipe's value as the default shown, speed options in a group of their own), the model
-options, the checks of output paths, reading the source images and masks, and writing images."""
+options, reading the source images and masks, and writing a folder of outputs (whole or not at all). The checks of
+paths and devices are :mod:`clic.cli.validate`'s."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from pathlib import Path
 
@@ -14,7 +14,9 @@ import torch
 
 from ..config import SPEED, flag
 from ..errors import ClicError, InputError
-from ..imaging import image_size, load_image, load_mask, save_png
+from ..fileio import staged_folder
+from ..imaging import image_size, load_image, load_mask
+from .validate import device
 
 
 class UsageError(ClicError):
@@ -107,10 +109,14 @@ def add_recipe_option(parser: argparse.ArgumentParser, choices: tuple[str, ...],
 
 def add_model_options(parser: argparse.ArgumentParser, model_default: str) -> None:
     parser.add_argument("--model", default=None, help=f"hub id or local diffusers folder (default: {model_default})")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that "
-                                                       "order)")
+    add_device_option(parser)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="precision of the frozen parts; trainable parameters stay fp32 (default: fp32)")
+
+
+def add_device_option(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    parser.add_argument("--device", default=None, type=device,
+                        help=help_text or "cuda, mps or cpu (default: the first available, in that order)")
 
 
 def add_quiet_option(parser: argparse.ArgumentParser) -> None:
@@ -120,34 +126,19 @@ def add_quiet_option(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def output_file(path: str, suffix: str | None = None) -> Path:
-    """``path`` as an output file: not a folder, the right suffix, in a writable folder."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give a file name")
-    if suffix and out.suffix != suffix:
-        raise InputError(f"{out}: the output file must end in {suffix}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: folder is not writable")
-    return out
-
-
-def output_folder(path: str) -> Path:
-    """``path`` as an output folder (made when the first file is written)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    return out
-
-
-def write_images(files: dict, folder: Path | None = None, show: bool = True) -> None:
-    """Write each image (atomically) and print its path: ``{name or path: PIL image}``, names inside ``folder``."""
-    for name, image in files.items():
-        path = folder / name if folder is not None else Path(name)
-        save_png(image, path)
-        if show:
-            print(path)
+def write_folder(folder: Path, files: dict, show: bool = True) -> None:
+    """Write ``{name: PIL image, or a function writing the file at the path it is given}`` into ``folder`` as one
+    step: into a temporary folder first, moved into place when all are written (a full disk leaves nothing), then
+    print each path."""
+    with staged_folder(folder) as tmp:
+        for name, item in files.items():
+            if callable(item):
+                item(tmp / name)
+            else:
+                item.save(tmp / name, format="PNG")
+    if show:
+        for name in files:
+            print(Path(folder) / name)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -164,10 +155,17 @@ def source_groups(images: list[str], masks: list[str]) -> list[tuple[str, list[s
 
 
 def check_sources(groups: list[tuple[str, list[str]]], threshold: float | None, fit: str = "crop") -> None:
-    """Read every image and mask once at a small size: fail fast, before the model loads."""
+    """Read every image and mask once at a small size: fail fast, before the model loads (also: :func:`check_target`)."""
     for image_path, masks in groups:
         for mask_path in masks:
             load_mask(mask_path, 256, image_size(image_path), threshold, fit=fit)
+
+
+def check_target(target: str, mask: str | None, threshold: float, fit: str = "crop") -> None:
+    """The target image and its mask (None: found later), read at a small size before the model loads."""
+    size = image_size(target)
+    if mask is not None:
+        load_mask(mask, 256, size, threshold, fit=fit)
 
 
 def load_sources(groups: list[tuple[str, list[str]]], size: int, threshold: float | None, fit: str = "crop"

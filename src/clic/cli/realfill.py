@@ -3,14 +3,14 @@ concept, transfer it by inpainting the target mask, generate with it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..baselines.realfill import generate_inpainting, inpaint, learn_realfill
+from ..concept import Concept
 from ..config import GenerateConfig, InpaintConfig, RealFillConfig, generate_config, learn_config, transfer_config
 from ..imaging import image_size, load_image, load_mask
 from ..models import DEFAULT_INPAINT_MODEL
 from . import generate, learn, transfer
-from .options import add_config_options, add_model_options, config_values, output_folder, write_images
+from .options import add_config_options, add_model_options, check_target, config_values, write_folder
+from .validate import exclusive
 
 
 def register(sub, argv) -> None:
@@ -40,22 +40,24 @@ def register(sub, argv) -> None:
 
 def run_learn(args) -> None:
     cfg = learn_config("realfill", **config_values(args, RealFillConfig))
-    *_, summary = learn.learn_files(args, cfg, learn_realfill, args.model or DEFAULT_INPAINT_MODEL)
-    print(summary)
+    print(learn.learn_files(args, cfg, learn_realfill, args.model or DEFAULT_INPAINT_MODEL))
 
 
 def run_transfer(args, values: dict | None = None) -> None:
     """``clic realfill transfer`` (and ``clic baselines transfer`` of a RealFill concept, with its ``values``)."""
-    out_dir = output_folder(args.out)
     cfg = transfer_config("realfill", **(values if values is not None else config_values(args, InpaintConfig)))
     cfg.check()
-    concept, backbone = transfer.concept_and_model(args)
-    size = backbone.resolution
-    target = load_image(args.target, size)
-    mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
-    source = load_image(args.source, size) if args.source else None
-    result = inpaint(backbone, concept, target, mask, cfg, progress=not args.quiet)
-    write_images(transfer.result_files(result, size, source, label="realfill seed"), Path(out_dir))
+    out_dir = transfer.target_outputs(args, cfg.seed_list())
+    check_target(args.target, args.mask, cfg.mask_threshold)
+    concept = Concept.load(args.concept)
+    with exclusive(out_dir):
+        concept, backbone = transfer.concept_and_model(args, concept)
+        size = backbone.resolution
+        target = load_image(args.target, size)
+        mask = load_mask(args.mask, size, image_size(args.target), cfg.mask_threshold)
+        source = load_image(args.source, size) if args.source else None
+        result = inpaint(backbone, concept, target, mask, cfg, progress=not args.quiet)
+        write_folder(out_dir, transfer.result_files(result, size, source, label="realfill seed"))
 
 
 def run_generate(args) -> None:

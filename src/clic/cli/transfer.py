@@ -13,8 +13,9 @@ from ..models import load_backbone
 from ..pipeline import ClicPipeline
 from ..roi import MaskConfig, Matcher, auto_target_mask
 from ..sampling import check_prompt
-from .options import (add_config_options, add_model_options, add_quiet_option, add_recipe_option, config_values,
-                      output_folder, peek_recipe, write_images)
+from .options import (add_config_options, add_model_options, add_quiet_option, add_recipe_option, check_target,
+                      config_values, peek_recipe, write_folder)
+from .validate import exclusive, image_file, output_folder
 
 
 def register(sub, argv) -> None:
@@ -61,6 +62,19 @@ def concept_and_model(args, concept: Concept | None = None):
     return concept, backbone
 
 
+def target_outputs(args, seeds: list[int], extra: tuple[str, ...] = ()) -> Path:
+    """Check the target, its mask, the source and the output folder (the files ``result_files`` writes, plus
+    ``extra``) before the model loads; returns the output folder."""
+    auto = args.mask == "auto"
+    for path in (args.target, args.source):
+        if path:
+            image_file(path)
+    names = [f"seed{s}.png" for s in seeds] + [f"attention_seed{s}.png" for s in seeds] + ["grid.png", *extra]
+    inputs = {"concept": [args.concept], "--target": [args.target], "--mask": [] if auto else [args.mask],
+              "--source": [args.source], "--matcher": [getattr(args, "matcher", None)]}
+    return output_folder(args.out, names, inputs)
+
+
 def result_files(result, size: int, source=None, images=None, label: str = "seed", attention: bool = False) -> dict:
     """``seed<S>.png`` per seed (``images``: PIL images, default the results) and ``grid.png``: source | mask |
     target | the results at the model resolution (with v*'s attention over each, if asked: also
@@ -86,17 +100,23 @@ def result_files(result, size: int, source=None, images=None, label: str = "seed
 def run(args, recipe: str | None = None, label: str = "seed") -> None:
     """``clic transfer`` (and ``clic baselines transfer`` of a concept transferred by blended editing: ``recipe``
     is its method's)."""
-    out_dir = output_folder(args.out)
     cfg = transfer_config(getattr(args, "recipe", None) or recipe or "paper", **config_values(args, TransferConfig))
     cfg.check()
     auto = args.mask == "auto"
     if auto and not getattr(args, "matcher", None):
         raise InputError("--mask auto needs --matcher W.safetensors (made by `clic match`)")
+    out_dir = target_outputs(args, cfg.seed_list(), ("mask_auto.png",) if auto else ())
+    check_target(args.target, None if auto else args.mask, cfg.mask_threshold)
     concept = Concept.load(args.concept)
     if concept.meta.get("method") == "realfill":
         raise InputError(f"{args.concept} is a RealFill concept (inpainting model): use `clic realfill transfer`")
-    concept, backbone = concept_and_model(args, concept)
     check_prompt(cfg.prompt if cfg.prompt is not None else concept.meta.get("prompt", ""), concept.tokens)
+    with exclusive(out_dir):
+        _run(args, cfg, concept, out_dir, auto, label)
+
+
+def _run(args, cfg, concept, out_dir: Path, auto: bool, label: str) -> None:
+    concept, backbone = concept_and_model(args, concept)
     pipe = ClicPipeline.from_backbone(backbone, cfg.scheduler)
     pipe.set_progress_bar_config(disable=args.quiet)
     pipe.load_concept(concept)
@@ -110,7 +130,7 @@ def run(args, recipe: str | None = None, label: str = "seed") -> None:
     # the results at the target's own size unless --no-full-size (a found mask is at the model resolution)
     out = pipe.transfer(image=args.target, mask_image=mask, config=cfg, full_size=getattr(args, "full_size", False))
 
-    # everything is computed: now write (each file atomically)
+    # everything is computed: now write (all files or none)
     files = {"mask_auto.png": to_pil(mask)} if auto else {}
     files.update(result_files(out.result, size, source, out.images, label, getattr(args, "save_attention", False)))
-    write_images(files, Path(out_dir))
+    write_folder(out_dir, files)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import ClicError, InputError
+from ..errors import ClicError
 from ..ui import Workbench, launch
+from .options import add_device_option
+from .validate import free_port
 
 
 def register(sub, argv) -> None:
@@ -17,7 +19,7 @@ def register(sub, argv) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     p.add_argument("--model", default=None, help="diffusers folder or hub id, e.g. CompVis/stable-diffusion-v1-4 "
                                                  "(default: the bundled offline model)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
+    add_device_option(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of the frozen parts (default: fp32)")
     p.add_argument("--share", action="store_true", help="also make a public Gradio share link (off by default)")
@@ -27,8 +29,10 @@ def register(sub, argv) -> None:
 def run(args) -> None:
     if importlib.util.find_spec("gradio") is None:
         raise ClicError("the web UI needs gradio: pip install 'clic-diffusion[ui]'")
-    if args.port is not None and not 0 < args.port < 65536:
-        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    free_port(args.host, args.port)                     # before the model loads
     bench = Workbench(args.model, args.device, args.dtype)
     bench.load()
-    launch(bench, args.host, args.port, args.share)
+    try:
+        launch(bench, args.host, args.port, args.share)
+    except OSError as exc:                               # taken meanwhile, or an address this machine does not have
+        raise ClicError(f"cannot serve on {args.host}:{args.port or 'the default port'} ({exc})") from exc

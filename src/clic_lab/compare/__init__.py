@@ -49,14 +49,12 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from huggingface_hub import snapshot_download
@@ -67,10 +65,11 @@ from clic import __version__, baselines
 from clic.concept import Concept
 from clic.config import learn_config, recipe_named, transfer_config
 from clic.errors import ClicError, InputError
-from clic.fileio import atomic_path
+from clic.fileio import atomic_path, read_document
 from clic.imaging import grid, image_size, load_image, load_mask, mask_overlay, save_png, to_pil
 from clic.models import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, DTYPES, load_backbone
 
+from ..stats import mean_ci
 from .metrics import ImageEncoder, attention_localisation, concept_fidelity, lpips_distance, measure, psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -142,17 +141,36 @@ class Manifest:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise BenchmarkError(f"{path}: manifest not found")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise BenchmarkError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                             f"({str(exc).splitlines()[0]})") from exc
+    # size-limited UTF-8, YAML without aliases (a 1 KB alias bomb expands to gigabytes)
+    data = read_document(path, "manifest", BenchmarkError)
     if not isinstance(data, dict):
         raise BenchmarkError(f"{path}: the manifest must be a mapping with 'cases' (and 'methods')")
     return data
+
+
+#: the type of each manifest key
+MANIFEST_TYPES = {"model": str, "inpaint_model": str, "dtype": str, "device": str, "encoder": str, "name": str,
+                  "learn": dict, "transfer": dict, "metrics": list, "cases": list, "methods": list, "ablations": dict}
+_KINDS = {str: "a string", dict: "a mapping", list: "a list", bool: "true or false"}
+
+
+def _schema(data: dict, problems: list[str]) -> tuple[dict, set[str]]:
+    """The manifest's keys of the wrong type, as problems: the returned copy leaves them out (not checked further),
+    the set names them."""
+    out, wrong = {}, set()
+    for key, value in data.items():
+        kind = MANIFEST_TYPES.get(key)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            problems.append(f"{key}: must be {_KINDS[kind]}, got {_short(value)}")
+            wrong.add(key)
+            continue
+        out[key] = value
+    return out, wrong
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _model_ref(value: str, root: Path) -> str:
@@ -168,29 +186,36 @@ def _variants(data: dict, problems: list[str]) -> list[Variant]:
     for entry in data.get("methods") or list(DEFAULT_METHODS):
         if isinstance(entry, str):
             entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            problems.append(f"methods: {entry!r} is neither a method name nor a mapping with 'name'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            problems.append(f"methods: {_short(entry)} is neither a method name nor a mapping with a 'name'")
             continue
-        unknown = set(entry) - {"name", "method", "learn", "transfer"}
+        unknown = set(map(str, entry)) - {"name", "method", "learn", "transfer"}
         if unknown:
             problems.append(f"method {entry['name']!r}: unknown key(s) {sorted(unknown)}")
         method = entry.get("method", entry["name"])
-        if method not in METHODS:
-            problems.append(f"method {entry['name']!r}: unknown method {method!r} (one of {', '.join(METHODS)})")
+        if not isinstance(method, str) or method not in METHODS:
+            problems.append(f"method {entry['name']!r}: unknown method {_short(method)} (one of {', '.join(METHODS)})")
             continue
-        variants.append(Variant(str(entry["name"]), method, dict(entry.get("learn") or {}),
+        bad = [k for k in ("learn", "transfer") if not isinstance(entry.get(k) or {}, dict)]
+        if bad:
+            problems.append(f"method {entry['name']!r}: {bad[0]} must be a mapping of options, got "
+                            f"{_short(entry[bad[0]])}")
+            continue
+        variants.append(Variant(entry["name"], method, dict(entry.get("learn") or {}),
                                 dict(entry.get("transfer") or {})))
     ablations = data.get("ablations") or {}
-    if not isinstance(ablations, dict) or set(ablations) - {"losses", "eta"}:
-        problems.append("ablations: a mapping with 'losses' (true/false) and/or 'eta' (a list of step sizes)")
+    if set(map(str, ablations)) - {"losses", "eta"} or not isinstance(ablations.get("losses", False), bool) \
+            or not isinstance(ablations.get("eta") or [], list):
+        problems.append("ablations: a mapping with 'losses' (true/false) and/or 'eta' (a list of step sizes), got "
+                        f"{_short(ablations)}")
         ablations = {}
     base = next((v for v in variants if v.name == "clic"), Variant("clic", "clic"))
     if ablations.get("losses"):
         for name, switch in ABLATION_LOSSES.items():
             variants.append(Variant(name, "clic", {**base.learn, **switch}, dict(base.transfer)))
     for eta in ablations.get("eta") or []:
-        if not isinstance(eta, (int, float)):
-            problems.append(f"ablations: eta {eta!r} is not a number")
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool):
+            problems.append(f"ablations: eta {_short(eta)} is not a number")
             continue
         variants.append(Variant(f"clic-eta={eta:g}", "clic", dict(base.learn), {**base.transfer, "eta": float(eta)}))
     seen = set()
@@ -213,7 +238,12 @@ def _cases(data: dict, root: Path, problems: list[str]) -> list[Case]:
             continue
         cid = str(entry.get("id", f"#{k + 1}"))
         missing = [key for key in REQUIRED_CASE_KEYS if not entry.get(key)]
-        unknown = sorted(set(entry) - set(CASE_KEYS))
+        unknown = sorted(set(map(str, entry)) - set(CASE_KEYS))
+        wrong = [key for key in CASE_KEYS if key != "id" and entry.get(key) is not None
+                 and not isinstance(entry[key], str)]
+        if wrong:
+            problems.append(f"case {cid!r}: {', '.join(wrong)} must be text, got {_short(entry[wrong[0]])}")
+            continue
         if missing:
             problems.append(f"case {cid!r}: missing {', '.join(missing)}")
         if unknown:
@@ -267,27 +297,28 @@ def _learn_overrides(case: Case, variant: Variant, common: dict) -> dict:
 def load_manifest(path, device: str | None = None, dtype: str | None = None) -> Manifest:
     """Read and check a manifest; every problem is gathered into one :class:`BenchmarkError` (nothing runs)."""
     path = Path(path)
-    data = _read(path)
-    root = path.parent
     problems: list[str] = []
-    unknown = sorted(set(data) - set(MANIFEST_KEYS))
+    data, wrong = _schema(_read(path), problems)
+    root = path.parent
+    unknown = sorted(set(map(str, data)) - set(MANIFEST_KEYS))
     if unknown:
         problems.append(f"unknown key(s) {unknown} (known: {', '.join(MANIFEST_KEYS)})")
     metrics = list(data.get("metrics") or METRIC_GROUPS)
     for m in metrics:
-        if m not in METRIC_GROUPS:
-            problems.append(f"metrics: unknown metric {m!r} (one of {', '.join(METRIC_GROUPS)})")
+        if not isinstance(m, str) or m not in METRIC_GROUPS:
+            problems.append(f"metrics: unknown metric {_short(m)} (one of {', '.join(METRIC_GROUPS)})")
+    metrics = [m for m in metrics if isinstance(m, str) and m in METRIC_GROUPS]
     common_learn, common_transfer = dict(data.get("learn") or {}), dict(data.get("transfer") or {})
-    dtype = dtype or data.get("dtype", "fp32")
+    dtype = dtype or data.get("dtype") or "fp32"
     if dtype not in DTYPES:
         problems.append(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = _model_ref(str(data.get("model", DEFAULT_MODEL)), root)
-    inpaint_model = _model_ref(str(data.get("inpaint_model", DEFAULT_INPAINT_MODEL)), root)
-    variants = _variants(data, problems)
-    cases = _cases(data, root, problems)
+    model = _model_ref(data.get("model") or DEFAULT_MODEL, root)
+    inpaint_model = _model_ref(data.get("inpaint_model") or DEFAULT_INPAINT_MODEL, root)
+    variants = _variants(data, problems) if "methods" not in wrong else []
+    cases = _cases(data, root, problems) if "cases" not in wrong else []
     for phase, common in (("learn", common_learn), ("transfer", common_transfer)):
         usable = set().union(*(_option_names(v.method, phase) for v in variants))
-        for key in sorted(set(common) - usable) if variants else []:
+        for key in sorted(set(map(str, common)) - usable) if variants else []:
             problems.append(f"{phase}: {key!r} is not an option of any method's {phase} config")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     for name, ref in (("model", model), ("inpaint_model", inpaint_model)):
@@ -564,27 +595,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return format(value, ".6g")
     return str(value)
-
-
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n samples (n - 1 degrees of freedom)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-             2.042]
-    return table[n - 2] if n - 2 < len(table) else 1.960
-
-
-def mean_ci(values: list[float]) -> tuple[float, float, float] | None:
-    """(mean, low, high) of the 95% t-interval of the mean; None without finite values; low = high = mean for one."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return None
-    n, mean = len(vals), sum(vals) / len(vals)
-    if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = _t95(n) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 # ---------------------------------------------------------------------------------------------- merging

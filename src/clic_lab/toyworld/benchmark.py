@@ -564,7 +564,7 @@ def paired_report(results_dir, reference: str = "clic", n_boot: int = 10000) -> 
 
 
 def _summary(rows: list[dict], columns: tuple[str, ...]) -> dict:
-    from clic_lab.compare import mean_ci
+    from clic_lab.stats import mean_ci
 
     out = {}
     for name in dict.fromkeys(r["method"] for r in rows):

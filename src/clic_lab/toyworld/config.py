@@ -30,13 +30,16 @@ class ToyModelConfig:
     vae_batch: int = _opt(32, "VAE batch size")
     vae_more_minutes: float = _opt(0.0, "with --resume, before the latents are encoded: train the saved VAE this "
                                         "many minutes more (fresh optimiser, half the learning rate)")
+    init_vae: str = _opt("", "start from these VAE weights (a safetensors file written by --save-vae; its "
+                             "architecture must match --vae-channels) instead of training a VAE")
     vae_crop: int = _opt(32, "VAE trains on random crops of this side (it is fully convolutional)")
     vae_lr: float = _opt(2e-3, "VAE learning rate (AdamW, cosine decay to 10%)")
     vae_kl: float = _opt(1e-6, "weight of the KL term (SD: 1e-6)")
     decoder_minutes: float = _opt(0.0, "after the UNet: fine-tune the VAE decoder alone (encoder, hence latents, "
                                        "unchanged) on whole images for this many minutes")
     decoder_lr: float = _opt(5e-4, "decoder fine-tuning learning rate (cosine decay to 10%)")
-    decoder_batch: int = _opt(8, "decoder fine-tuning batch (whole 64x64 images)")
+    decoder_batch: int = _opt(16, "decoder fine-tuning batch")
+    decoder_crop: int = _opt(64, "decoder fine-tuning on random windows of this many pixels (0: whole images)")
     # text encoder
     text_hidden: int = _opt(64, "CLIPTextModel hidden size (= the UNet's cross_attention_dim)")
     text_layers: int = _opt(3, "CLIPTextModel layers")

@@ -111,6 +111,8 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     if data_file.is_file():
         d = np.load(data_file)
         images, captions = d["images"], [str(c) for c in d["captions"]]
+        if len(images) > cfg.n_scenes:          # a run that asks for fewer scenes than the cache holds: its head
+            images, captions = images[:cfg.n_scenes], captions[:cfg.n_scenes]
     else:
         images, captions = render_dataset(cfg.n_scenes, cfg.seed, cfg.size, workers=cfg.threads)
         np.savez(data_file, images=images, captions=np.array(captions))
@@ -133,6 +135,9 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
                                    torch.Generator().manual_seed(cfg.seed + 1 + vae_steps), vae_hist,
                                    lr=cfg.vae_lr / 2, warmup=20)
             save_checkpoint(vae_file, {"vae": vae.state_dict(), "history": vae_hist, "steps": vae_steps})
+    elif cfg.init_vae:
+        vae_steps = load_vae_weights(vae, cfg.init_vae)
+        save_checkpoint(vae_file, {"vae": vae.state_dict(), "history": vae_hist, "steps": vae_steps})
     else:
         vae_steps = train_vae(vae, images, cfg, min(deadline, time.time() + cfg.vae_minutes * 60),
                               torch.Generator().manual_seed(cfg.seed + 1), vae_hist)
@@ -268,10 +273,89 @@ def _add_config_options(ap: argparse.ArgumentParser) -> None:
             ap.add_argument(flag, type=type(f.default), default=None, help=text)
 
 
+def save_vae_weights(run_dir, dest) -> Path:
+    """The VAE of a run (``run_dir/work/vae.pt``, or its fine-tuned decoder ``decoder.pt`` when there is one) as a
+    safetensors file with its step count, for ``--init-vae`` (a run elsewhere can skip the VAE phase)."""
+    from safetensors.torch import save_file
+
+    work = Path(run_dir) / "work"
+    src = work / "decoder.pt" if (work / "decoder.pt").is_file() else work / "vae.pt"
+    state = torch.load(src, weights_only=False, map_location="cpu")      # the run's own checkpoint, never a user's
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state["vae"].items()}, str(dest),
+              metadata={"steps": str(state["steps"]), "source": src.name})
+    return dest
+
+
+def load_vae_weights(vae, path) -> int:
+    """Load a ``save_vae_weights`` file into ``vae``; returns the steps it was trained for."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        steps = int((f.metadata() or {}).get("steps", 0))
+    vae.load_state_dict(load_file(str(path)))
+    return steps
+
+
+def evaluate_vae(path, n: int, detector: str = "") -> dict:
+    """``vae_report`` per pattern on the train and held-out splits, for a pipeline folder's VAE or a --save-vae
+    file (whose architecture is the default config's)."""
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if p.is_dir():
+        vae = AutoencoderKL.from_pretrained(str(p / "vae") if (p / "vae").is_dir() else str(p), torch_dtype=torch.float32)
+        size = int(vae.config.sample_size)
+    else:
+        cfg0 = ToyModelConfig()
+        vae = build_vae(cfg0)
+        load_vae_weights(vae, p)
+        size = cfg0.size
+    vae.eval().requires_grad_(False)
+    cfg = ToyModelConfig(size=size, detector=detector)
+    return {split: vae_report(vae, cfg, n=n, split=split, per_pattern=True) for split in ("train", "heldout")}
+
+
+def finetune_decoder_of_run(out_dir, cfg: ToyModelConfig) -> dict:
+    """The decoder fine-tuning phase on its own, beside a run whose latents are encoded (it can go on while the
+    UNet trains: the encoder, hence the latents, stay as they are): ``cfg.decoder_minutes`` more minutes from
+    ``work/decoder.pt`` if there is one, else from ``work/vae.pt``; writes ``work/decoder.pt``, which the run's last
+    phase picks up. Returns the VAE report after it."""
+    torch.set_num_threads(cfg.threads)
+    work = Path(out_dir) / "work"
+    if not (work / "latents.pt").is_file():
+        raise FileNotFoundError(f"{work / 'latents.pt'}: the run has not encoded its latents yet")
+    d = np.load(work / "dataset.npz")
+    images = d["images"]
+    vae = build_vae(cfg)
+    start = work / ("decoder.pt" if (work / "decoder.pt").is_file() else "vae.pt")
+    state = torch.load(start, weights_only=False, map_location="cpu")
+    vae.load_state_dict(state["vae"])
+    hist = state["history"] if start.name == "decoder.pt" else []
+    latents = torch.load(work / "latents.pt")
+    steps = finetune_decoder(vae, images, latents, cfg, time.time() + cfg.decoder_minutes * 60,
+                             torch.Generator().manual_seed(cfg.seed + 5 + len(hist)), hist)
+    steps += state.get("steps", 0) if start.name == "decoder.pt" else 0
+    save_checkpoint(work / "decoder.pt", {"vae": vae.state_dict(), "history": hist, "steps": steps})
+    report = vae_report(vae, cfg, n=cfg.vae_eval_n)
+    log.info("decoder: %d steps, PSNR %.2f dB, detector on reconstructions %.3f", steps, report["psnr_db"],
+             report["detector_acc_reconstructions"])
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clic_lab.toyworld.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output folder (pipeline/, samples.png, loss.png, training.json, work/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out (reuses dataset, VAE, checkpoints)")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="only fine-tune the decoder of the run in --out for --decoder-minutes (beside its training)")
+    ap.add_argument("--save-vae", metavar="FILE", help="write the VAE of the run in --out as safetensors (for "
+                    "--init-vae) and stop")
+    ap.add_argument("--evaluate-vae", metavar="VAE", help="measure a VAE (a pipeline folder or a --save-vae file): "
+                    "PSNR and the pattern detector on reconstructions, per pattern, on --n-eval scenes of the train "
+                    "and held-out splits")
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="measure a trained pipeline folder instead of training")
     ap.add_argument("--n-eval", type=int, default=200, help="--evaluate: patterned prompts (the trained patterns in turn)")
     ap.add_argument("--n-plain", type=int, default=20, help="--evaluate: plain prompts")
@@ -284,6 +368,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if a.evaluate_vae:
+        torch.set_num_threads(a.threads or 1)
+        print(json.dumps(evaluate_vae(a.evaluate_vae, a.n_eval, a.detector or ""), indent=1))
+        return 0
     if a.evaluate:
         torch.set_num_threads(a.threads or 1)
         rep = evaluate_toy_model(a.evaluate, n=a.n_eval, n_plain=a.n_plain, seeds_per_prompt=a.seeds_per_prompt,
@@ -293,9 +381,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not a.out:
         ap.error("--out is required (or --evaluate MODEL_DIR)")
+    if a.save_vae:
+        print(save_vae_weights(a.out, a.save_vae))
+        return 0
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(ToyModelConfig) if getattr(a, f.name) is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = ToyModelConfig(**values)
+    if a.decoder_only:
+        print(json.dumps(finetune_decoder_of_run(a.out, cfg), indent=1))
+        return 0
     command = "python -m clic_lab.toyworld.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
     from clic.errors import ClicError
 
