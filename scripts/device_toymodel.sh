@@ -31,7 +31,7 @@ if [ -d "$RUN/pipeline" ]; then
   # measured there, where it takes seconds: text-to-image accuracy per pattern and colour, and the VAE per pattern
   "$PY" -m clic_lab.toyworld.train --evaluate "$RUN/pipeline" --n-eval "${TOY_EVAL_N:-400}" --n-plain 40 \
     --device "${TOY_DEVICE:-cuda}" --eval-out "$RUN/eval" > "$RUN/eval.json"
-  "$PY" -m clic_lab.toyworld.train --evaluate-vae "$RUN/pipeline" --n-eval 600 --device "${TOY_DEVICE:-cuda}" \
+  "$PY" -m clic_lab.toyworld.train --evaluate-vae "$RUN/pipeline" --n-eval "${TOY_VAE_EVAL_N:-600}" --device "${TOY_DEVICE:-cuda}" \
     > "$RUN/vae-eval.json"
   for d in unet text_encoder vae; do tar czf "$OUT/$d.tgz" -C "$RUN/pipeline" "$d"; done
   (cd "$RUN/pipeline" && tar czf "$OUT/rest.tgz" --exclude unet --exclude text_encoder --exclude vae .)
