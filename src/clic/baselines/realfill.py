@@ -159,9 +159,9 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
     start = Concept.untrained([cfg.placeholder], initializer_embedding(backbone, cfg.initializer)[None])
     with applied_concept(backbone, start, train="kv", train_token=True) as applied:
         attn_params = applied.attention_parameters
-        params = [applied.embedding.new] + attn_params
+        params = applied.token_parameters + attn_params
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        optimizer = opt_cls([{"params": [applied.embedding.new],
+        optimizer = opt_cls([{"params": applied.token_parameters,
                               "lr": cfg.token_lr if cfg.token_lr is not None else cfg.lr},
                              {"params": attn_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
 
@@ -216,7 +216,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
                 for idx in chunks(list(range(cfg.batch_size)), micro):
                     text = backbone.encode_text(text_ids[dropped[idx]])
                     x_in = inpainting_input(x_t[idx], m_lat[idx], cond[idx]).to(unet_dtype)
-                    pred = backbone.unet(x_in, t[idx], text.to(unet_dtype)).sample.float()
+                    pred = backbone.unet(x_in, t[idx], **text.to(unet_dtype).unet_kwargs()).sample.float()
                     loss = realfill_loss(pred, target[idx], w_lat[idx]) * (len(idx) / cfg.batch_size)
                     run.check_finite(loss.item(), step)
                     loss.backward()

@@ -10,7 +10,7 @@ import torch
 from clic.builder import SPECS, build_pipeline
 from clic.config import LearnConfig, learn_config
 from clic.learn import learn
-from clic.models import Backbone, load_backbone, parse_dtype, pick_device
+from clic.models import backbone_from_pipeline, load_backbone, parse_dtype, pick_device
 
 from .reference import learn_reference
 
@@ -35,9 +35,7 @@ def load_bench_backbone(model: str, device=None, dtype="fp32"):
     """A backbone for timing: a kind of :data:`clic.builder.SPECS` built in memory (random weights), or a model
     folder / hub id through :func:`clic.models.load_backbone`."""
     if model in SPECS:
-        pipe = build_pipeline(model)
-        return Backbone.from_modules(model, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                                     pipe.scheduler.config, pick_device(device), parse_dtype(dtype))
+        return backbone_from_pipeline(model, build_pipeline(model), pick_device(device), parse_dtype(dtype))
     return load_backbone(model, device, dtype)
 
 

@@ -190,7 +190,7 @@ class TensorMemory(TorchDispatchMode):
 def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
     """Peak live-tensor memory (GiB) of ``steps`` learning steps with ``cfg`` (LearnConfig overrides), on top of
     the model's weights (``weights_gib``) that live before; see :class:`TensorMemory`."""
-    modules = (backbone.unet, backbone.vae, backbone.text_encoder)
+    modules = backbone.modules
     weights = TensorMemory.storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
     config, reference = learning_config(steps, **{"cuda_graphs": "off", **cfg})
     gc.collect()
