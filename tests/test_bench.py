@@ -142,6 +142,23 @@ def test_tensor_memory_counts_live_storages():
     assert plain["peak_gib"] > ckpt["peak_gib"] > plain["weights_gib"]   # checkpointing keeps fewer activations
 
 
+def test_counts_on_the_meta_device_equal_the_cpus():
+    """FLOPs and live-tensor bytes depend on shapes only: the model built on the meta device (no values, no memory:
+    how the full-size SDXL step is counted) gives the counts the same model gives on the CPU, on the SDXL layout."""
+    from clic_lab.bench import count_learning_flops, count_learning_memory, load_bench_backbone
+
+    cpu, meta = load_bench_backbone("tiny-sdxl", "cpu"), load_bench_backbone("tiny-sdxl", "meta")
+    assert {p.device.type for m in meta.modules for p in m.parameters()} == {"meta"}
+    for cfg in ({}, {"reference_path": True}):
+        on_cpu, on_meta = count_learning_flops(cpu, **cfg), count_learning_flops(meta, **cfg)
+        assert on_meta["step_gflop"] == on_cpu["step_gflop"] > 0
+        assert on_meta["setup_gflop"] == on_cpu["setup_gflop"] and on_meta["by_op_gflop"] == on_cpu["by_op_gflop"]
+    on_cpu, on_meta = count_learning_memory(cpu), count_learning_memory(meta)
+    assert on_meta["weights_gib"] == on_cpu["weights_gib"] > 0
+    assert on_meta["peak_gib"] == pytest.approx(on_cpu["peak_gib"], rel=0.02)
+    assert on_meta["peak_gib"] > on_meta["weights_gib"]
+
+
 def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch):
     """Out of memory in one section (or a compiler error in a lever) must not cost the sections after it."""
     def oom(*args, **kwargs):

@@ -353,7 +353,8 @@ def _official_first_step(backbone, image, mask, draws, prompt, template):
         ca = _up_map(procs, index, hw)
         ca = (ca - ca.min()) / (ca.max() - ca.min())
         l_att = ((ca - att_mask[0]) ** 2).mean()
-        pred_roi = unet(x_t_roi, t, backbone.encode_text(backbone.tokenize(template.format(token="<v*>"))).hidden).sample
+        roi_text = backbone.encode_text(backbone.tokenize(template.format(token="<v*>"))).hidden
+        pred_roi = unet(x_t_roi, t, roi_text).sample
         l_con = (context_mask * (pred - eps) ** 2).sum() / context_mask.sum()
         l_roi = (att_mask * (pred_roi - eps) ** 2).sum() / att_mask.sum()
         loss = 0.5 * l_con + 0.25 * l_att + 0.25 * l_roi

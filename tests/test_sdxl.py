@@ -80,7 +80,8 @@ def test_text_conditioning_is_the_stock_pipelines(sdxl_backbone):
         torch.testing.assert_close(ours.hidden, torch.cat([neg, embeds]), rtol=0, atol=0)
         torch.testing.assert_close(ours.pooled, torch.cat([neg_pooled, pooled]), rtol=0, atol=0)
     assert not neg.eq(0).all() and ours.hidden[0].ne(0).any()
-    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, xl.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32,
+                                      xl.text_encoder_2.config.projection_dim)
     assert torch.equal(ours.time_ids, time_ids)
     kwargs = ours.unet_kwargs()
     assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)

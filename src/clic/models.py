@@ -64,10 +64,12 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's with the number of threads torch uses."""
+    """The GPU's name, or the CPU's with the number of threads torch uses (or the meta device's)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "meta":
+        return "meta device (shapes, no values: counts only)"
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
