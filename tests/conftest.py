@@ -37,6 +37,13 @@ def tiny_sdxl_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_dir(tmp_path_factory):
+    from clic.builder import make_model
+
+    return str(make_model("tiny-sdxl-inpaint", tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint"))
+
+
+@pytest.fixture(scope="session")
 def other_tiny_model_dir(tmp_path_factory):
     """Same architecture as ``tiny``, other weights (seed): a concept of one must be refused by the other."""
     from clic.builder import make_model

@@ -299,3 +299,117 @@ def test_sdxl_alias_names_the_hub_model(monkeypatch):
     with pytest.raises(clic.models.ModelError, match="stabilityai/stable-diffusion-xl-base-1.0"):
         load_backbone("sdxl", device="cpu")
     assert asked == ["stabilityai/stable-diffusion-xl-base-1.0"]
+
+
+def test_make_model_tiny_sdxl_from_the_command_line(tmp_path):
+    """`clic make-model tiny-sdxl DIR` writes a folder a stock StableDiffusionXLPipeline loads; its tokenizers are
+    rebuilt offline as SDXL's: the first pads with the end token, the second (OpenCLIP bigG's) with "!" (id 0)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "xl"
+    assert main(["make-model", "tiny-sdxl", str(out)]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim == 32
+    xl = load_backbone(str(out), device="cpu")
+    ids = xl.tokenize("a photo")
+    assert ids[0, :5].tolist() == [49406, 320, 1125, 49407, 49407]
+    assert ids[0, 77:82].tolist() == [49406, 320, 1125, 49407, 0]
+
+
+def test_sdxl_random_has_the_sdxl_base_architecture():
+    """sdxl-random is SDXL base 1.0's architecture: its published parameter counts, 70 cross-attention layers (36 in
+    the up blocks: 30 at latent/4, 6 at latent/2), 1024 px, the text dimensions 768 + 1280 and the added embedding."""
+    from clic.builder import build_pipeline
+
+    pipe = build_pipeline("sdxl-random", device="meta")
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    assert counts == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863}
+    unet = pipe.unet
+    assert len(cross_attention_layers(unet, ("down", "mid", "up"))) == 70
+    assert len(cross_attention_layers(unet, ("up",), 4)) == 30 and len(cross_attention_layers(unet, ("up",), 2)) == 6
+    assert cross_attention_layers(unet, ("up",)) == cross_attention_layers(unet, ("up",), 4) + \
+        cross_attention_layers(unet, ("up",), 2)
+    assert {m.heads for n, m in unet.named_modules() if n.endswith("attn2")} == {10, 20}
+    assert unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 1024
+    assert unet.add_embedding.linear_1.in_features == 2816 and unet.config.cross_attention_dim == 2048
+
+
+@pytest.mark.parametrize("method", ["custom-diffusion", "break-a-scene"])
+def test_recipe_baselines_on_sdxl(tiny_sdxl_model_dir, method):
+    """Custom Diffusion and Break-A-Scene are recipes of CLiC's loop: on SDXL they train both encoders' rows and every
+    cross-attention K/V (Break-A-Scene's l_att on the latent/4 maps of the down and up blocks, as its 16x16 maps of a
+    64x64 latent: 32x32 on SDXL at 1024 px), and transfer and generate as their method does."""
+    from clic import baselines
+    from clic.config import transfer_config
+
+    xl = shared_backbone(tiny_sdxl_model_dir)
+    cfg = learn_config(method, object_class="chair", steps=2, lr=1e-3, token_warmup_lr=1e-2)
+    result = baselines.learn_concept(xl, [random_image()], [square_mask()], cfg, progress=False)
+    concept = result.concept
+    assert concept.embeddings.shape == (1, 80) and len(concept.attn_weights) == 22      # 11 layers' K and V
+    if method == "break-a-scene":
+        assert concept.meta["config"]["attn_factor"] == 4 and result.history[0]["l_att"] > 0
+    res = baselines.transfer_concept(xl, concept, random_image(seed=3), square_mask(),
+                                     transfer_config(method, steps=3, t_start=1), progress=False)
+    assert res.images.shape == (1, 3, 64, 64) and torch.isfinite(res.images).all()
+    gen = baselines.generate_concept(xl, concept, GenerateConfig(steps=2, base_steps=1, seeds=(0,)), progress=False)
+    assert gen.images.shape == (1, 3, 64, 64)
+
+
+def test_web_page_jobs_on_sdxl(tiny_sdxl_model_dir, tmp_path):
+    """The web page's jobs (learn, transfer, generate, find the region) on an SDXL folder."""
+    import numpy as np
+
+    from clic.ui import Workbench
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((96, 128), dtype=bool)
+    mask[20:70, 40:100] = True
+    bench = Workbench(tiny_sdxl_model_dir, "cpu", workdir=tmp_path)
+    learned = bench.learn(image, mask, "chair", steps=2)
+    assert Concept.load(learned.concept_path).embeddings.shape == (1, 80)
+    results = bench.transfer(learned.concept_path, image, mask, t_start=1, steps=3)
+    assert [c for _, c in results] == ["seed 0", "seed 0: CA(<v*>)"] and results[0][0].size == (64, 64)
+    assert len(bench.generate(learned.concept_path, "vase", num=1, base_steps=1, steps=2)) == 1
+    matcher = bench.learn_matcher(learned.concept_path, image, mask, steps=2)
+    found = bench.find_region(matcher, learned.concept_path, image)
+    assert found.shape == (96, 128) and found.dtype == bool
+
+
+def test_realfill_on_sdxl_inpainting_equals_the_stock_pipeline(tiny_sdxl_inpaint_dir, sdxl_backbone):
+    """RealFill on SDXL's inpainting layout: trains both encoders' rows and K/V, and its inpainting is the stock
+    StableDiffusionXLInpaintPipeline's (strength 1: from pure noise, as RealFill's). A base (4-channel) SDXL model is
+    refused, naming SDXL's inpainting checkpoint."""
+    from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline
+
+    from clic import baselines
+    from clic.config import transfer_config
+    from clic.errors import ModelError
+    from clic.imaging import to_pil
+
+    with pytest.raises(ModelError, match="stable-diffusion-xl-1.0-inpainting-0.1"):
+        baselines.learn_realfill(sdxl_backbone, [random_image()], [square_mask()], learn_config("realfill"))
+    backbone = load_backbone(tiny_sdxl_inpaint_dir, device="cpu")
+    assert backbone.is_inpainting and isinstance(backbone, SDXLBackbone)
+    cfg = learn_config("realfill", steps=1, batch_size=1, lr=1e-2)
+    concept = baselines.learn_concept(backbone, [random_image()], [square_mask()], cfg, progress=False).concept
+    assert concept.embeddings.shape == (1, 80) and len(concept.attn_weights) == 22
+    target = torch.from_numpy(__import__("numpy").asarray(to_pil(random_image(seed=7)), dtype="float32")
+                              ).permute(2, 0, 1) / 127.5 - 1
+    mask = square_mask(box=(16, 48, 8, 40))
+    tcfg = transfer_config("realfill", steps=3, scheduler="ddim", guidance_scale=2.0, composite=False, seeds=(4,))
+    ours = baselines.transfer_concept(backbone, concept, target, mask, tcfg, progress=False)
+    with applied_concept(backbone, concept):
+        pipe = StableDiffusionXLInpaintPipeline(
+            vae=backbone.vae, text_encoder=backbone.text_encoder, text_encoder_2=backbone.text_encoder_2,
+            tokenizer=backbone.tokenizer, tokenizer_2=backbone.tokenizer_2, unet=backbone.unet,
+            scheduler=DDIMScheduler.from_config(backbone.scheduler_config, clip_sample=False),
+            requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+        pipe.set_progress_bar_config(disable=True)
+        stock = pipe("a photo of <v*>", image=to_pil(target), mask_image=to_pil(mask), height=64, width=64,
+                     strength=1.0, num_inference_steps=3, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(4), output_type="pt").images
+    torch.testing.assert_close((ours.images + 1) / 2, stock.float(), atol=1e-4, rtol=0)

@@ -13,6 +13,8 @@ No weights can be downloaded in our CI, so tests and benchmarks run on pipelines
 - ``tiny-sdxl``: the SDXL layout in small (``StableDiffusionXLPipeline``: two text encoders, the second with a
   projection, their hidden states concatenated; ``text_time`` added conditioning; no attention at the finest level,
   transformer depth growing towards the coarsest; linear projections; 64 px), for tests;
+- ``tiny-sdxl-inpaint``: ``tiny-sdxl`` in SDXL's inpainting layout (``StableDiffusionXLInpaintPipeline``, the
+  9-channel UNet input), the base of RealFill on SDXL;
 - ``sdxl-random``: the exact SDXL base architecture (UNet 2.6 B, CLIP ViT-L and OpenCLIP bigG text encoders, VAE;
   1024 px, 128x128 latents) for speed and memory measurements.
 
@@ -237,6 +239,7 @@ def _inpainting(kind: str) -> dict:
 
 SPECS["tiny-inpaint"] = _inpainting("tiny")
 SPECS["sd-inpaint-random"] = _inpainting("sd14-random")  # SD1.x-inpainting architecture (runwayml / SD1.5)
+SPECS["tiny-sdxl-inpaint"] = _inpainting("tiny-sdxl")    # SDXL's inpainting layout in small (RealFill on SDXL)
 
 
 def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
@@ -269,7 +272,7 @@ def build_pipeline(kind: str, seed: int = 0, device: str | torch.device | None =
     # diffusers' pipeline classes import transformers' image processors (stderr warnings without torchvision): only
     # when a pipeline is built
     from diffusers import (EulerDiscreteScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
 
     if kind not in SPECS:
         raise ModelError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
@@ -289,11 +292,12 @@ def build_pipeline(kind: str, seed: int = 0, device: str | torch.device | None =
     if spec.get("sdxl"):
         scheduler = EulerDiscreteScheduler(**_SDXL_SCHEDULER, prediction_type="epsilon")
         scheduler.register_to_config(**_SDXL_SCHEDULER_EXTRA)
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_clip_tokenizer(EOS),
-            tokenizer_2=build_clip_tokenizer("!"), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
+        parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                     tokenizer=build_clip_tokenizer(EOS), tokenizer_2=build_clip_tokenizer("!"), unet=unet,
+                     scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+        if spec.get("inpainting"):       # as SDXL's inpainting checkpoint: the base's six time ids, no aesthetic score
+            return StableDiffusionXLInpaintPipeline(**parts, requires_aesthetics_score=False)
+        return StableDiffusionXLPipeline(**parts)
     scheduler = PNDMScheduler(**_SCHEDULER, **spec["scheduler"])
     pipeline_cls = StableDiffusionInpaintPipeline if spec.get("inpainting") else StableDiffusionPipeline
     return pipeline_cls(

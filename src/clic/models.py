@@ -41,6 +41,8 @@ MODEL_ALIASES = {"sdxl": DEFAULT_SDXL_MODEL}
 #: The SD1.x inpainting checkpoint (SD1.5-inpainting, formerly runwayml/stable-diffusion-inpainting): the
 #: inpainting counterpart of the paper's SD1.4, the base of the RealFill baseline.
 DEFAULT_INPAINT_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+#: SDXL's inpainting checkpoint (a 9-channel SDXL UNet; the base of RealFill on SDXL)
+DEFAULT_SDXL_INPAINT_MODEL = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: sampler names -> diffusers classes (first-order or multistep: one UNet call per step)
 SCHEDULERS = {

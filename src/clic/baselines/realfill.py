@@ -60,7 +60,7 @@ from ..config import GenerateConfig, InpaintConfig, RealFillConfig
 from ..errors import InputError, ModelError
 from ..generate import GenerateResult, fill_prompt
 from ..imaging import check_mask
-from ..models import DEFAULT_INPAINT_MODEL
+from ..models import DEFAULT_INPAINT_MODEL, DEFAULT_SDXL_INPAINT_MODEL
 from ..runs import Run
 from ..sampling import check_prompt, chunks, decode_batches, denoise, encode_prompt, seed_batches, token_index
 from ..tokens import initializer_embedding, token_positions
@@ -149,9 +149,11 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
         raise InputError("give one mask per source image")
     cfg.check(masks[0].shape[0])
     if not backbone.is_inpainting:
+        xl = backbone.family == "sdxl"
         raise ModelError(f"RealFill needs an inpainting model (9-channel UNet); {backbone.model_id} has "
-                         f"{backbone.unet.config.in_channels} input channels (try --model {DEFAULT_INPAINT_MODEL}, "
-                         "or `clic make-model tiny-inpaint DIR` offline)")
+                         f"{backbone.unet.config.in_channels} input channels (try --model "
+                         f"{DEFAULT_SDXL_INPAINT_MODEL if xl else DEFAULT_INPAINT_MODEL}, or `clic make-model "
+                         f"{'tiny-sdxl-inpaint' if xl else 'tiny-inpaint'} DIR` offline)")
     device, size = backbone.device, backbone.resolution
     prompt = cfg.train_prompt()
 
@@ -325,7 +327,7 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
         for b in seed_batches(backbone, cfg, seeds, "inpaint", progress):
             condition = torch.cat(_conditioning(backbone, target, mask, b.generators), 1)
             # 4. Denoising loop
-            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds), 0),
+            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds)),
                            cfg, b.extra, b.bar, callback, {"seeds": b.seeds}, condition, layers, index)
             latents.append(x)
             maps.append(torch.stack(m).cpu() if m else torch.zeros(0))
@@ -367,9 +369,9 @@ def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
             x = b.latents
             if t_s:
                 with swapped_processors(backbone.unet, applied.base_processors):
-                    x, _ = denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch, 0), cfg,
+                    x, _ = denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch), cfg,
                                    b.extra, b.bar, condition=condition)
-            x, _ = denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch, 0), cfg,
+            x, _ = denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch), cfg,
                            b.extra, b.bar, condition=condition)
             latents.append(x)
         latents = torch.cat(latents)
