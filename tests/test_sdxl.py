@@ -85,6 +85,9 @@ def test_text_conditioning_is_the_stock_pipelines(sdxl_backbone):
     assert torch.equal(ours.time_ids, time_ids)
     kwargs = ours.unet_kwargs()
     assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    # the time ids are made once per device and dtype: every encoding hands on the same tensor
+    with torch.no_grad():
+        assert xl.encode_text(xl.tokenize("a chair")).time_ids is xl.encode_text(xl.tokenize("a vase")).time_ids
 
 
 def test_placeholder_is_in_both_encoders_and_pooling_is_at_the_end_token(sdxl_backbone):
