@@ -36,7 +36,8 @@ class ToyModelConfig:
     decoder_minutes: float = _opt(0.0, "after the UNet: fine-tune the VAE decoder alone (encoder, hence latents, "
                                        "unchanged) on whole images for this many minutes")
     decoder_lr: float = _opt(5e-4, "decoder fine-tuning learning rate (cosine decay to 10%)")
-    decoder_batch: int = _opt(8, "decoder fine-tuning batch (whole 64x64 images)")
+    decoder_batch: int = _opt(16, "decoder fine-tuning batch")
+    decoder_crop: int = _opt(64, "decoder fine-tuning on random windows of this many pixels (0: whole images)")
     # text encoder
     text_hidden: int = _opt(64, "CLIPTextModel hidden size (= the UNet's cross_attention_dim)")
     text_layers: int = _opt(3, "CLIPTextModel layers")

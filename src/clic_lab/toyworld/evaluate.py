@@ -44,13 +44,16 @@ def foreground_mask(img: np.ndarray, threshold: float = 45.0) -> np.ndarray:
 _PRIOR_GRID = 32
 
 
-def part_priors(n: int = 150, seed: int = 7, size: int = NATIVE_SIZE) -> Dict[str, Dict[str, np.ndarray]]:
+def part_priors(n: int = 150, seed: int = 7, size: int = NATIVE_SIZE,
+                classes: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, np.ndarray]]:
     """Per class and patternable part: the frequency with which a pixel of the object's bounding box (resampled
     to 32x32) belongs to the part, over ``n`` plain renders."""
     from PIL import Image
 
     pri: Dict[str, Dict[str, np.ndarray]] = {}
     for ci, cls in enumerate(CLASSES):
+        if classes is not None and cls not in classes:
+            continue
         acc = {p: np.zeros((_PRIOR_GRID, _PRIOR_GRID)) for p in PATTERNABLE_PARTS[cls]}
         for s in scene_seeds(n, seed * 100 + ci):
             sc = render_scene(s, size=size, object_class=cls, pattern="none")

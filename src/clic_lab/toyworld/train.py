@@ -268,10 +268,39 @@ def _add_config_options(ap: argparse.ArgumentParser) -> None:
             ap.add_argument(flag, type=type(f.default), default=None, help=text)
 
 
+def finetune_decoder_of_run(out_dir, cfg: ToyModelConfig) -> dict:
+    """The decoder fine-tuning phase on its own, beside a run whose latents are encoded (it can go on while the
+    UNet trains: the encoder, hence the latents, stay as they are): ``cfg.decoder_minutes`` more minutes from
+    ``work/decoder.pt`` if there is one, else from ``work/vae.pt``; writes ``work/decoder.pt``, which the run's last
+    phase picks up. Returns the VAE report after it."""
+    torch.set_num_threads(cfg.threads)
+    work = Path(out_dir) / "work"
+    if not (work / "latents.pt").is_file():
+        raise FileNotFoundError(f"{work / 'latents.pt'}: the run has not encoded its latents yet")
+    d = np.load(work / "dataset.npz")
+    images = d["images"]
+    vae = build_vae(cfg)
+    start = work / ("decoder.pt" if (work / "decoder.pt").is_file() else "vae.pt")
+    state = torch.load(start, weights_only=False, map_location="cpu")
+    vae.load_state_dict(state["vae"])
+    hist = state["history"] if start.name == "decoder.pt" else []
+    latents = torch.load(work / "latents.pt")
+    steps = finetune_decoder(vae, images, latents, cfg, time.time() + cfg.decoder_minutes * 60,
+                             torch.Generator().manual_seed(cfg.seed + 5 + len(hist)), hist)
+    steps += state.get("steps", 0) if start.name == "decoder.pt" else 0
+    save_checkpoint(work / "decoder.pt", {"vae": vae.state_dict(), "history": hist, "steps": steps})
+    report = vae_report(vae, cfg, n=cfg.vae_eval_n)
+    log.info("decoder: %d steps, PSNR %.2f dB, detector on reconstructions %.3f", steps, report["psnr_db"],
+             report["detector_acc_reconstructions"])
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clic_lab.toyworld.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output folder (pipeline/, samples.png, loss.png, training.json, work/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out (reuses dataset, VAE, checkpoints)")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="only fine-tune the decoder of the run in --out for --decoder-minutes (beside its training)")
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="measure a trained pipeline folder instead of training")
     ap.add_argument("--n-eval", type=int, default=200, help="--evaluate: patterned prompts (the trained patterns in turn)")
     ap.add_argument("--n-plain", type=int, default=20, help="--evaluate: plain prompts")
@@ -296,6 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(ToyModelConfig) if getattr(a, f.name) is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = ToyModelConfig(**values)
+    if a.decoder_only:
+        print(json.dumps(finetune_decoder_of_run(a.out, cfg), indent=1))
+        return 0
     command = "python -m clic_lab.toyworld.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
     from clic.errors import ClicError
 

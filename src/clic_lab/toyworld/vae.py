@@ -106,17 +106,22 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
     vae.decoder.train()
     dev = device_of(vae)
     data = torch.from_numpy(images).permute(0, 3, 1, 2)
+    factor = cfg.size // latents.shape[-1]
+    lc = min(latents.shape[-1], max(1, cfg.decoder_crop // factor)) if cfg.decoder_crop else latents.shape[-1]
     start = time.time()
-    total, step = 10 ** 9, 0
-    while time.time() < deadline and step < total:
-        if step == 20:
-            rate = (time.time() - start) / 20
-            total = int(20 + (deadline - time.time()) / rate)
+    budget = max(1e-6, deadline - start)
+    step = 0
+    while time.time() < deadline:
+        frac = min(1.0, (time.time() - start) / budget)      # cosine over the clock (a shared CPU's pace varies)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, cfg.decoder_lr, warmup=20)
+            g["lr"] = cfg.decoder_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))) * min(1.0, (step + 1) / 20)
         idx = torch.randint(0, len(data), (cfg.decoder_batch,), generator=gen)
         x = data[idx].float() / 127.5 - 1.0
         z = latents[idx]
+        if lc < latents.shape[-1]:      # a random latent window and the pixels it decodes to
+            i, j = torch.randint(0, latents.shape[-1] - lc + 1, (2,), generator=gen).tolist()
+            z = z[:, :, i:i + lc, j:j + lc]
+            x = x[:, :, i * factor:(i + lc) * factor, j * factor:(j + lc) * factor]
         if torch.rand((), generator=gen) < 0.5:
             x, z = x.flip(-1), z.flip(-1)
         x, z = x.to(dev), z.to(dev)
@@ -131,7 +136,9 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
         step += 1
         history.append((step, l1.item(), 0.0))
         if step % cfg.log_every == 0:
-            log.info("decoder step %d/%d  l1 %.4f  (%.0f s)", step, total, l1.item(), time.time() - start)
+            read_threads_file(cfg.threads_file)
+            log.info("decoder step %d  l1 %.4f  lr %.2e  (%.0f s)", step, l1.item(), opt.param_groups[0]["lr"],
+                     time.time() - start)
     vae.eval().requires_grad_(False)
     return step
 
