@@ -58,6 +58,17 @@ def test_report_of_a_bad_file(tmp_path, capsys):
     assert "not a `clic bench --json` result" in err and "\n" not in err
 
 
+def test_meta_device_is_for_counts_of_a_built_kind(capsys, tmp_path):
+    """--device meta has no values to time: anything but --flops / --tensor-memory, or a model folder, is refused in
+    one line before a model is built."""
+    for argv, culprit in ((["--model", "sdxl-random"], "--steps"),
+                          (["--model", "sdxl-random", "--steps", "0", "--sampling"], "--sampling"),
+                          (["--model", str(tmp_path), "--steps", "0", "--flops"], str(tmp_path))):
+        assert main(["bench", "--device", "meta", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert culprit in err and "--device meta" in err and "\n" not in err
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--wall-steps", "4",
