@@ -4,12 +4,16 @@
 # learning (median step, then 500 steps in one run, peak memory), transfer (50 DDIM steps, 30 guided; unguided) and
 # two-stage generation of one image. The FLOP and memory counts of the same step (BENCHMARKS.md, "SDXL") need no GPU.
 #   here:   bash scripts/device_wheels.sh
-#   device: bash scripts/device_bench_sdxl.sh                       (with .whl carried; ~6 minutes on an H100)
+#   device: bash scripts/device_bench_sdxl.sh                       (with .whl carried; not run on a GPU yet:
+#                                                                    ~6 minutes on an H100 if SDXL's step runs at
+#                                                                    SD1.4's ~90 TFLOP/s, BENCHMARKS.md)
 #   dry:    bash scripts/device_bench_sdxl.sh --dry                 (tiny-sdxl on the CPU, a few steps: the script
 #                                                                    end to end in a minute; tests/test_scripts.py)
 # Writes $OUT/bench.json (after every section: a run cut short keeps what it measured), $OUT/bench.md (the markdown
 # tables for BENCHMARKS.md: `clic bench --report`) and $OUT/log.txt.
-# BENCH_DTYPE / BENCH_TIMEOUT / BENCH_WALL_STEPS / PYTHON override the defaults.
+# BENCH_DTYPE / BENCH_TIMEOUT / BENCH_WALL_STEPS / PYTHON override the defaults. Sections run in this order: the
+# median step, the 500-step run, then transfer and generation; BENCH_WALL_STEPS=0 skips the long run when time is
+# short (the median step's 500-step estimate stays).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
