@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Here, before a GPU (device-tool) call: put into .whl/ (git-ignored) the wheels the device image lacks.
+# Before a run on a GPU machine without network access: put into .whl/ (git-ignored) the wheels its image lacks.
 # That image has torch, transformers, accelerate, safetensors, huggingface_hub, tokenizers and numpy (see
 # /work/.library/device/KINDS.md) but not diffusers, nor open-clip-torch, whose CLIP BPE vocabulary file our
 # offline tokenizer reads (never imported: --no-deps is enough). Versions are the ones in constraints.txt.

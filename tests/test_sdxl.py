@@ -416,3 +416,20 @@ def test_realfill_on_sdxl_inpainting_equals_the_stock_pipeline(tiny_sdxl_inpaint
                      strength=1.0, num_inference_steps=3, guidance_scale=2.0,
                      generator=torch.Generator().manual_seed(4), output_type="pt").images
     torch.testing.assert_close((ours.images + 1) / 2, stock.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("train_token", [True, False], ids=["token-trains", "constant-text"])
+def test_captured_learning_step_is_the_plain_step(tiny_sdxl_model_dir, train_token):
+    """--cuda-graphs capture on SDXL (the static-buffer step a GPU records as one CUDA graph; here replayed eagerly):
+    the plain loop's losses and weights, bit for bit, with two images and flips. Without a trained token the constant
+    conditioning's rows (hidden states and pooled embeddings) are picked by device indices."""
+    xl = shared_backbone(tiny_sdxl_model_dir)
+    images, masks = [random_image(seed=i) for i in range(2)], [square_mask(), square_mask(box=(8, 24, 40, 56))]
+    plain, captured = (learn(xl, images, masks, learn_config(steps=4, object_class="chair", lr=1e-3, seed=3,
+                                                             train_token=train_token, cuda_graphs=mode,
+                                                             channels_last=True), progress=False)
+                       for mode in ("off", "capture"))
+    assert plain.history == captured.history and len({r["t"] for r in plain.history}) > 1
+    assert torch.equal(plain.concept.embeddings, captured.concept.embeddings)
+    for key, value in plain.concept.attn_weights.items():
+        assert torch.equal(value, captured.concept.attn_weights[key]), key

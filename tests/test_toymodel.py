@@ -1,5 +1,6 @@
 """The bundled toy text-to-image model (src/clic/assets/toymodel) and its trainer (clic_lab.toyworld.train)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,6 +120,16 @@ def test_train_toy_model_tiny(tmp_path):
     with pytest.raises(FileExistsError):
         train_toy_model(tmp_path / "run", cfg)
     assert report["device"] == "cpu" and report["config"]["device"] == "cpu"
+    # the run's VAE as a file, and a second run starting from it: same weights, no VAE phase
+    from clic_lab.toyworld.train import save_vae_weights
+
+    vae_file = save_vae_weights(tmp_path / "run", tmp_path / "vae.safetensors")
+    cfg2 = dataclasses.replace(cfg, init_vae=str(vae_file), vae_steps=10_000, unet_steps=1)
+    report2 = train_toy_model(tmp_path / "run2", cfg2)
+    assert report2["vae_steps"] == 2                       # the file's steps; none trained here
+    b2 = load_backbone(str(tmp_path / "run2" / "pipeline"), device="cpu")
+    for (name, w), w2 in zip(b.vae.state_dict().items(), b2.vae.state_dict().values()):
+        assert torch.equal(w, w2), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

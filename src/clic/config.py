@@ -159,7 +159,9 @@ class LearnConfig:
                                       "backend, channels-last UNet; the first run of a process pays a one-off "
                                       "capture, then the host no longer launches every kernel: see BENCHMARKS.md). "
                                       "auto: on for a CUDA device unless --gradient-checkpointing or a --compile / "
-                                      "--channels-last option is given; same losses up to float rounding",
+                                      "--channels-last option is given; capture: the whole learning step, update "
+                                      "included, recorded as one CUDA graph after two eager steps (no tracing); "
+                                      "same losses up to float rounding",
                               choices=CUDA_GRAPHS, group=SPEED)
     sync_every: int = option(0, "read the loss values back from the device every N steps (progress bar, log, NaN "
                                 "check); in between the host runs ahead of the GPU without waiting. 0: 1 on the "
@@ -187,6 +189,9 @@ class LearnConfig:
             raise InputError(f"--sync-every must be >= 0, got {self.sync_every}")
         if self.compile_mode != "default" and not compiles(self):
             raise InputError(f"--compile-mode {self.compile_mode} needs --compile-unet or --compile-text")
+        if self.cuda_graphs == "capture" and (compiles(self) or self.gradient_checkpointing):
+            raise InputError("--cuda-graphs capture records the whole step itself: it does not go with --compile-* "
+                             "or --gradient-checkpointing")
         if self.cuda_graphs == "on" and sets_graph_options(self):
             raise InputError("--cuda-graphs on sets the compile and memory-format options itself: give one or the "
                              "other")

@@ -17,6 +17,9 @@ The steps' pieces are functions of their own, for the loop here and for other lo
 bench's reference computation): :func:`prepare_sources` (what stays constant), :func:`draw` (the step's random
 numbers), :func:`noised_batch` (the UNet inputs), :func:`step_losses` (eq. 1-5).
 
+With ``--cuda-graphs capture`` the same step runs over fixed tensors (:class:`StaticStep`) and is recorded once as
+a CUDA graph (:func:`capture_loop`, :mod:`clic.capture`).
+
 Every random number comes from one :class:`clic.draws.Draws` source, by name (default: seeded with ``cfg.seed``); a
 caller can inject another (``learn(..., draws=...)``) to feed two runs the same draws.
 """
@@ -31,6 +34,7 @@ from typing import Callable
 import torch
 
 from .attention import capture_token_maps, cross_attention_layers, start_token_detached
+from .capture import StepGraph
 from .concept import AppliedConcept, Concept, applied_concept
 from .config import SPEED, LearnConfig
 from .draws import Draws, SeededDraws
@@ -89,34 +93,26 @@ def learn(backbone, images: list[torch.Tensor], masks: list[torch.Tensor], cfg: 
         run = Run(out_path, log_path, resume, params, optimizer, draws.generator, config_json(cfg), cfg.steps,
                   cfg.checkpoint_every, TERMS, sync_interval(cfg, backbone.device), "learning v*", progress, callback)
 
-        # 2. The loop: a batch, the losses, an optimiser step.
+        # 2. The loop: a batch, the losses, an optimiser step (or the same step as one CUDA graph: capture_loop).
         with run:
-            for step in run.steps():
-                mark_step(cfg)
-                token_warmup(optimizer, applied, cfg, step, run.start)
-                noise = draw(src, cfg, draws, step)
-                batch = noised_batch(backbone, src, cfg, noise, src.latent(noise))
-                # the capture stays attached through backward (recomputed under gradient checkpointing)
-                with capture_token_maps(backbone.unet, src.positions(noise), src.layers if cfg.use_att else [],
-                                        src.hw) as capture:
-                    x_in = batch.x_in.contiguous(memory_format=src.memory_format)
-                    text = src.text(noise).to(src.text_dtype)
-                    pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), **text.unet_kwargs()).sample
-                    losses = step_losses(pred.float(), capture.maps if cfg.use_att else None, batch, src, cfg)
-                    losses[0].backward()
-                run.add(step, torch.stack(losses).detach().float(), t=int(noise.t))
-                saves = run.checkpoint_due(step)
-                # the only wait for the device: the pending steps' loss values in one copy, checked finite before
-                # this step's update (with sync_every 1 no NaN ever reaches the weights; a checkpoint holds finite
-                # steps only)
-                ready = run.read() if saves or run.read_due(step) else []
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if saves:
-                    run.save_checkpoint(step)
-                run.report(ready)
+            if cfg.cuda_graphs == "capture":
+                capture_loop(backbone, src, cfg, applied, params, optimizer, draws, run)
+            else:
+                for step in run.steps():
+                    mark_step(cfg)
+                    token_warmup(optimizer, applied, cfg, step, run.start)
+                    noise = draw(src, cfg, draws, step)
+                    run.add(step, forward_backward(backbone, src, cfg, noise), t=int(noise.t))
+                    saves = run.checkpoint_due(step)
+                    # the only wait for the device: the pending steps' loss values in one copy, checked finite
+                    # before this step's update (with sync_every 1 no NaN ever reaches the weights; a checkpoint
+                    # holds finite steps only)
+                    ready = run.read() if saves or run.read_due(step) else []
+                    optimizer_step(params, optimizer, cfg)
+                    optimizer.zero_grad(set_to_none=True)
+                    if saves:
+                        run.save_checkpoint(step)
+                    run.report(ready)
 
         # 3. What was learned, as a concept file.
         for p in params:
@@ -186,8 +182,12 @@ def make_optimizer(applied: AppliedConcept, cfg: LearnConfig, device) -> tuple[l
     if attention:
         groups.append({"params": attention, "lr": cfg.lr})
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    impl = "fused" if cfg.adam_impl == "auto" and torch.device(device).type == "cuda" else cfg.adam_impl
-    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay, **({impl: True} if impl != "auto" else {}))
+    cuda = torch.device(device).type == "cuda"
+    impl = "fused" if cfg.adam_impl == "auto" and cuda else cfg.adam_impl
+    kw = {impl: True} if impl != "auto" else {}
+    if cfg.cuda_graphs == "capture" and cuda:
+        kw["capturable"] = True                 # the step count on the device: the update can be in a CUDA graph
+    optimizer = opt_cls(groups, weight_decay=cfg.weight_decay, **kw)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     return token + attention, optimizer
@@ -370,9 +370,10 @@ class Noise:
     z_roi: torch.Tensor | None = None       # (T, C, h, w) the same for l_RoI's masked images
 
 
-def draw(src: Sources, cfg: LearnConfig, draws: Draws, step: int) -> Noise:
-    """The random numbers of step ``step`` (named as :mod:`clic.draws` lists them)."""
-    device, shape = src.latents.device, src.latents[:1].shape
+def draw(src: Sources, cfg: LearnConfig, draws: Draws, step: int, device=None) -> Noise:
+    """The random numbers of step ``step`` (named as :mod:`clic.draws` lists them); the tensors on ``device``
+    (default: the model's)."""
+    device, shape = device or src.latents.device, src.latents[:1].shape
     k = draws.integer(f"{step}/image", src.n_images)
     flip = cfg.flip_p > 0 and draws.uniform(f"{step}/flip") < cfg.flip_p
     t = torch.tensor([draws.integer(f"{step}/t", src.scheduler.config.num_train_timesteps)])
@@ -441,3 +442,129 @@ def step_losses(pred: torch.Tensor, maps: Callable[[], torch.Tensor] | None, bat
     loss = total_loss(l_con, l_att, l_roi, cfg.lambda_att if cfg.use_att else 0.0,
                       cfg.lambda_roi if cfg.use_roi else 0.0, cfg.lambda_con if cfg.use_con else 0.0)
     return [loss, l_con, l_att, l_roi]
+
+
+def forward_backward(backbone, src: Sources, cfg: LearnConfig, noise: Noise) -> torch.Tensor:
+    """The step's forward and backward pass: its loss values ``(4,)`` (:data:`TERMS`, fp32, on the device), the
+    gradients in the trained parameters' ``.grad``."""
+    batch = noised_batch(backbone, src, cfg, noise, src.latent(noise))
+    # the capture stays attached through backward (recomputed under gradient checkpointing)
+    with capture_token_maps(backbone.unet, src.positions(noise), src.layers if cfg.use_att else [], src.hw) as capture:
+        x_in = batch.x_in.contiguous(memory_format=src.memory_format)
+        text = src.text(noise).to(src.text_dtype)
+        pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), **text.unet_kwargs()).sample
+        losses = step_losses(pred.float(), capture.maps if cfg.use_att else None, batch, src, cfg)
+        losses[0].backward()
+    return torch.stack(losses).detach().float()
+
+
+def optimizer_step(params: list[torch.Tensor], optimizer, cfg: LearnConfig) -> None:
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------- the step as a graph
+
+
+class StaticStep:
+    """The learning step over fixed tensors (``--cuda-graphs capture``, :mod:`clic.capture`): the same computation
+    as :func:`draw` + :func:`forward_backward` + the update, with every per-step value in one device tensor.
+
+    :meth:`load` packs a step's draws into it (one copy from the host: the timestep, the index of the drawn image in
+    the flip-major stacks, the prompt rows, the noise and posterior samples); :meth:`run` picks the image and rows
+    from stacks of the constant sources by device indices, runs the step and leaves its loss values in
+    :attr:`losses`. Nothing in :meth:`run` reads a device value or copies from the host."""
+
+    def __init__(self, backbone, src: Sources, cfg: LearnConfig, params: list[torch.Tensor], optimizer):
+        self.backbone, self.src, self.cfg, self.params, self.optimizer = backbone, src, cfg, params, optimizer
+        flips = cfg.flip_p > 0
+
+        def stack(x, x_flip=None, flip=lambda x: x.flip(-1)):
+            """``x`` with its flipped version after it (index k + N flip)."""
+            if x is None or not flips:
+                return x
+            return torch.cat([x, x_flip if x_flip is not None else flip(x)])
+
+        self.latents = stack(src.latents, src.latents_flip)
+        self.masks, self.union = stack(src.masks_lat), stack(src.union_lat)
+        self.roi_latents = stack(src.roi_latents, src.roi_latents_flip)
+        pairs = lambda post: None if post is None else tuple(
+            stack(post[False][i], post[True][i] if flips else None) for i in range(2))
+        self.posterior, self.roi_posterior = pairs(src.posterior), pairs(src.roi_posterior)
+        n_rows = len(src.text_ids) if len(cfg.rois()) == 1 else int(src.need_context) + src.n_tokens
+        shape = src.latents[:1].shape
+        sizes = {"t": 1, "index": 1, "rows": n_rows, "eps": shape.numel(),
+                 "z": shape.numel() if src.posterior is not None else 0,
+                 "z_roi": src.n_tokens * shape.numel() if src.roi_posterior is not None else 0}
+        self.slices, at = {}, 0
+        for name, size in sizes.items():
+            self.slices[name] = slice(at, at + size)
+            at += size
+        self.shape, self.inputs = shape, torch.zeros(at, device=backbone.device)
+        self.losses: torch.Tensor | None = None
+
+    def load(self, noise: Noise) -> None:
+        """The step's draws (``noise``, drawn on the host) into the fixed input tensor (integers as fp32: exact below
+        2^24)."""
+        src = self.src
+        rows = src._rows(torch.arange(len(src.text_ids)), noise)
+        parts = [noise.t.float(), torch.tensor([noise.k + src.n_images * noise.flip], dtype=torch.float32),
+                 rows.float(), noise.eps.flatten()]
+        parts += [x.flatten() for x in (noise.z, noise.z_roi) if x is not None]
+        self.inputs.copy_(to_device(torch.cat(parts), self.inputs.device))
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.inputs[self.slices[name]]
+
+    def narrowed(self) -> tuple[Sources, Noise]:
+        """The sources narrowed to the drawn image (flipped or not) and the step's prompt rows, and the step's
+        noise, all picked on the device."""
+        src, index, rows = self.src, self.view("index").long(), self.view("rows").long()
+        pick = lambda x: None if x is None else x.index_select(0, index)
+        picked = lambda pair: None if pair is None else {False: tuple(pick(x) for x in pair)}
+        step_src = replace(src, latents=pick(self.latents), latents_flip=None, masks_lat=pick(self.masks),
+                           union_lat=pick(self.union), roi_latents=pick(self.roi_latents), roi_latents_flip=None,
+                           text_ids=src.text_ids.index_select(0, rows), pos_rows=src.pos_rows.index_select(0, rows),
+                           constant_text=None if src.constant_text is None else src.constant_text.index_select(0, rows),
+                           posterior=picked(self.posterior), roi_posterior=picked(self.roi_posterior), n_images=1)
+        z = self.view("z").view(self.shape) if src.posterior is not None else None
+        z_roi = self.view("z_roi").view(src.n_tokens, *self.shape[1:]) if src.roi_posterior is not None else None
+        return step_src, Noise(0, False, self.view("t").long(), self.view("eps").view(self.shape), None, z, z_roi)
+
+    def run(self) -> None:
+        """Forward, backward and update of the loaded step; its loss values in :attr:`losses`."""
+        step_src, noise = self.narrowed()
+        self.losses = forward_backward(self.backbone, step_src, self.cfg, noise)
+        optimizer_step(self.params, self.optimizer, self.cfg)
+
+    def drop_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def capture_loop(backbone, src: Sources, cfg: LearnConfig, applied: AppliedConcept, params, optimizer, draws: Draws,
+                 run: Run) -> StepGraph:
+    """:func:`learn`'s loop with the step as one CUDA graph (:mod:`clic.capture`): the same steps, draws, reads and
+    checkpoints. The update of a step is in its graph, so it is done before the step's losses are read: a
+    non-finite loss still stops the run at the next read, and a checkpoint still holds finite steps only (it is
+    written after a read)."""
+    static = StaticStep(backbone, src, cfg, params, optimizer)
+    graph = StepGraph(backbone.device)
+    try:
+        for step in run.steps():
+            token_warmup(optimizer, applied, cfg, step, run.start)
+            if cfg.token_warmup_steps and step == cfg.token_warmup_steps + 1:
+                graph.reset()                    # other trained set and learning rates: a new graph
+            noise = draw(src, cfg, draws, step, device="cpu")
+            static.load(noise)
+            graph(static.run, static.drop_gradients)
+            run.add(step, static.losses.clone(), t=int(noise.t))
+            saves = run.checkpoint_due(step)
+            ready = run.read() if saves or run.read_due(step) else []
+            if saves:
+                run.save_checkpoint(step)
+            run.report(ready)
+    finally:
+        graph.close()
+        optimizer.zero_grad(set_to_none=True)
+    return graph

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -116,6 +117,12 @@ class TextConditioning:
 
     def __getitem__(self, rows: slice) -> "TextConditioning":
         return self._map(lambda x: x[rows])
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "TextConditioning":
+        """The rows ``index`` (a device tensor: picked without reading it on the host); ``dim`` must be 0."""
+        if dim != 0:
+            raise ValueError("a TextConditioning is indexed by its rows (dim 0)")
+        return self._map(lambda x: x.index_select(0, index))
 
     def to(self, dtype: torch.dtype) -> "TextConditioning":
         out = self._map(lambda x: x.to(dtype))
@@ -432,15 +439,20 @@ def _is_local(model: str) -> bool:
 
 
 def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype = "fp32") -> Backbone:
+                  dtype: str | torch.dtype = "fp32", timings: dict | None = None) -> Backbone:
     """Load tokenizer, text encoder, VAE and UNet of a diffusers checkpoint; everything frozen, eval mode.
 
     ``model`` is a hub id (looked up in the local cache first; offline, a miss is a one-line error), a short name of
     :data:`MODEL_ALIASES` (``sdxl``), or a local folder in the diffusers layout (``model_index.json``, ``unet/``,
     ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). A folder with ``text_encoder_2/`` and
     ``tokenizer_2/`` (``StableDiffusionXLPipeline``) gives an :class:`SDXLBackbone`; its VAE stays fp32 under fp16
-    when its config asks for that (``force_upcast``: SDXL's VAE overflows in fp16).
+    when its config asks for that (``force_upcast``: SDXL's VAE overflows in fp16). ``timings``: filled with the
+    seconds of each part (``tokenizer``, ``text_encoder``, ``vae``, ``unet``: reading and building each on the CPU in
+    ``dtype``, SDXL's second text encoder counted with the first; ``to_device``: moving them to
+    ``device`` and freezing them).
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype = parse_dtype(dtype)
     model = str(model)
@@ -458,18 +470,23 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     try:
         index = _model_index(source, kw)
         sdxl = "text_encoder_2" in index or (local and (Path(source) / "text_encoder_2").is_dir())
+        t0 = clock()
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        t1 = clock()
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **kw)
-        # SDXL's VAE may have to stay fp32 under fp16 (from_sdxl_modules decides, by its config)
-        vae_dtype = torch.float32 if sdxl and dtype == torch.float16 else dtype
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
-        with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
-            scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
         if sdxl:
             tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
                                                                          torch_dtype=dtype, **kw)
+        # SDXL's VAE may have to stay fp32 under fp16 (from_sdxl_modules decides, by its config)
+        vae_dtype = torch.float32 if sdxl and dtype == torch.float16 else dtype
+        t2 = clock()
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **kw)
+        t3 = clock()
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        timings.update(tokenizer=t1 - t0, text_encoder=t2 - t1, vae=t3 - t2, unet=clock() - t3)
+        with open(_resolve_file(source, "scheduler/scheduler_config.json", kw)) as f:
+            scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     except ModelError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -481,11 +498,17 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str | torch.device | None 
             "(e.g. one made by `clic make-model tiny DIR`, or `tiny-sdxl` for the SDXL layout)"
         ) from exc
     log.info("loaded %s on %s (%s)", model, device, dtype)
+    t0 = clock()
     if not sdxl:
-        return Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
-    return SDXLBackbone.from_sdxl_modules(model, tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet,
-                                          scheduler_config, device, dtype,
-                                          index.get("force_zeros_for_empty_prompt", True))
+        backbone = Backbone.from_modules(model, tokenizer, text_encoder, vae, unet, scheduler_config, device, dtype)
+    else:
+        backbone = SDXLBackbone.from_sdxl_modules(model, tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae,
+                                                  unet, scheduler_config, device, dtype,
+                                                  index.get("force_zeros_for_empty_prompt", True))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["to_device"] = clock() - t0
+    return backbone
 
 
 def _model_index(source: str, kw: dict) -> dict:

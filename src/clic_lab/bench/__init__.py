@@ -83,11 +83,13 @@ LEVERS = {
     # once the host is out of the loop the GPU's own time counts, and channels-last removes cuDNN's layout
     # conversions around the convolutions (BENCHMARKS.md); what --cuda-graphs on sets
     "cudagraphs-channels-last": dict(GRAPH_OPTIONS),
+    # the whole step (update included) recorded as one CUDA graph by torch.cuda.graph, channels-last: no tracing
+    "capture": {"cuda_graphs": "capture"},
 }
 #: levers that cost speed for memory: never part of the fastest combination
 MEMORY_LEVERS = ("gradient-checkpointing",)
 #: levers that exclude each other (the fastest of them joins the combination)
-EXCLUSIVE_LEVERS = ("compile", "compile-cudagraphs", "cudagraphs", "cudagraphs-channels-last")
+EXCLUSIVE_LEVERS = ("compile", "compile-cudagraphs", "cudagraphs", "cudagraphs-channels-last", "capture")
 
 
 def bench_learning(backbone, steps: int = 20, warmup: int = 3, **cfg) -> dict:

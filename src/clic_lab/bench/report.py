@@ -29,7 +29,7 @@ def format_report(result: dict) -> str:
     fast, ref, sampling = result.get("learning"), result.get("reference"), result.get("sampling") or {}
     gen = next((k for k in sampling if k.startswith("generate_")), None)
     if fast:
-        graphs = " (CUDA graphs)" if fast.get("cuda_graphs") == "on" else ""
+        graphs = {"on": " (CUDA graphs)", "capture": " (the step as one CUDA graph)"}.get(fast.get("cuda_graphs"), "")
         rows = [[f"fast{graphs}", _s(fast["step_median_s"]), _s(fast["steps_500_estimate_s"]),
                  _s(result.get("speedup_vs_reference"), "x"), _s(sampling.get("transfer_guided_s")),
                  _s(sampling.get("transfer_unguided_s")), _s(sampling.get(gen)) if gen else "",

@@ -30,6 +30,8 @@ class ToyModelConfig:
     vae_batch: int = _opt(32, "VAE batch size")
     vae_more_minutes: float = _opt(0.0, "with --resume, before the latents are encoded: train the saved VAE this "
                                         "many minutes more (fresh optimiser, half the learning rate)")
+    init_vae: str = _opt("", "start from these VAE weights (a safetensors file written by --save-vae; its "
+                             "architecture must match --vae-channels) instead of training a VAE")
     vae_crop: int = _opt(32, "VAE trains on random crops of this side (it is fully convolutional)")
     vae_lr: float = _opt(2e-3, "VAE learning rate (AdamW, cosine decay to 10%)")
     vae_kl: float = _opt(1e-6, "weight of the KL term (SD: 1e-6)")

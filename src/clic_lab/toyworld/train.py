@@ -111,6 +111,8 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
     if data_file.is_file():
         d = np.load(data_file)
         images, captions = d["images"], [str(c) for c in d["captions"]]
+        if len(images) > cfg.n_scenes:          # a run that asks for fewer scenes than the cache holds: its head
+            images, captions = images[:cfg.n_scenes], captions[:cfg.n_scenes]
     else:
         images, captions = render_dataset(cfg.n_scenes, cfg.seed, cfg.size, workers=cfg.threads)
         np.savez(data_file, images=images, captions=np.array(captions))
@@ -133,6 +135,9 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
                                    torch.Generator().manual_seed(cfg.seed + 1 + vae_steps), vae_hist,
                                    lr=cfg.vae_lr / 2, warmup=20)
             save_checkpoint(vae_file, {"vae": vae.state_dict(), "history": vae_hist, "steps": vae_steps})
+    elif cfg.init_vae:
+        vae_steps = load_vae_weights(vae, cfg.init_vae)
+        save_checkpoint(vae_file, {"vae": vae.state_dict(), "history": vae_hist, "steps": vae_steps})
     else:
         vae_steps = train_vae(vae, images, cfg, min(deadline, time.time() + cfg.vae_minutes * 60),
                               torch.Generator().manual_seed(cfg.seed + 1), vae_hist)
@@ -268,6 +273,32 @@ def _add_config_options(ap: argparse.ArgumentParser) -> None:
             ap.add_argument(flag, type=type(f.default), default=None, help=text)
 
 
+def save_vae_weights(run_dir, dest) -> Path:
+    """The VAE of a run (``run_dir/work/vae.pt``, or its fine-tuned decoder ``decoder.pt`` when there is one) as a
+    safetensors file with its step count, for ``--init-vae`` (a run elsewhere can skip the VAE phase)."""
+    from safetensors.torch import save_file
+
+    work = Path(run_dir) / "work"
+    src = work / "decoder.pt" if (work / "decoder.pt").is_file() else work / "vae.pt"
+    state = torch.load(src, weights_only=False, map_location="cpu")      # the run's own checkpoint, never a user's
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state["vae"].items()}, str(dest),
+              metadata={"steps": str(state["steps"]), "source": src.name})
+    return dest
+
+
+def load_vae_weights(vae, path) -> int:
+    """Load a ``save_vae_weights`` file into ``vae``; returns the steps it was trained for."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        steps = int((f.metadata() or {}).get("steps", 0))
+    vae.load_state_dict(load_file(str(path)))
+    return steps
+
+
 def finetune_decoder_of_run(out_dir, cfg: ToyModelConfig) -> dict:
     """The decoder fine-tuning phase on its own, beside a run whose latents are encoded (it can go on while the
     UNet trains: the encoder, hence the latents, stay as they are): ``cfg.decoder_minutes`` more minutes from
@@ -301,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue the run in --out (reuses dataset, VAE, checkpoints)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="only fine-tune the decoder of the run in --out for --decoder-minutes (beside its training)")
+    ap.add_argument("--save-vae", metavar="FILE", help="write the VAE of the run in --out as safetensors (for "
+                    "--init-vae) and stop")
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="measure a trained pipeline folder instead of training")
     ap.add_argument("--n-eval", type=int, default=200, help="--evaluate: patterned prompts (the trained patterns in turn)")
     ap.add_argument("--n-plain", type=int, default=20, help="--evaluate: plain prompts")
@@ -322,6 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not a.out:
         ap.error("--out is required (or --evaluate MODEL_DIR)")
+    if a.save_vae:
+        print(save_vae_weights(a.out, a.save_vae))
+        return 0
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(ToyModelConfig) if getattr(a, f.name) is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = ToyModelConfig(**values)
