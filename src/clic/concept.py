@@ -2,7 +2,8 @@
 
 Layout (format ``clic-concept/1``):
 
-- ``token_embeddings``: ``(n_tokens, dim)`` fp32, the learned v* rows (one per placeholder token);
+- ``token_embeddings``: ``(n_tokens, dim)`` fp32, the learned v* rows (one per placeholder token; with several
+  text encoders, SDXL's, each token's rows in every encoder side by side: dim = 768 + 1280);
 - ``attn.<processor key>.<to_k|to_v|to_q|to_out.0>.<weight|bias>``: the trained cross-attention copies
   (full matrices, as Custom Diffusion stores them);
 - metadata (strings, JSON): tokens, base model id, its architecture hash and weight statistics, prompt,
@@ -35,7 +36,9 @@ from .attention import ClicCrossAttnProcessor, clic_processors, install_processo
 from .checks import check_concept_file
 from .errors import ConceptFileError
 from .fileio import atomic_path, readable_file
-from .tokens import ConceptTokenEmbedding, add_placeholders, concept_embedding, restored_vocabulary, set_placeholders
+from .models import fix_pooled_eos
+from .tokens import (ConceptTokenEmbedding, add_placeholders, concept_embeddings, restored_vocabulary,
+                     set_placeholders, split_rows)
 
 #: what a concept's attention weights train as (``train`` of :meth:`Concept.apply`): None = frozen
 TRAINABLE = (None, "kv", "kv+q+out", "token")
@@ -125,8 +128,9 @@ class Concept:
             raise ConceptFileError(
                 f"{name} was made for base model {self.meta.get('base_model')!r}, whose weights differ from "
                 f"{backbone.model_id!r} (same architecture, other checkpoint)")
-        if self.embeddings.shape[1] != backbone.text_encoder.config.hidden_size:
-            raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text encoder")
+        if self.embeddings.shape[1] != sum(backbone.embedding_dims):
+            raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text "
+                                   f"encoder(s) ({'+'.join(map(str, backbone.embedding_dims))})")
 
     def apply(self, backbone, name: str = "concept", train: str | None = None,
               processor_class: type[ClicCrossAttnProcessor] = ClicCrossAttnProcessor
@@ -180,15 +184,20 @@ class AppliedConcept:
     """A concept installed on a backbone (inside :func:`applied_concept`)."""
 
     token_ids: list[int]
-    embedding: ConceptTokenEmbedding                    # the text encoder's; its last rows are the concept's tokens
+    embeddings: list[ConceptTokenEmbedding]             # each text encoder's; their last rows are the concept's tokens
     processors: dict[str, ClicCrossAttnProcessor]       # the cross-attention processors
     base_processors: dict                               # the processors found, trained copies made plain
 
     @property
     def token_rows(self) -> torch.Tensor:
-        """The concept tokens' embeddings ``(n_tokens, dim)`` when they were added last, as for learning (a view of
-        the trainable rows)."""
-        return self.embedding.new[-len(self.token_ids):]
+        """The concept tokens' embeddings ``(n_tokens, dim)`` when they were added last, as for learning (each text
+        encoder's trainable rows side by side)."""
+        return torch.cat([emb.new[-len(self.token_ids):] for emb in self.embeddings], -1)
+
+    @property
+    def token_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable embedding rows, one parameter per text encoder."""
+        return [emb.new for emb in self.embeddings]
 
     @property
     def attention_parameters(self) -> list[torch.nn.Parameter]:
@@ -212,7 +221,7 @@ def base_processors(processors: dict) -> dict:
 def restored_model(backbone) -> Iterator[None]:
     """Whatever the body does to the backbone's tokens, processors and ``requires_grad`` flags, they are as they were
     afterwards."""
-    modules = (backbone.unet, backbone.text_encoder, backbone.vae)
+    modules = backbone.modules
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     with restored_vocabulary(backbone), restored_processors(backbone.unet):
         try:
@@ -235,10 +244,11 @@ def applied_concept(backbone, concept: Concept, train: str | None = None, train_
     with restored_model(backbone):
         found = dict(backbone.unet.attn_processors)
         procs = concept.apply(backbone, name, train=train, processor_class=processor_class)
-        embedding = concept_embedding(backbone.text_encoder)
-        embedding.new.requires_grad_(train is not None and train_token)
+        embeddings = concept_embeddings(backbone)
+        for embedding in embeddings:
+            embedding.new.requires_grad_(train is not None and train_token)
         ids = backbone.tokenizer.convert_tokens_to_ids(list(concept.tokens))
-        yield AppliedConcept(ids, embedding, procs, base_processors(found))
+        yield AppliedConcept(ids, embeddings, procs, base_processors(found))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -249,7 +259,9 @@ def export_diffusers(concept: Concept, backbone, out_dir) -> Path:
 
     - ``pytorch_custom_diffusion_weights.safetensors``: keys ``<processor key>.to_k_custom_diffusion.weight``
       etc. (self-attention layers as empty entries), the format of ``unet.save_attn_procs``;
-    - ``learned_embeds.safetensors``: ``{token: embedding}`` for ``pipe.load_textual_inversion``.
+    - ``learned_embeds.safetensors``: ``{token: embedding}`` for ``pipe.load_textual_inversion``; for SDXL
+      ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, each text encoder's rows (the layout SDXL embeddings are
+      shared in), the tokens in its metadata.
 
     Loading (see :func:`load_exported`): ``pipe.load_textual_inversion(dir, weight_name=EXPORT_EMBEDS)`` and
     CustomDiffusionAttnProcessor2_0 processors set with ``unet.set_attn_processor`` (``unet.load_attn_procs``
@@ -271,16 +283,34 @@ def export_diffusers(concept: Concept, backbone, out_dir) -> Path:
                       "to_out.0": "to_out_custom_diffusion.0"}[module]
             sd[f"{prefix}.{mapped}.{param}"] = value.contiguous()
     _save_atomic(sd, out / EXPORT_WEIGHTS)
-    _save_atomic({t: concept.embeddings[i].contiguous() for i, t in enumerate(concept.tokens)}, out / EXPORT_EMBEDS)
+    if backbone.family == "sdxl":
+        clip_l, clip_g = split_rows(backbone, concept.embeddings)
+        _save_atomic({"clip_l": clip_l.contiguous(), "clip_g": clip_g.contiguous()}, out / EXPORT_EMBEDS,
+                     tokens=json.dumps(concept.tokens))
+    else:
+        _save_atomic({t: concept.embeddings[i].contiguous() for i, t in enumerate(concept.tokens)},
+                     out / EXPORT_EMBEDS)
     (out / "clic_concept.json").write_text(json.dumps(concept.meta, indent=2, default=str))
     return out
 
 
 def load_exported(pipe, export_dir) -> None:
-    """Load exported files into a stock ``StableDiffusionPipeline`` with diffusers' own classes only."""
+    """Load exported files into a stock ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``) with diffusers'
+    own classes only. SDXL: the embeddings go into both text encoders (``load_textual_inversion`` with each
+    ``text_encoder``/``tokenizer``), and the second encoder pools at its end-of-text token
+    (:func:`clic.models.fix_pooled_eos`, as clic's SDXL backbone does)."""
     export_dir = Path(export_dir)
     state = load_file(str(export_dir / EXPORT_WEIGHTS))
-    pipe.load_textual_inversion(str(export_dir), weight_name=EXPORT_EMBEDS)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        with safe_open(str(export_dir / EXPORT_EMBEDS), framework="pt") as f:
+            tokens = json.loads(f.metadata()["tokens"])
+        embeds = load_file(str(export_dir / EXPORT_EMBEDS))
+        for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(list(embeds[key]), token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        fix_pooled_eos(pipe.text_encoder_2, pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(str(export_dir), weight_name=EXPORT_EMBEDS)
     procs = {}
     for name in pipe.unet.attn_processors:
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
@@ -304,6 +334,6 @@ def _split_key(key: str) -> tuple[str, str, str]:
     return layer, module, param
 
 
-def _save_atomic(tensors: dict, path: Path) -> None:
+def _save_atomic(tensors: dict, path: Path, **metadata: str) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
