@@ -329,7 +329,7 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
             condition = torch.cat(_conditioning(backbone, target, mask, b.generators), 1)
             # 4. Denoising loop
             watch = FiniteWatch("the inpainted latents", GUIDANCE_HINT)
-            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds), 0),
+            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds)),
                            cfg, b.extra, b.bar, callback, {"seeds": b.seeds}, condition, layers, index, watch)
             watch.check()
             latents.append(x)
