@@ -30,6 +30,20 @@ def tiny_sd2_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    from clic.builder import make_model
+
+    return str(make_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_dir(tmp_path_factory):
+    from clic.builder import make_model
+
+    return str(make_model("tiny-sdxl-inpaint", tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint"))
+
+
+@pytest.fixture(scope="session")
 def other_tiny_model_dir(tmp_path_factory):
     """Same architecture as ``tiny``, other weights (seed): a concept of one must be refused by the other."""
     from clic.builder import make_model
@@ -83,6 +97,16 @@ def backbone(tiny_model_dir):
     from clic.concept import restored_model
 
     model = shared_backbone(tiny_model_dir)
+    with restored_model(model):
+        yield model
+
+
+@pytest.fixture
+def sdxl_backbone(tiny_sdxl_model_dir):
+    """The tiny SDXL model, as loaded (what a test installs on it goes afterwards)."""
+    from clic.concept import restored_model
+
+    model = shared_backbone(tiny_sdxl_model_dir)
     with restored_model(model):
         yield model
 

@@ -9,7 +9,8 @@ from clic_lab.bench.reference import ExplicitSoftmaxCrossAttn
 
 
 def _full_softmax_maps(unet, x, t, text, token_index, layers, hw):
-    """Reference: materialise every softmax map with explicit attention, pick the token columns afterwards."""
+    """Reference: materialise every softmax map with explicit attention, pick the token columns afterwards. ``text``:
+    the hidden states, or a TextConditioning (SDXL's carries the added conditioning)."""
     store = {}
     modules = dict(unet.named_modules())
     hooks = []
@@ -34,7 +35,7 @@ def _full_softmax_maps(unet, x, t, text, token_index, layers, hw):
 
         hooks.append(attn.register_forward_hook(hook, with_kwargs=True))
     with torch.no_grad():
-        unet(x, t, text)
+        unet(x, t, **text.unet_kwargs()) if hasattr(text, "unet_kwargs") else unet(x, t, text)
     for h in hooks:
         h.remove()
     return torch.stack(list(store.values())).mean(0)

@@ -58,6 +58,17 @@ def test_report_of_a_bad_file(tmp_path, capsys):
     assert "not a `clic bench --json` result" in err and "\n" not in err
 
 
+def test_meta_device_is_for_counts_of_a_built_kind(capsys, tmp_path):
+    """--device meta has no values to time: anything but --flops / --tensor-memory, or a model folder, is refused in
+    one line before a model is built."""
+    for argv, culprit in ((["--model", "sdxl-random"], "--steps"),
+                          (["--model", "sdxl-random", "--steps", "0", "--sampling"], "--sampling"),
+                          (["--model", str(tmp_path), "--steps", "0", "--flops"], str(tmp_path))):
+        assert main(["bench", "--device", "meta", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert culprit in err and "--device meta" in err and "\n" not in err
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--wall-steps", "4",
@@ -140,6 +151,23 @@ def test_tensor_memory_counts_live_storages():
     plain, ckpt = count_learning_memory(b), count_learning_memory(b, gradient_checkpointing=True)
     assert plain["weights_gib"] == ckpt["weights_gib"] > 0
     assert plain["peak_gib"] > ckpt["peak_gib"] > plain["weights_gib"]   # checkpointing keeps fewer activations
+
+
+def test_counts_on_the_meta_device_equal_the_cpus():
+    """FLOPs and live-tensor bytes depend on shapes only: the model built on the meta device (no values, no memory:
+    how the full-size SDXL step is counted) gives the counts the same model gives on the CPU, on the SDXL layout."""
+    from clic_lab.bench import count_learning_flops, count_learning_memory, load_bench_backbone
+
+    cpu, meta = load_bench_backbone("tiny-sdxl", "cpu"), load_bench_backbone("tiny-sdxl", "meta")
+    assert {p.device.type for m in meta.modules for p in m.parameters()} == {"meta"}
+    for cfg in ({}, {"reference_path": True}):
+        on_cpu, on_meta = count_learning_flops(cpu, **cfg), count_learning_flops(meta, **cfg)
+        assert on_meta["step_gflop"] == on_cpu["step_gflop"] > 0
+        assert on_meta["setup_gflop"] == on_cpu["setup_gflop"] and on_meta["by_op_gflop"] == on_cpu["by_op_gflop"]
+    on_cpu, on_meta = count_learning_memory(cpu), count_learning_memory(meta)
+    assert on_meta["weights_gib"] == on_cpu["weights_gib"] > 0
+    assert on_meta["peak_gib"] == pytest.approx(on_cpu["peak_gib"], rel=0.02)
+    assert on_meta["peak_gib"] > on_meta["weights_gib"]
 
 
 def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch):

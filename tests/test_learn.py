@@ -364,7 +364,7 @@ def test_compiled_step_fits_cuda_graphs(micro_backbone, monkeypatch):
         text = backbone.encode_text(ids.to("meta"))
         x = torch.randn(2, 4, 16, 16, device="meta")
         with capture_token_maps(unet, torch.tensor([[5], [4]]), cross_attention_layers(unet), (16, 16)) as cap:
-            out = unet(x, torch.tensor([10, 10], device="meta"), text).sample
+            out = unet(x, torch.tensor([10, 10], device="meta"), **text.unet_kwargs()).sample
         (out.mean() + cap.maps().mean()).backward()
     assert len(graphs) == 4                      # forward and backward of the UNet and of the text layers
     for devices, mutated, unsafe in graphs:

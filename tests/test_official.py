@@ -349,11 +349,12 @@ def _official_first_step(backbone, image, mask, draws, prompt, template):
         context_mask[..., 0, :] = context_mask[..., -1, :] = context_mask[..., :, 0] = context_mask[..., :, -1] = 0
         ids = backbone.tokenize(prompt)
         index = int((ids[0] == backbone.tokenizer.convert_tokens_to_ids("<v*>")).nonzero()[0])
-        pred = unet(x_t, t, backbone.encode_text(ids)).sample
+        pred = unet(x_t, t, backbone.encode_text(ids).hidden).sample
         ca = _up_map(procs, index, hw)
         ca = (ca - ca.min()) / (ca.max() - ca.min())
         l_att = ((ca - att_mask[0]) ** 2).mean()
-        pred_roi = unet(x_t_roi, t, backbone.encode_text(backbone.tokenize(template.format(token="<v*>")))).sample
+        roi_text = backbone.encode_text(backbone.tokenize(template.format(token="<v*>"))).hidden
+        pred_roi = unet(x_t_roi, t, roi_text).sample
         l_con = (context_mask * (pred - eps) ** 2).sum() / context_mask.sum()
         l_roi = (att_mask * (pred_roi - eps) ** 2).sum() / att_mask.sum()
         loss = 0.5 * l_con + 0.25 * l_att + 0.25 * l_roi
@@ -405,7 +406,7 @@ def _official_transfer(backbone, row, prompt, target, mask, draws, early, steps=
             post = backbone.vae.encode(target[None]).latent_dist
             x_tg = (post.mean + post.std * draws["target"]) * sf
             ids = backbone.tokenize(prompt)
-            cond, uncond = backbone.encode_text(ids), backbone.encode_text(backbone.tokenize(""))
+            cond, uncond = backbone.encode_text(ids).hidden, backbone.encode_text(backbone.tokenize("")).hidden
         index = int((ids[0] == backbone.tokenizer.convert_tokens_to_ids("<v*>")).nonzero()[0])
         latents = draws["initial"]
         for i, t in enumerate(scheduler.timesteps):

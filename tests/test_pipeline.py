@@ -13,7 +13,7 @@ from clic.concept import Concept
 from clic.errors import InputError, ModelError
 from clic.generate import GenerateConfig, generate
 from clic.imaging import image_size, load_image, load_mask
-from clic.models import load_backbone
+from clic.models import Backbone, load_backbone
 from clic.transfer import TransferConfig, transfer
 
 STEPS = 5
@@ -34,7 +34,10 @@ def test_loading_follows_diffusers(tiny_model_dir):
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.clip_sample is False   # the paper's
     assert pipe.name_or_path == tiny_model_dir and pipe.device.type == "cpu" and pipe.resolution == 64
-    assert sorted(pipe.components) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    # SDXL's second text encoder and tokenizer are optional components, None for an SD1.x/SD2.x model
+    assert sorted(k for k, v in pipe.components.items() if v is not None) == ["scheduler", "text_encoder",
+                                                                             "tokenizer", "unet", "vae"]
+    assert pipe.text_encoder_2 is None and pipe.tokenizer_2 is None and type(pipe.backbone) is Backbone
 
     sd = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     shared = ClicPipeline.from_pipe(sd)                     # an existing pipeline's components, not copies

@@ -19,7 +19,7 @@ EXAMPLES = ROOT / "src" / "clic" / "assets" / "examples"
 #: the commands not run here, and the test that runs them
 RUN_ELSEWHERE = {"bench": "tests/test_bench.py", "benchmark": "tests/test_benchmark.py",
                  "realfill": "tests/test_baselines.py", "discover": "tests/test_roi.py",
-                 "baselines": "tests/test_baselines.py"}
+                 "baselines": "tests/test_baselines.py", "make-model": "tests/test_sdxl.py", "ui": "tests/test_ui.py"}
 
 
 def blocks(lang: str) -> list[str]:
@@ -86,7 +86,7 @@ def test_use_commands_run_in_order(tiny_model_dir, tmp_path, monkeypatch):
     from clic.cli import main
 
     monkeypatch.chdir(tmp_path)
-    use = commands(block_with("clic learn", "clic match", "clic export-diffusers"))
+    use = commands(block_with("clic learn", "clic match", "clic export-diffusers chair.safetensors exported/"))
     first_learn = use[0]
     for argv in [first_learn, *use, *[a for a in commands(block_with("clic evaluate")) if a[0] == "evaluate"]]:
         assert main(_fewer_steps(argv, tiny_model_dir)) == 0, argv

@@ -9,15 +9,23 @@ No weights can be downloaded in our CI, so tests and benchmarks run on pipelines
   and memory measurements, which do not depend on the weight values;
 - ``tiny-inpaint`` and ``sd-inpaint-random``: the same as ``tiny`` and ``sd14-random`` in the Stable Diffusion
   *inpainting* layout (``StableDiffusionInpaintPipeline``, a 9-channel UNet input: latent, mask, masked-image
-  latent), the base of the RealFill baseline (:mod:`clic.baselines.realfill`).
+  latent), the base of the RealFill baseline (:mod:`clic.baselines.realfill`);
+- ``tiny-sdxl``: the SDXL layout in small (``StableDiffusionXLPipeline``: two text encoders, the second with a
+  projection, their hidden states concatenated; ``text_time`` added conditioning; no attention at the finest level,
+  transformer depth growing towards the coarsest; linear projections; 64 px), for tests;
+- ``tiny-sdxl-inpaint``: ``tiny-sdxl`` in SDXL's inpainting layout (``StableDiffusionXLInpaintPipeline``, the
+  9-channel UNet input), the base of RealFill on SDXL;
+- ``sdxl-random``: the exact SDXL base architecture (UNet 2.6 B, CLIP ViT-L and OpenCLIP bigG text encoders, VAE;
+  1024 px, 128x128 latents) for speed and memory measurements.
 
 Every pipeline uses the real CLIP BPE tokenizer (49408 tokens), rebuilt from the vocabulary that ships in
 the ``open-clip-torch`` PyPI package (installed with ``--no-deps``: only its data file is read, the package
-is never imported).
+is never imported). SDXL's second tokenizer (OpenCLIP bigG's) is the same BPE vocabulary, padded with "!".
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import logging
@@ -27,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelError
 
@@ -171,6 +179,56 @@ SPECS: dict[str, dict] = {
 }
 
 
+#: SDXL base's scheduler config (EulerDiscreteScheduler; DDIM and the others are built from it as from SD1's)
+_SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+    timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+)
+#: keys of SDXL base's scheduler config that Euler ignores and DDIM reads (set_alpha_to_one's default is True)
+_SDXL_SCHEDULER_EXTRA = dict(set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False, sample_max_value=1.0)
+#: the special-token ids SDXL base's text encoder configs carry (transformers' values of old checkpoints; see
+#: clic.models.fix_pooled_eos)
+_SDXL_TEXT_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+SPECS["tiny-sdxl"] = dict(
+    unet=dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), use_linear_projection=True,
+        cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=16,
+        projection_class_embeddings_input_dim=6 * 16 + 32, norm_num_groups=32,
+    ),
+    vae=TINY_VAE,
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+              hidden_act="quick_gelu"),
+    text_2=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                hidden_act="gelu"),
+    sdxl=True,
+)
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): its published configs
+SPECS["sdxl-random"] = dict(
+    unet=dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+    ),
+    vae=dict(
+        sample_size=1024, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.13025, force_upcast=True,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu"),
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                projection_dim=1280, hidden_act="gelu"),
+    sdxl=True,
+)
+
+
 def _inpainting(kind: str) -> dict:
     """The spec of ``kind`` in the SD inpainting layout: UNet input = [x_t (4), mask (1), masked-image latent (4)]."""
     spec = dict(SPECS[kind])
@@ -181,6 +239,7 @@ def _inpainting(kind: str) -> dict:
 
 SPECS["tiny-inpaint"] = _inpainting("tiny")
 SPECS["sd-inpaint-random"] = _inpainting("sd14-random")  # SD1.x-inpainting architecture (runwayml / SD1.5)
+SPECS["tiny-sdxl-inpaint"] = _inpainting("tiny-sdxl")    # SDXL's inpainting layout in small (RealFill on SDXL)
 
 
 def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
@@ -199,26 +258,46 @@ def latent_scaling_factor(vae, n: int = 8, seed: int = 0) -> float:
     return round(1.0 / std, 4)
 
 
-def build_pipeline(kind: str, seed: int = 0):
-    """A random-init ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for the inpainting kinds) of one
-    of :data:`SPECS` (seeded per component)."""
+def _text_encoder(cls, text: dict, **ids):
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, layer_norm_eps=1e-5,
+                            **(ids or dict(bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
+                                           pad_token_id=1)), **text)
+    return cls(config)
+
+
+def build_pipeline(kind: str, seed: int = 0, device: str | torch.device | None = None):
+    """A random-init ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for the inpainting kinds,
+    ``StableDiffusionXLPipeline`` for the SDXL ones) of one of :data:`SPECS` (seeded per component). ``device``: where
+    the weights are made, e.g. ``meta`` (shapes without values: what counting FLOPs and memory needs, in no time)."""
     # diffusers' pipeline classes import transformers' image processors (stderr warnings without torchvision): only
     # when a pipeline is built
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
 
     if kind not in SPECS:
         raise ModelError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
     spec = SPECS[kind]
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec["unet"])
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**spec["vae"])
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, layer_norm_eps=1e-5,
-        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=1, **spec["text"],
-    )
-    text_encoder = CLIPTextModel(text_config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**spec["unet"])
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**spec["vae"])
+        torch.manual_seed(seed + 2)
+        if spec.get("sdxl"):
+            text_encoder = _text_encoder(CLIPTextModel, spec["text"], **_SDXL_TEXT_IDS)
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, spec["text_2"], **_SDXL_TEXT_IDS)
+        else:
+            text_encoder = _text_encoder(CLIPTextModel, spec["text"])
+    if spec.get("sdxl"):
+        scheduler = EulerDiscreteScheduler(**_SDXL_SCHEDULER, prediction_type="epsilon")
+        scheduler.register_to_config(**_SDXL_SCHEDULER_EXTRA)
+        parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                     tokenizer=build_clip_tokenizer(EOS), tokenizer_2=build_clip_tokenizer("!"), unet=unet,
+                     scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+        if spec.get("inpainting"):       # as SDXL's inpainting checkpoint: the base's six time ids, no aesthetic score
+            return StableDiffusionXLInpaintPipeline(**parts, requires_aesthetics_score=False)
+        return StableDiffusionXLPipeline(**parts)
     scheduler = PNDMScheduler(**_SCHEDULER, **spec["scheduler"])
     pipeline_cls = StableDiffusionInpaintPipeline if spec.get("inpainting") else StableDiffusionPipeline
     return pipeline_cls(

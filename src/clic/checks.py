@@ -104,7 +104,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REQUIRED_META = {"format": str, "tokens": list, "base_model": str}
 _OPTIONAL_META = {"base_config_hash": str, "base_weight_stats": list, "prompt": str, "roi_prompt": str,
                   "object_class": str, "method": str, "initializer": str, "config": dict, "final_losses": dict,
-                  "role": str, "parent": dict}
+                  "role": str, "parent": dict, "embedding_dims": list}
 
 
 def check_concept_file(name, meta, tensors: dict[str, torch.Tensor], fmt: str) -> None:
@@ -143,6 +143,11 @@ def check_concept_file(name, meta, tensors: dict[str, torch.Tensor], fmt: str) -
     rows = tensors["token_embeddings"].shape[0]
     if rows != len(tokens):
         raise ConceptFileError(f"{name}: {rows} embeddings for {len(tokens)} tokens")
+    dims = meta.get("embedding_dims")
+    width = tensors["token_embeddings"].shape[-1]
+    if dims is not None and (not all(type(d) is int and d > 0 for d in dims) or sum(dims) != width):
+        raise ConceptFileError(f"{name}: metadata 'embedding_dims' {dims!r} does not add up to the embeddings' width "
+                               f"{width}"[:300])
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -2,7 +2,8 @@
 
 Layout (format ``clic-concept/1``):
 
-- ``token_embeddings``: ``(n_tokens, dim)`` fp32, the learned v* rows (one per placeholder token);
+- ``token_embeddings``: ``(n_tokens, dim)`` fp32, the learned v* rows (one per placeholder token; with several
+  text encoders, SDXL's, each token's rows in every encoder side by side: dim = 768 + 1280);
 - ``attn.<processor key>.<to_k|to_v|to_q|to_out.0>.<weight|bias>``: the trained cross-attention copies
   (full matrices, as Custom Diffusion stores them);
 - metadata (strings, JSON): tokens, base model id, its architecture hash and weight statistics, prompt,
@@ -34,7 +35,8 @@ from .attention import ClicCrossAttnProcessor, clic_processors, install_processo
 from .checks import check_concept_file
 from .errors import ConceptFileError
 from .fileio import atomic_path, readable_file
-from .tokens import ConceptTokenEmbedding, add_placeholders, concept_embedding, restored_vocabulary, set_placeholders
+from .tokens import (ConceptTokenEmbedding, add_placeholders, concept_embeddings, restored_vocabulary,
+                     set_placeholders)
 
 #: what a concept's attention weights train as (``train`` of :meth:`Concept.apply`): None = frozen
 TRAINABLE = (None, "kv", "kv+q+out", "token")
@@ -62,7 +64,7 @@ class Concept:
         info = {
             "format": FORMAT, "clic_version": __version__, "tokens": list(tokens),
             "base_model": backbone.model_id, "base_config_hash": backbone.config_hash(),
-            "base_weight_stats": backbone.weight_stats(), **meta,
+            "base_weight_stats": backbone.weight_stats(), "embedding_dims": backbone.embedding_dims, **meta,
         }
         return cls(list(tokens), embeddings.detach().float().cpu().clone(), weights, info)
 
@@ -122,8 +124,9 @@ class Concept:
             raise ConceptFileError(
                 f"{name} was made for base model {self.meta.get('base_model')!r}, whose weights differ from "
                 f"{backbone.model_id!r} (same architecture, other checkpoint)")
-        if self.embeddings.shape[1] != backbone.text_encoder.config.hidden_size:
-            raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text encoder")
+        if self.embeddings.shape[1] != sum(backbone.embedding_dims):
+            raise ConceptFileError(f"{name}: embedding size {self.embeddings.shape[1]} does not fit the text "
+                                   f"encoder(s) ({'+'.join(map(str, backbone.embedding_dims))})")
 
     def apply(self, backbone, name: str = "concept", train: str | None = None,
               processor_class: type[ClicCrossAttnProcessor] = ClicCrossAttnProcessor
@@ -177,15 +180,20 @@ class AppliedConcept:
     """A concept installed on a backbone (inside :func:`applied_concept`)."""
 
     token_ids: list[int]
-    embedding: ConceptTokenEmbedding                    # the text encoder's; its last rows are the concept's tokens
+    embeddings: list[ConceptTokenEmbedding]             # each text encoder's; their last rows are the concept's tokens
     processors: dict[str, ClicCrossAttnProcessor]       # the cross-attention processors
     base_processors: dict                               # the processors found, trained copies made plain
 
     @property
     def token_rows(self) -> torch.Tensor:
-        """The concept tokens' embeddings ``(n_tokens, dim)`` when they were added last, as for learning (a view of
-        the trainable rows)."""
-        return self.embedding.new[-len(self.token_ids):]
+        """The concept tokens' embeddings ``(n_tokens, dim)`` when they were added last, as for learning (each text
+        encoder's trainable rows side by side)."""
+        return torch.cat([emb.new[-len(self.token_ids):] for emb in self.embeddings], -1)
+
+    @property
+    def token_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable embedding rows, one parameter per text encoder."""
+        return [emb.new for emb in self.embeddings]
 
     @property
     def attention_parameters(self) -> list[torch.nn.Parameter]:
@@ -209,7 +217,7 @@ def base_processors(processors: dict) -> dict:
 def restored_model(backbone) -> Iterator[None]:
     """Whatever the body does to the backbone's tokens, processors and ``requires_grad`` flags, they are as they were
     afterwards."""
-    modules = (backbone.unet, backbone.text_encoder, backbone.vae)
+    modules = backbone.modules
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     with restored_vocabulary(backbone), restored_processors(backbone.unet):
         try:
@@ -232,10 +240,11 @@ def applied_concept(backbone, concept: Concept, train: str | None = None, train_
     with restored_model(backbone):
         found = dict(backbone.unet.attn_processors)
         procs = concept.apply(backbone, name, train=train, processor_class=processor_class)
-        embedding = concept_embedding(backbone.text_encoder)
-        embedding.new.requires_grad_(train is not None and train_token)
+        embeddings = concept_embeddings(backbone)
+        for embedding in embeddings:
+            embedding.new.requires_grad_(train is not None and train_token)
         ids = backbone.tokenizer.convert_tokens_to_ids(list(concept.tokens))
-        yield AppliedConcept(ids, embedding, procs, base_processors(found))
+        yield AppliedConcept(ids, embeddings, procs, base_processors(found))
 
 
 def split_weight_key(key: str) -> tuple[str, str, str]:

@@ -83,9 +83,9 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
             watch = FiniteWatch("the generated latents", GUIDANCE_HINT)
             if cfg.t_s:
                 with swapped_processors(backbone.unet, base_procs):
-                    x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s), base_text.repeat_interleave(batch, 0),
+                    x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s), base_text.repeat_interleave(batch),
                                    cfg, b.extra, b.bar, callback, {"stage": "base", "seeds": b.seeds}, watch=watch)
-            x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s, cfg.steps), text.repeat_interleave(batch, 0),
+            x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s, cfg.steps), text.repeat_interleave(batch),
                            cfg, b.extra, b.bar, callback, {"stage": "concept", "seeds": b.seeds}, watch=watch)
             watch.check()
             latents.append(x)

@@ -41,6 +41,7 @@ from .draws import Draws, SeededDraws
 from .errors import InputError
 from .imaging import resize_mask
 from .losses import attention_loss, context_loss, roi_loss, soft_mask, total_loss, valid_region
+from .models import TextConditioning
 from .runs import Run
 from .speed import mark_step, speed_levers, sync_interval, to_device, with_cuda_graphs
 from .tokens import initializer_embedding, token_positions
@@ -173,7 +174,7 @@ def config_json(cfg: LearnConfig) -> str:
 def make_optimizer(applied: AppliedConcept, cfg: LearnConfig, device) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
     """(the trained parameters, Adam or AdamW over them): the token rows at ``token_lr``, the attention copies at
     ``lr``."""
-    token = [applied.embedding.new] if cfg.train_token else []
+    token = applied.token_parameters if cfg.train_token else []
     attention = applied.attention_parameters if cfg.train != "token" else []
     groups = []
     if token:
@@ -199,7 +200,7 @@ def token_warmup(optimizer, applied: AppliedConcept, cfg: LearnConfig, step: int
         return
     warm = step <= cfg.token_warmup_steps
     for group in optimizer.param_groups:
-        is_token = group["params"][0] is applied.embedding.new
+        is_token = any(group["params"][0] is p for p in applied.token_parameters)
         group["lr"] = (cfg.token_warmup_lr if warm else group["initial_lr"]) if is_token else group["initial_lr"]
     if cfg.train != "token":
         for p in applied.attention_parameters:
@@ -224,7 +225,7 @@ class Sources:
     roi_latents_flip: torch.Tensor | None
     text_ids: torch.Tensor               # (B', L) the prompt rows: [context][RoI: P x T, prompt-major]
     pos_rows: torch.Tensor               # (B', T) where each row's tokens are (RoI row j: its own token)
-    constant_text: torch.Tensor | None   # the rows' text embeddings, when the token does not train
+    constant_text: TextConditioning | None   # the rows' text conditioning, when the token does not train
     layers: list[str]                    # the cross-attention layers of CA(v*, x_t)
     text_dtype: torch.dtype              # what the UNet's cross-attention projections compute in
     memory_format: torch.memory_format
@@ -264,7 +265,8 @@ class Sources:
             return rows
         off = 1 if self.need_context else 0
         picked = [off + p * self.n_tokens + j for j, p in enumerate(noise.roi_prompts)]
-        return torch.cat([rows[r:r + 1] for r in [*range(off), *picked]])     # slices: no index sent to the device
+        parts = [rows[r:r + 1] for r in [*range(off), *picked]]                # slices: no index sent to the device
+        return TextConditioning.cat(parts) if isinstance(rows, TextConditioning) else torch.cat(parts)
 
     def ids(self, noise: "Noise") -> torch.Tensor:
         """The token ids ``(B, L)`` of the step's batch rows."""
@@ -274,8 +276,8 @@ class Sources:
         """``(B, T)``: where each batch row's tokens are."""
         return self._rows(self.pos_rows, noise)
 
-    def text(self, noise: "Noise") -> torch.Tensor:
-        """The rows' text embeddings: encoded every step while the token trains (its gradient flows through)."""
+    def text(self, noise: "Noise") -> TextConditioning:
+        """The rows' text conditioning: encoded every step while the token trains (its gradient flows through)."""
         if self.constant_text is not None:
             return self._rows(self.constant_text, noise)
         return self.backbone.encode_text(self.ids(noise))
@@ -450,7 +452,7 @@ def forward_backward(backbone, src: Sources, cfg: LearnConfig, noise: Noise) -> 
     with capture_token_maps(backbone.unet, src.positions(noise), src.layers if cfg.use_att else [], src.hw) as capture:
         x_in = batch.x_in.contiguous(memory_format=src.memory_format)
         text = src.text(noise).to(src.text_dtype)
-        pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), text).sample
+        pred = backbone.unet(x_in, batch.t.expand(x_in.shape[0]), **text.unet_kwargs()).sample
         losses = step_losses(pred.float(), capture.maps if cfg.use_att else None, batch, src, cfg)
         losses[0].backward()
     return torch.stack(losses).detach().float()

@@ -31,7 +31,7 @@ def token_attention_maps(backbone, latents: torch.Tensor, prompt: str, tokens: l
         t_ = torch.tensor([int(t)], device=latents.device)
         x_t = scheduler.add_noise(latents, eps, t_)
         with capture_token_maps(backbone.unet, pos, layers, hw, size) as capture:
-            backbone.unet(x_t.to(backbone.unet.dtype), t_, text)
+            backbone.unet(x_t.to(backbone.unet.dtype), t_, **text.unet_kwargs())
             out.append(capture.maps()[0].float())
     return torch.stack(out).mean(0)
 

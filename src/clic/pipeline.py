@@ -9,12 +9,13 @@
     edited.images[0], new.images                                                            # PIL by default
 
 It follows diffusers' conventions: the components (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
-``scheduler``), ``from_pretrained`` (hub id or folder; ``torch_dtype``, ``revision``, ``variant``, ``token``),
-``from_pipe(stable_diffusion_pipeline)`` to share an existing pipeline's components, ``.to(device)``,
-``save_pretrained``, and calls with diffusers' argument names (``image``, ``mask_image``, ``prompt``,
-``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt``, ``generator``,
-``output_type``) returning ``.images``. Every other option of the job (the paper's ``t_start``, ``eta``, ...) is a
-keyword argument named as in :mod:`clic.config`, and ``config=`` takes a whole config.
+``scheduler``; SDXL's ``text_encoder_2`` and ``tokenizer_2`` too), ``from_pretrained`` (hub id or folder;
+``torch_dtype``, ``revision``, ``variant``, ``token``), ``from_pipe(stable_diffusion_pipeline)`` (or an SDXL
+pipeline) to share an existing pipeline's components, ``.to(device)``, ``save_pretrained``, and calls with
+diffusers' argument names (``image``, ``mask_image``, ``prompt``, ``negative_prompt``, ``num_inference_steps``,
+``guidance_scale``, ``num_images_per_prompt``, ``generator``, ``output_type``) returning ``.images``. Every other
+option of the job (the paper's ``t_start``, ``eta``, ...) is a keyword argument named as in :mod:`clic.config`, and
+``config=`` takes a whole config.
 
 The pipeline is a thin shell over the library: each call applies the concept for its duration
 (:func:`clic.concept.applied_concept`) and runs :func:`clic.learn.learn`, :func:`clic.transfer.transfer` or
@@ -43,15 +44,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .concept import Concept
 from .config import GenerateConfig, LearnConfig, TransferConfig, generate_config, learn_config, transfer_config
-from .errors import InputError
+from .errors import InputError, ModelError
 from .generate import generate
 from .imaging import heat_overlay, image_size, load_full_size, load_image, load_latent_mask, load_mask, to_pil
 from .learn import LearnResult, learn
-from .models import SCHEDULERS, Backbone, load_backbone
+from .models import SCHEDULERS, Backbone, SDXLBackbone, fix_pooled_eos, load_backbone
 from .stock import read_concept
 from .transfer import paste_back, transfer
 
@@ -93,23 +94,38 @@ class ClicPipeline(DiffusionPipeline):
     """CLiC on the components of a Stable Diffusion model (see the module docstring).
 
     Args:
-        vae, text_encoder, tokenizer, unet: a Stable Diffusion checkpoint's (SD1.x, SD2.x layouts; frozen here).
+        vae, text_encoder, tokenizer, unet: a Stable Diffusion checkpoint's (SD1.x, SD2.x, SDXL layouts; frozen
+            here).
         scheduler: the sampler of transfer and generation: DDIM, DDPM, Euler, Euler-ancestral or DPM-Solver++
             (any other, e.g. SD's PNDM, is replaced by DDIM from its config, ``clip_sample=False``, the paper's).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer (None for SD1.x/SD2.x); with them the
+            library runs on a :class:`clic.models.SDXLBackbone` (the second encoder set to pool at its end-of-text
+            token, :func:`clic.models.fix_pooled_eos`).
+        force_zeros_for_empty_prompt: SDXL: an empty negative prompt is all zeros (SDXL base's setting).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, scheduler: SchedulerMixin):
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin,
+                 text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None,
+                 force_zeros_for_empty_prompt: bool = True):
         super().__init__()
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ModelError("an SDXL model needs both text_encoder_2 and tokenizer_2 (got only one of them)")
         # learning draws its noise levels from the model's own schedule, whatever sampler is chosen later
         self._model_scheduler_config = _public(scheduler.config)
         if type(scheduler).__name__ not in SCHEDULERS.values():
             scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-        for module in (vae, text_encoder, unet):
-            module.requires_grad_(False).eval()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        for module in (vae, text_encoder, text_encoder_2, unet):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        if text_encoder_2 is not None:
+            fix_pooled_eos(text_encoder_2, tokenizer_2)
+            self.register_to_config(force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
         self._base_vocab_size = int(tokenizer.vocab_size)
         self.concept: Concept | None = None
 
@@ -119,9 +135,10 @@ class ClicPipeline(DiffusionPipeline):
                         revision: str | None = None, variant: str | None = None, token: str | bool | None = None,
                         **kwargs) -> "ClicPipeline":
         """Load a Stable Diffusion checkpoint (hub id or diffusers folder) on the CPU, as diffusers does; move it with
-        ``.to(device)``. Only the five components are read (no safety checker): with ``variant="fp16"`` SD1.4 is a
-        2.1 GB download. Other keyword arguments (``cache_dir``, ``local_files_only``, ...) go to each component's
-        ``from_pretrained``. A model that cannot be loaded is a :class:`clic.errors.ModelError` with one line."""
+        ``.to(device)``. Only the five components (SDXL: seven) are read (no safety checker): with ``variant="fp16"``
+        SD1.4 is a 2.1 GB download. Other keyword arguments (``cache_dir``, ``local_files_only``, ...) go to each
+        component's ``from_pretrained``. A model that cannot be loaded is a :class:`clic.errors.ModelError` with one
+        line."""
         torch_dtype = torch_dtype or kwargs.pop("dtype", None)         # diffusers >= 0.36 also calls it dtype
         backbone = load_backbone(pretrained_model_name_or_path, device="cpu", torch_dtype=torch_dtype or torch.float32,
                                  revision=revision, variant=variant, token=token, **kwargs)
@@ -131,8 +148,12 @@ class ClicPipeline(DiffusionPipeline):
     def from_backbone(cls, backbone: Backbone, scheduler: str = "ddim") -> "ClicPipeline":
         """The pipeline on a loaded :class:`clic.models.Backbone`'s modules (shared, not copied), sampling with
         ``scheduler`` (a name of :data:`clic.models.SCHEDULERS`)."""
+        xl = {}
+        if isinstance(backbone, SDXLBackbone):
+            xl = {"text_encoder_2": backbone.text_encoder_2, "tokenizer_2": backbone.tokenizer_2,
+                  "force_zeros_for_empty_prompt": backbone.zero_empty_negative}
         pipe = cls(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
-                   unet=backbone.unet, scheduler=backbone.sampling_scheduler(scheduler))
+                   unet=backbone.unet, scheduler=backbone.sampling_scheduler(scheduler), **xl)
         pipe.register_to_config(_name_or_path=backbone.model_id)
         pipe._model_scheduler_config = dict(backbone.scheduler_config)
         pipe._base_vocab_size = backbone.base_vocab_size
@@ -140,10 +161,15 @@ class ClicPipeline(DiffusionPipeline):
 
     @property
     def backbone(self) -> Backbone:
-        """The components as clic's library takes them (the same modules), with the model's noise schedule."""
-        return Backbone(str(self.name_or_path or type(self).__name__), self.tokenizer, self.text_encoder, self.vae,
-                        self.unet, dict(self._model_scheduler_config), self._execution_device, self.unet.dtype,
-                        extra={"base_vocab_size": self._base_vocab_size})
+        """The components as clic's library takes them (the same modules), with the model's noise schedule: an
+        :class:`clic.models.SDXLBackbone` when the pipeline has SDXL's second text encoder."""
+        args = (str(self.name_or_path or type(self).__name__), self.tokenizer, self.text_encoder, self.vae, self.unet,
+                dict(self._model_scheduler_config), self._execution_device, self.unet.dtype)
+        extra = {"base_vocab_size": self._base_vocab_size}
+        if getattr(self, "text_encoder_2", None) is None:
+            return Backbone(*args, extra=extra)
+        return SDXLBackbone(*args, extra=extra, tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2,
+                            zero_empty_negative=bool(self.config.get("force_zeros_for_empty_prompt", True)))
 
     @property
     def resolution(self) -> int:

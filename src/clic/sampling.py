@@ -25,6 +25,7 @@ from .attention import capture_token_maps, text_kv_cached
 from .checks import FiniteWatch, check_finite
 from .config import SamplingConfig
 from .errors import InputError
+from .models import TextConditioning
 from .speed import compiled_forward, fused_self_attention, mark_step, to_device
 from .tokens import token_positions
 
@@ -93,16 +94,17 @@ def check_prompt(prompt: str, tokens: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def encode_prompt(backbone, prompt: str, negative_prompt: str, batch: int, cfg: bool) -> torch.Tensor:
-    """Text embeddings for the UNet: ``(2B, L, D)``, [unconditional x B; conditional x B], with CFG, else ``(B, L, D)``.
+def encode_prompt(backbone, prompt: str, negative_prompt: str, batch: int, cfg: bool) -> TextConditioning:
+    """The UNet's text conditioning: 2B rows, [unconditional x B; conditional x B], with CFG, else B rows.
 
-    Same order and tokenisation (padded to the model length) as diffusers' pipelines.
+    Same order and tokenisation (padded to the model length) as diffusers' pipelines; the unconditional row is the
+    backbone's (:meth:`clic.models.Backbone.encode_negative`: SDXL's empty negative prompt is zeros).
     """
-    cond = backbone.encode_text(backbone.tokenize(prompt)).to(backbone.unet.dtype).expand(batch, -1, -1)
+    cond = backbone.encode_text(backbone.tokenize(prompt)).to(backbone.unet.dtype).expand(batch)
     if not cfg:
         return cond
-    uncond = backbone.encode_text(backbone.tokenize(negative_prompt)).to(backbone.unet.dtype).expand(batch, -1, -1)
-    return torch.cat([uncond, cond])
+    uncond = backbone.encode_negative(negative_prompt).to(backbone.unet.dtype).expand(batch)
+    return TextConditioning.cat([uncond, cond])
 
 
 def token_index(backbone, prompt: str, tokens: Sequence[str]) -> torch.Tensor:
@@ -116,7 +118,7 @@ def token_index(backbone, prompt: str, tokens: Sequence[str]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ one step
 
 
-def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning,
                   guidance_scale: float, capture_layers: Sequence[str] = (), index: torch.Tensor | None = None,
                   condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The classifier-free-guided model output for ``latents (B, C, h, w)`` at timestep ``t``.
@@ -125,7 +127,7 @@ def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, t
     ``index``). ``condition (B, C', h, w)``: channels appended to the scaled latents (SD inpainting's mask and
     masked-image latent). Runs under whatever grad mode the caller set.
     """
-    cfg = text.shape[0] == 2 * latents.shape[0]
+    cfg = len(text) == 2 * latents.shape[0]
     x_in = torch.cat([latents] * 2) if cfg else latents
     x_in = scheduler.scale_model_input(x_in, t)
     if condition is not None:
@@ -136,7 +138,7 @@ def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, t
         if capture_layers:
             capture = stack.enter_context(capture_token_maps(backbone.unet, index, capture_layers,
                                                              tuple(latents.shape[-2:])))
-        out = backbone.unet(x_in, t, encoder_hidden_states=text).sample.float()
+        out = backbone.unet(x_in, t, **text.unet_kwargs()).sample.float()
     maps = capture.maps()[-latents.shape[0]:].float() if capture is not None else None  # conditional rows
     if cfg:
         uncond, cond = out.chunk(2)
@@ -144,7 +146,7 @@ def predict_noise(backbone, scheduler, latents: torch.Tensor, t: torch.Tensor, t
     return out, maps
 
 
-def denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: torch.Tensor, cfg: SamplingConfig,
+def denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: TextConditioning, cfg: SamplingConfig,
             extra: dict, bar, callback=None, info: dict | None = None, condition: torch.Tensor | None = None,
             capture_layers: Sequence[str] = (), index: torch.Tensor | None = None, watch: FiniteWatch | None = None
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -19,6 +19,7 @@ None of them changes what is computed: the losses agree with the plain loop up t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,9 +138,10 @@ def speed_levers(backbone, cfg) -> Iterator[None]:
             unet.enable_gradient_checkpointing()
         if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
-        with fused_self_attention(unet), \
-                compiled_forward(unet, cfg.compile_mode, cfg.compile_unet), \
-                compiled_forward(text_layers(backbone.text_encoder), cfg.compile_mode, cfg.compile_text):
+        with fused_self_attention(unet), compiled_forward(unet, cfg.compile_mode, cfg.compile_unet), \
+                contextlib.ExitStack() as stack:
+            for encoder in backbone.text_encoders:          # SDXL: both text encoders
+                stack.enter_context(compiled_forward(text_layers(encoder), cfg.compile_mode, cfg.compile_text))
             yield
     finally:
         if cfg.gradient_checkpointing and not checkpointing:

@@ -1,9 +1,12 @@
 """A concept in a *stock* diffusers pipeline: :func:`load_concept`, and the export folder for users of diffusers only.
 
-A concept is two things a stock ``StableDiffusionPipeline`` (or its Img2Img and Inpaint siblings) already knows how
-to hold, so nothing of clic has to stay in the pipeline:
+A concept is two things a stock ``StableDiffusionPipeline`` (or its Img2Img and Inpaint siblings, or SDXL's
+``StableDiffusionXLPipeline`` and its siblings) already knows how to hold, so nothing of clic has to stay in the
+pipeline:
 
-- its tokens (v*, or <v1*>, <v2*>, ...): textual-inversion embeddings, added by ``pipe.load_textual_inversion``;
+- its tokens (v*, or <v1*>, <v2*>, ...): textual-inversion embeddings, added by ``pipe.load_textual_inversion``
+  (SDXL: into both text encoders, each its part of the token's rows; the second encoder pools at its end-of-text
+  token, :func:`clic.models.fix_pooled_eos`, as clic's SDXL backbone does);
 - its trained cross-attention weights (K/V, or K/V/Q/out): diffusers' own ``CustomDiffusionAttnProcessor2_0``
   processors, installed with ``pipe.unet.set_attn_processor``.
 
@@ -18,6 +21,10 @@ The export folder (:func:`export_diffusers`) holds what both routes read::
     learned_embeds_1.safetensors, ...              (``load_textual_inversion`` takes one token per file)
     clic_concept.json                              the concept's metadata (base model, prompt, tokens, files)
 
+SDXL's export holds the embeddings in the layout SDXL embeddings are shared in: one ``learned_embeds.safetensors``
+with ``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` (each text encoder's rows, the n tokens in its metadata,
+``"tokens"``: a JSON list).
+
 :func:`load_concept` takes a concept file or such a folder. With the ``ddim`` sampler (``clip_sample=False``) and no
 base-model stage (``clic generate --base-steps 0``), a stock pipeline with the concept loaded gives the image of
 :func:`clic.generate.generate` (tests/test_stock.py).
@@ -31,13 +38,14 @@ from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .concept import Concept, split_weight_key
 from .errors import ConceptFileError
 from .fileio import staged_folder
 from .models import Backbone
+from .tokens import split_rows
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 EMBEDS = "learned_embeds.safetensors"
@@ -56,7 +64,9 @@ def load_concept(pipe, concept, check_base: bool = True) -> list[str]:
     ``pipe`` and its trained cross-attention layers get ``CustomDiffusionAttnProcessor2_0`` processors with its
     weights (in the UNet's device and dtype). Works for any number of tokens, K/V or K/V/Q/out concepts, and every
     pipeline with ``tokenizer``, ``text_encoder`` and ``unet`` components (``StableDiffusionPipeline``,
-    ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline`` built on the same model, ...).
+    ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline`` built on the same model, ...), and SDXL's
+    with ``tokenizer_2`` and ``text_encoder_2`` too (``StableDiffusionXLPipeline`` and its siblings: the tokens go
+    into both text encoders, the second one set to pool at its end-of-text token).
 
     Args:
         pipe: the pipeline.
@@ -67,14 +77,18 @@ def load_concept(pipe, concept, check_base: bool = True) -> list[str]:
     Returns the concept's tokens, e.g. ``["<v*>"]``: put them in the prompt. :func:`unload_concept` takes it out.
     """
     concept, name = read_concept(concept)
+    backbone = Backbone.of_pipeline(pipe)        # SDXL: also makes the second encoder pool at the end-of-text token
     if check_base:
-        concept.check_base(Backbone.of_pipeline(pipe), name)
-    known = [t for t in concept.tokens if t in pipe.tokenizer.get_vocab()]
+        concept.check_base(backbone, name)
+    known = [t for t in concept.tokens if any(t in tokenizer.get_vocab() for tokenizer in backbone.tokenizers)]
     if known:
         raise ConceptFileError(f"{name}: the pipeline already has the token(s) {', '.join(known)} (a concept loaded "
                                "before?): clic.stock.unload_concept(pipe) takes it out")
+    rows = split_rows(backbone, concept.embeddings)
     processors = custom_diffusion_processors(pipe.unet, concept, name)
-    pipe.load_textual_inversion(list(concept.embeddings), token=list(concept.tokens))
+    for vectors, encoder, tokenizer in zip(rows, backbone.text_encoders, backbone.tokenizers):
+        pipe.load_textual_inversion(list(vectors), token=list(concept.tokens), text_encoder=encoder,
+                                    tokenizer=tokenizer)
     pipe.unet.set_attn_processor({**pipe.unet.attn_processors, **processors})
     return list(concept.tokens)
 
@@ -83,6 +97,8 @@ def unload_concept(pipe, tokens: list[str] | None = None) -> None:
     """Take a concept out of a stock pipeline again: its tokens (``tokens``, default every textual-inversion token)
     and every Custom Diffusion processor (back to plain SDPA attention)."""
     pipe.unload_textual_inversion(tokens)
+    if getattr(pipe, "text_encoder_2", None) is not None:                                  # SDXL's second encoder
+        pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
     procs = pipe.unet.attn_processors
     pipe.unet.set_attn_processor({name: AttnProcessor2_0() if isinstance(proc, CustomDiffusionAttnProcessor2_0)
                                   else proc for name, proc in procs.items()})
@@ -137,7 +153,9 @@ def export_diffusers(concept, out_dir, backbone=None) -> Path:
     :func:`load_concept`, or with diffusers' ``load_attn_procs``/``load_textual_inversion`` pair.
 
     ``backbone`` (optional) is checked to be the concept's base model; the layer names come from it when given, else
-    from the concept (the self-attention entries of ``save_attn_procs``'s layout are then left out). The files are
+    from the concept (the self-attention entries of ``save_attn_procs``'s layout are then left out). The embeddings
+    are in SDXL's layout when the concept's base model has two text encoders (its ``backbone``, or the sizes the
+    concept file records: ``embedding_dims``). The files are
     written into a temporary folder and moved into place together (a full disk leaves the folder as it was); the
     embedding files of an earlier export to the same folder that this one does not write are removed. Returns the
     folder."""
@@ -155,11 +173,18 @@ def export_diffusers(concept, out_dir, backbone=None) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConceptFileError(f"{out}: exists and is not a folder")
-    files = embedding_files(concept.tokens)
+    dims = backbone.embedding_dims if backbone is not None else concept.meta.get("embedding_dims")
+    sdxl = dims is not None and len(dims) == 2
+    files = embedding_files(concept.tokens, sdxl)
     with staged_folder(out) as tmp:          # every file of the export, or none of them (e.g. on a full disk)
         _save(state, tmp / WEIGHTS)
-        for token, vector, file in zip(concept.tokens, concept.embeddings, files):
-            _save({token: vector.float().contiguous()}, tmp / file)
+        if sdxl:
+            clip_l, clip_g = concept.embeddings.float().split(list(dims), dim=-1)
+            _save({"clip_l": clip_l.contiguous(), "clip_g": clip_g.contiguous()}, tmp / EMBEDS,
+                  tokens=json.dumps(list(concept.tokens)))
+        else:
+            for token, vector, file in zip(concept.tokens, concept.embeddings, files):
+                _save({token: vector.float().contiguous()}, tmp / file)
         meta = {**concept.meta, "tokens": list(concept.tokens), "embedding_files": files, "weights_file": WEIGHTS}
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     for old in out.glob("learned_embeds*.safetensors"):    # a previous export's other tokens would be loaded along
@@ -168,16 +193,17 @@ def export_diffusers(concept, out_dir, backbone=None) -> Path:
     return out
 
 
-def embedding_files(tokens: list[str]) -> list[str]:
-    """``learned_embeds.safetensors`` for one token; ``learned_embeds_<k>.safetensors`` (k from 1) for several."""
-    if len(tokens) == 1:
+def embedding_files(tokens: list[str], sdxl: bool = False) -> list[str]:
+    """``learned_embeds.safetensors`` for one token, or for any number of tokens in SDXL's layout;
+    ``learned_embeds_<k>.safetensors`` (k from 1) for several."""
+    if len(tokens) == 1 or sdxl:
         return [EMBEDS]
     return [f"learned_embeds_{k}.safetensors" for k in range(1, len(tokens) + 1)]
 
 
 def read_export(folder) -> Concept:
     """The concept of a folder written by :func:`export_diffusers` (also one whose ``learned_embeds.safetensors``
-    holds several tokens, as earlier versions wrote)."""
+    holds several tokens, as earlier versions wrote; or SDXL's ``clip_l`` / ``clip_g`` layout)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META).read_text())
@@ -185,7 +211,11 @@ def read_export(folder) -> Concept:
         embeds = {}
         for file in meta.get("embedding_files") or [EMBEDS]:
             embeds.update(load_file(str(folder / file)))
-    except (OSError, ValueError, SafetensorError) as exc:
+        if set(embeds) == {"clip_l", "clip_g"}:                 # SDXL's layout: each token's rows side by side
+            with safe_open(str(folder / EMBEDS), framework="pt") as f:
+                xl_tokens = json.loads((f.metadata() or {})["tokens"])
+            embeds = dict(zip(xl_tokens, torch.cat([embeds["clip_l"], embeds["clip_g"]], -1)))
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ConceptFileError(f"{folder}: not a folder written by `clic export-diffusers` "
                                f"({str(exc).splitlines()[0]})") from exc
     tokens = list(meta.get("tokens") or embeds)
@@ -217,5 +247,5 @@ def read_concept(concept) -> tuple[Concept, str]:
     return Concept.load(concept), str(concept)
 
 
-def _save(tensors: dict, path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+def _save(tensors: dict, path: Path, **metadata: str) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})

@@ -5,6 +5,11 @@ The text encoder's embedding table stays frozen and untouched. Its ``token_embed
 matrix. So exactly the new rows train, and no other row can drift (the official code zeroes the gradients of
 the other rows instead, with an off-by-one for several tokens).
 
+A backbone with several text encoders (SDXL: CLIP ViT-L and OpenCLIP bigG, one vocabulary) gets each token in every
+tokenizer, under the same id, and a row in every encoder's table, all trained (as diffusers' SDXL textual inversion
+does). A token's embedding, as functions here take and give it, is those rows side by side: ``(sum of the encoders'
+embedding sizes,)``, in the order of ``backbone.text_encoders``.
+
 :func:`restored_vocabulary` puts the tokenizer and the embedding module back as they were: tokens added inside
 are gone afterwards (:func:`clic.concept.applied_concept` uses it, so no call leaves tokens behind).
 """
@@ -66,6 +71,19 @@ def concept_embedding(text_encoder) -> ConceptTokenEmbedding:
     return embeddings.token_embedding
 
 
+def concept_embeddings(backbone) -> list[ConceptTokenEmbedding]:
+    """Each text encoder's :class:`ConceptTokenEmbedding` (installed on first use)."""
+    return [concept_embedding(encoder) for encoder in backbone.text_encoders]
+
+
+def split_rows(backbone, vectors: torch.Tensor) -> list[torch.Tensor]:
+    """``(n, sum of dims)`` embeddings -> each text encoder's ``(n, dim)`` part."""
+    dims = backbone.embedding_dims
+    if vectors.shape[-1] != sum(dims):
+        raise InputError(f"token embeddings of size {vectors.shape[-1]} do not fit the text encoders ({dims})")
+    return list(vectors.reshape(-1, sum(dims)).split(dims, dim=-1))
+
+
 def base_table(text_encoder) -> torch.Tensor:
     """The frozen embedding table ``(vocab, dim)`` (wrapped or not)."""
     module = _embeddings(text_encoder).token_embedding
@@ -104,37 +122,44 @@ def initializer_id(tokenizer, word: str) -> int:
 
 
 def initializer_embedding(backbone, word: str) -> torch.Tensor:
-    """Embedding row of an initializer (:func:`initializer_id`: a single-token word such as "pattern", or
-    ``piece:NAME``)."""
-    return base_table(backbone.text_encoder)[initializer_id(backbone.tokenizer, word)].detach().float().clone()
+    """Embedding of an initializer (:func:`initializer_id`: a single-token word such as "pattern", or ``piece:NAME``):
+    its row in each text encoder's table, side by side."""
+    index = initializer_id(backbone.tokenizer, word)
+    return torch.cat([base_table(encoder)[index].detach().float() for encoder in backbone.text_encoders]).clone()
 
 
 def add_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list[int]:
-    """Add placeholder tokens with the given initial embeddings; returns their ids."""
+    """Add placeholder tokens to every tokenizer, with the given initial embeddings ``(n, sum of dims)`` in every text
+    encoder; returns their ids (the same in each tokenizer)."""
     if len(set(tokens)) != len(tokens):
         raise InputError(f"placeholder tokens must be distinct, got {tokens}")
     for token in tokens:
-        check_placeholder(backbone.tokenizer, token)
-    emb = concept_embedding(backbone.text_encoder)
-    first = emb.num_base + emb.new.shape[0]
-    _add_tokens(backbone.tokenizer, list(tokens))
-    ids = backbone.tokenizer.convert_tokens_to_ids(list(tokens))
-    if ids != list(range(first, first + len(tokens))):
-        raise InputError(f"tokenizer and text encoder disagree on new token ids ({ids} vs {first}...)")
-    emb.add(tokens, vectors)
+        for tokenizer in backbone.tokenizers:
+            check_placeholder(tokenizer, token)
+    parts = split_rows(backbone, vectors)
+    embeddings = concept_embeddings(backbone)
+    first = embeddings[0].num_base + embeddings[0].new.shape[0]
+    for tokenizer, emb in zip(backbone.tokenizers, embeddings):
+        _add_tokens(tokenizer, list(tokens))
+        ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        if ids != list(range(first, first + len(tokens))) or emb.num_base + emb.new.shape[0] != first:
+            raise InputError(f"tokenizers and text encoders disagree on new token ids ({ids} vs {first}...)")
+    for emb, part in zip(embeddings, parts):
+        emb.add(tokens, part)
     return ids
 
 
 def set_placeholders(backbone, tokens: list[str], vectors: torch.Tensor) -> list[int]:
-    """Add placeholder tokens with these embeddings, or, if all of them are there already (an outer application of
-    the same concept), give them these embeddings; returns their ids."""
-    emb = concept_embedding(backbone.text_encoder)
-    if not tokens or not all(t in emb.tokens for t in tokens):
+    """Add placeholder tokens with these embeddings ``(n, sum of dims)``, or, if all of them are there already (an
+    outer application of the same concept), give them these embeddings; returns their ids."""
+    embeddings = concept_embeddings(backbone)
+    if not tokens or not all(t in embeddings[0].tokens for t in tokens):
         return add_placeholders(backbone, tokens, vectors.to(backbone.device))
-    rows = emb.new.detach().clone()               # a new parameter: the one an outer scope saved stays as it was
-    for token, vector in zip(tokens, vectors):
-        rows[emb.tokens.index(token)] = vector.to(rows.device)
-    emb.new = nn.Parameter(rows, requires_grad=emb.new.requires_grad)
+    for emb, part in zip(embeddings, split_rows(backbone, vectors)):
+        rows = emb.new.detach().clone()           # a new parameter: the one an outer scope saved stays as it was
+        for token, vector in zip(tokens, part):
+            rows[emb.tokens.index(token)] = vector.to(rows.device)
+        emb.new = nn.Parameter(rows, requires_grad=emb.new.requires_grad)
     return backbone.tokenizer.convert_tokens_to_ids(list(tokens))
 
 
@@ -212,13 +237,20 @@ def _add_tokens(tokenizer, tokens: list[str]) -> None:
 
 @contextlib.contextmanager
 def restored_vocabulary(backbone) -> Iterator[None]:
-    """Whatever tokens the body adds, the tokenizer and the text encoder's token embedding are as they were
-    afterwards: same vocabulary (``len(tokenizer)``), same embedding module and rows."""
-    tokenizer = backbone.tokenizer
+    """Whatever tokens the body adds, the tokenizers and the text encoders' token embeddings are as they were
+    afterwards: same vocabulary (``len(tokenizer)``), same embedding modules and rows."""
+    with contextlib.ExitStack() as stack:
+        for tokenizer, encoder in zip(backbone.tokenizers, backbone.text_encoders):
+            stack.enter_context(_restored_pair(tokenizer, encoder))
+        yield
+
+
+@contextlib.contextmanager
+def _restored_pair(tokenizer, text_encoder) -> Iterator[None]:
     backend = getattr(tokenizer, "_tokenizer", None)
     slow = {name: copy.copy(getattr(tokenizer, name)) for name in ("_added_tokens_decoder", "_added_tokens_encoder")
             if backend is None and isinstance(getattr(tokenizer, name, None), dict)}
-    embeddings = _embeddings(backbone.text_encoder)
+    embeddings = _embeddings(text_encoder)
     module = embeddings.token_embedding
     rows = tokens = None
     if isinstance(module, ConceptTokenEmbedding):

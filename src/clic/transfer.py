@@ -50,6 +50,7 @@ from .config import TransferConfig
 from .draws import Draws, SeededDraws
 from .errors import InputError
 from .imaging import center_crop_box, check_mask, chessboard_distance, pil_resize, resize_mask
+from .models import TextConditioning
 from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, host_timesteps, make_scheduler,
                        predict_noise, progress_bar, sampling_speedups, step_kwargs, token_index)
 from .speed import mark_step, to_device
@@ -77,7 +78,7 @@ def guidance_loss(ca: torch.Tensor, target_map: torch.Tensor, reduction: str = "
     raise ValueError(f"unknown guidance loss reduction {reduction!r} (sum | mean)")
 
 
-def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: torch.Tensor,
+def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: TextConditioning,
                             index: torch.Tensor, layers: list[str], target_map: torch.Tensor, eta: float,
                             optimizer: str = "sgd", reduction: str = "sum", attention_grad: bool = True
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,7 +297,7 @@ def _normal(sources: list[Draws], name: str, backbone) -> torch.Tensor:
 
 
 def _denoise(backbone, cfg: TransferConfig, seeds: list[int], sources: list[Draws], x_tg, m_blend: torch.Tensor,
-             target_map: torch.Tensor, text: torch.Tensor, index: torch.Tensor, layers: list[str], start: int,
+             target_map: torch.Tensor, text: TextConditioning, index: torch.Tensor, layers: list[str], start: int,
              progress: bool, callback) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step. ``x_tg``: the target's latent
     ``(1, C, h, w)``, or its posterior (mean, std) to draw one per seed. Returns final latents, the maps
@@ -313,7 +314,7 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], sources: list[Draw
     variance = "variance_noise" in inspect.signature(scheduler.step).parameters and cfg.ddim_eta > 0
     if variance:
         extra.pop("generator", None)
-    text = text.repeat_interleave(batch, 0)                    # [uncond x B; cond x B] or [cond x B]
+    text = text.repeat_interleave(batch)                    # [uncond x B; cond x B] or [cond x B]
     text_cond = text[-batch:]
 
     # 4a. Prepare latents: the target noised to the start step (or pure noise, official --replace-steps 0)

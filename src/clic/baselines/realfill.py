@@ -61,7 +61,7 @@ from ..config import GenerateConfig, InpaintConfig, RealFillConfig
 from ..errors import InputError, ModelError
 from ..generate import GUIDANCE_HINT, GenerateResult, fill_prompt
 from ..imaging import check_mask
-from ..models import DEFAULT_INPAINT_MODEL
+from ..models import DEFAULT_INPAINT_MODEL, DEFAULT_SDXL_INPAINT_MODEL
 from ..runs import Run
 from ..sampling import check_prompt, chunks, decode_batches, denoise, encode_prompt, seed_batches, token_index
 from ..tokens import initializer_embedding, token_positions
@@ -150,9 +150,11 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
         raise InputError("give one mask per source image")
     cfg.check(masks[0].shape[0])
     if not backbone.is_inpainting:
+        xl = backbone.family == "sdxl"
         raise ModelError(f"RealFill needs an inpainting model (9-channel UNet); {backbone.model_id} has "
-                         f"{backbone.unet.config.in_channels} input channels (try --model {DEFAULT_INPAINT_MODEL}, "
-                         "or `clic make-model tiny-inpaint DIR` offline)")
+                         f"{backbone.unet.config.in_channels} input channels (try --model "
+                         f"{DEFAULT_SDXL_INPAINT_MODEL if xl else DEFAULT_INPAINT_MODEL}, or `clic make-model "
+                         f"{'tiny-sdxl-inpaint' if xl else 'tiny-inpaint'} DIR` offline)")
     device, size = backbone.device, backbone.resolution
     prompt = cfg.train_prompt()
 
@@ -160,9 +162,9 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
     start = Concept.untrained([cfg.placeholder], initializer_embedding(backbone, cfg.initializer)[None])
     with applied_concept(backbone, start, train="kv", train_token=True) as applied:
         attn_params = applied.attention_parameters
-        params = [applied.embedding.new] + attn_params
+        params = applied.token_parameters + attn_params
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        optimizer = opt_cls([{"params": [applied.embedding.new],
+        optimizer = opt_cls([{"params": applied.token_parameters,
                               "lr": cfg.token_lr if cfg.token_lr is not None else cfg.lr},
                              {"params": attn_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
 
@@ -217,7 +219,7 @@ def learn_realfill(backbone, images: list[torch.Tensor], masks: list[torch.Tenso
                 for idx in chunks(list(range(cfg.batch_size)), micro):
                     text = backbone.encode_text(text_ids[dropped[idx]])
                     x_in = inpainting_input(x_t[idx], m_lat[idx], cond[idx]).to(unet_dtype)
-                    pred = backbone.unet(x_in, t[idx], text.to(unet_dtype)).sample.float()
+                    pred = backbone.unet(x_in, t[idx], **text.to(unet_dtype).unet_kwargs()).sample.float()
                     loss = realfill_loss(pred, target[idx], w_lat[idx]) * (len(idx) / cfg.batch_size)
                     run.check_finite(loss.item(), step)
                     loss.backward()
@@ -327,7 +329,7 @@ def inpaint(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: In
             condition = torch.cat(_conditioning(backbone, target, mask, b.generators), 1)
             # 4. Denoising loop
             watch = FiniteWatch("the inpainted latents", GUIDANCE_HINT)
-            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds), 0),
+            x, m = denoise(backbone, b.scheduler, b.latents, range(cfg.steps), text.repeat_interleave(len(b.seeds)),
                            cfg, b.extra, b.bar, callback, {"seeds": b.seeds}, condition, layers, index, watch)
             watch.check()
             latents.append(x)
@@ -370,9 +372,9 @@ def generate_inpainting(backbone, concept, cfg=None, progress: bool = True):
             x, watch = b.latents, FiniteWatch("the generated latents", GUIDANCE_HINT)
             if t_s:
                 with swapped_processors(backbone.unet, applied.base_processors):
-                    x, _ = denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch, 0), cfg,
+                    x, _ = denoise(backbone, b.scheduler, x, range(t_s), base_text.repeat_interleave(batch), cfg,
                                    b.extra, b.bar, condition=condition, watch=watch)
-            x, _ = denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch, 0), cfg,
+            x, _ = denoise(backbone, b.scheduler, x, range(t_s, cfg.steps), text.repeat_interleave(batch), cfg,
                            b.extra, b.bar, condition=condition, watch=watch)
             watch.check()
             latents.append(x)

@@ -9,21 +9,25 @@ from pathlib import Path
 
 from clic_lab.bench import LEVERS, BenchOptions, format_report, run_bench
 
+from ..builder import SPECS
 from ..errors import InputError
 from ..fileio import atomic_path
 from ..speed import COMPILE_MODES
-from .options import add_device_option
+from .validate import device_or_meta
 
 
 def register(sub, argv) -> None:
     p = sub.add_parser("bench", help="measure speed and memory of learning, transfer and generation "
                                      "(BENCHMARKS.md numbers come from here)")
     p.add_argument("--model", default="tiny",
-                   help="a model folder or hub id, or tiny | tiny-sd2 | sd14-random (built in memory)")
+                   help=f"a model folder or hub id, or a kind built in memory: {' | '.join(SPECS)} (sd14-random, "
+                        "sdxl-random: the full architectures with random weights)")
     p.add_argument("--steps", type=int, default=20, help="timed learning steps after warm-up (0: no timing, e.g. "
                                                                   "with --flops alone)")
     p.add_argument("--warmup", type=int, default=3, help="untimed learning steps first")
-    add_device_option(p)
+    p.add_argument("--device", default=None, type=device_or_meta,
+                   help="cuda, mps, cpu, or meta (a kind built without values or memory: --flops and --tensor-memory "
+                        "only, e.g. SDXL's step on any machine)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the frozen model (trainable weights stay fp32)")
     p.add_argument("--reference", action="store_true",
@@ -73,6 +77,16 @@ def run(args) -> None:
             raise InputError(f"--report {path}: not a `clic bench --json` result (no {exc})") from None
         print(text)
         return
+    if args.device == "meta":             # shapes without values: counts only, of a kind built here
+        asked = (("--all", args.all), ("--steps", args.steps > 0), ("--reference", args.reference),
+                 ("--levers", args.levers or args.lever_names), ("--sampling", args.sampling or args.sampling_compile),
+                 ("--profile", args.profile), ("--ops", args.ops), ("--wall-steps", args.wall_steps > 0))
+        timed = [name for name, on in asked if on]
+        if timed:
+            raise InputError(f"--device meta counts only (--flops, --tensor-memory): {timed[0]} needs a real device "
+                             "(and --steps 0)")
+        if args.model not in SPECS:
+            raise InputError(f"--device meta builds a kind of model ({' | '.join(SPECS)}); {args.model!r} is not one")
     every = args.all
     opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, steps=args.steps,
                         warmup=args.warmup, reference=args.reference or every,

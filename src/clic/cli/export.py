@@ -14,7 +14,8 @@ def register(sub, argv) -> None:
     p = sub.add_parser(
         "export-diffusers", help="write a concept as textual-inversion + Custom Diffusion files for a stock diffusers "
                                  "pipeline",
-        description="Writes learned_embeds*.safetensors (one file per token, for pipe.load_textual_inversion), "
+        description="Writes learned_embeds*.safetensors (one file per token, for pipe.load_textual_inversion; SDXL: "
+                    "one file with each text encoder's rows, clip_l and clip_g), "
                     "pytorch_custom_diffusion_weights.safetensors (the trained cross-attention weights in "
                     "unet.save_attn_procs's layout) and clic_concept.json. The README's 'In a stock diffusers "
                     "pipeline' shows how to load them with diffusers alone; clic.stock.load_concept(pipe, OUT) does "
@@ -27,7 +28,7 @@ def register(sub, argv) -> None:
 
 def run(args) -> None:
     concept = Concept.load(args.concept)
-    names = [WEIGHTS, META, *embedding_files(concept.tokens)]
+    names = [WEIGHTS, META, *embedding_files(concept.tokens), *embedding_files(concept.tokens, sdxl=True)]
     out = output_folder(args.out, names, {"concept": [args.concept]})
     with exclusive(out):
         backbone = load_backbone(args.model or concept.meta["base_model"], args.device, args.dtype)

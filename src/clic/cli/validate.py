@@ -170,6 +170,11 @@ def device(name: str) -> str:
     return name
 
 
+def device_or_meta(name: str) -> str:
+    """``--device`` of ``clic bench``: :func:`device`, or ``meta`` (a model built without values: counts only)."""
+    return name if name == "meta" else device(name)
+
+
 def size(value: int | None, option: str, bounds: tuple[int, int] = SIZE_RANGE) -> int | None:
     if value is not None and not bounds[0] <= value <= bounds[1]:
         raise InputError(f"{option} must be in {bounds[0]}..{bounds[1]} pixels, got {value}")

@@ -209,7 +209,7 @@ def as_dtype(backbone, dtype: str):
     """The same modules cast in place to ``dtype`` (speed does not depend on weight values: the reference path's fp32
     copy of a bf16 backbone is as good as a fresh one, and costs no second build)."""
     dt = parse_dtype(dtype)
-    for m in (backbone.unet, backbone.vae, backbone.text_encoder):
+    for m in backbone.modules:
         m.to(backbone.device, dt)
     return dataclasses.replace(backbone, dtype=dt)
 

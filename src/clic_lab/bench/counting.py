@@ -1,5 +1,11 @@
 """Counting, rather than timing, what a learning or transfer step does: torch.compile's graphs, a profiler table,
-FLOPs, the operators dispatched, and the bytes of live tensors. Counts are exact on any device."""
+FLOPs, the operators dispatched, and the bytes of live tensors. Counts are exact on any device.
+
+FLOPs and live-tensor bytes depend on shapes only, so they can also be counted with the model on the meta device
+(shapes without values, :func:`.common.load_bench_backbone` with ``device="meta"``): an architecture too large for
+the machine at hand (SDXL's step at 1024 px) is counted in seconds. There a value read back to the host is zeros
+(:class:`MetaValues`), and attention runs as the fused kernel it is on a real device (:func:`fused_attention_on_meta`:
+meta tensors otherwise take SDPA's math path, whose attention matrices would be counted)."""
 
 from __future__ import annotations
 
@@ -65,6 +71,48 @@ def profile_table(events, steps: int, cuda: bool, rows: int = 15) -> dict:
                       "share": round(getattr(e, attr) / (total or 1.0), 4)} for e in top]}
 
 
+class MetaValues(TorchDispatchMode):
+    """For models on the meta device, where no value exists: a copy to the host comes back as zeros, and a scalar
+    read (``.item()``) as 0 (the loss terms a learning loop logs, the weight statistics a concept file records)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if source is not None and source.device.type == "meta":
+            if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
+                    and torch.device(kwargs["device"]).type != "meta":
+                return torch.zeros(source.shape, dtype=kwargs.get("dtype") or source.dtype, device=kwargs["device"])
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return False if source.dtype == torch.bool else 0 if not source.is_floating_point() else 0.0
+        return func(*args, **kwargs)
+
+
+def on_values_of(backbone):
+    """:class:`MetaValues` for a backbone on the meta device, else nothing."""
+    return MetaValues() if backbone.device.type == "meta" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta(enabled: bool = True):
+    """While inside, ``F.scaled_dot_product_attention`` on meta tensors runs as one fused kernel (the CPU's flash
+    attention: what it keeps for backward is the output and a logsumexp per query, as a GPU's flash kernel) instead of
+    the math path meta tensors get by default (which keeps every (N, L) attention matrix)."""
+    if not enabled:
+        yield
+        return
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or kwargs.get("enable_gqa"):
+            return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused):
+        yield
+
+
 def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg) -> dict:
     """FLOPs of one learning step with ``cfg`` (LearnConfig overrides): the count between the ends of the last two
     of ``steps + 1`` steps (so the one-off work before the first step, e.g. caching the source latent, is apart:
@@ -79,7 +127,7 @@ def count_learning_flops(backbone, steps: int = 2, tflops: float = 400.0, **cfg)
         by_op.append({str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()})
 
     config, reference = learning_config(steps + 1, sync_every=1, **{"cuda_graphs": "off", **cfg})
-    with sdpa_kernel(SDPBackend.MATH), counter:
+    with on_values_of(backbone), sdpa_kernel(SDPBackend.MATH), counter:
         run_learning(backbone, config, reference, callback=mark)
     step = marks[-1] - marks[-2]
     ops = {op: n - by_op[-2].get(op, 0) for op, n in by_op[-1].items()}
@@ -154,11 +202,16 @@ def count_transfer_ops(backbone, kv_cache: bool = True) -> dict:
 
 class TensorMemory(TorchDispatchMode):
     """Counts the bytes of live tensor storages: every op's outputs are tracked until their storage is freed (a weak
-    reference's callback); ``base`` is what lived before (the model's weights). ``peak`` / ``current`` in bytes."""
+    reference's callback); ``base`` is what lived before (the model's weights). ``peak`` / ``current`` in bytes.
+    ``existing``: tensors that lived before (the weights): an op's output that is a view of one of them (a linear
+    layer's ``weight.t()``, a ``detach``) is no new memory. ``meta``: count meta tensors too (a model on the meta
+    device; by default they are placeholders, not memory)."""
 
-    def __init__(self, base: int = 0):
+    def __init__(self, base: int = 0, meta: bool = False, existing=()):
         super().__init__()
         self.current = self.peak = base
+        self.meta = meta
+        self._existing = {t.untyped_storage()._cdata for t in existing}
         self._refs: dict[int, weakref.ref] = {}
 
     @staticmethod
@@ -166,7 +219,7 @@ class TensorMemory(TorchDispatchMode):
         seen = {}
         for t in tensors:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            seen[st._cdata] = st.nbytes()         # the storage itself (meta storages all have data pointer 0)
         return sum(seen.values())
 
     def _free(self, key: int, nbytes: int, _ref) -> None:
@@ -176,10 +229,10 @@ class TensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and (self.meta or t.device.type != "meta"):
                 st = t.untyped_storage()
                 key = id(st)
-                if key not in self._refs:
+                if key not in self._refs and st._cdata not in self._existing:
                     nbytes = st.nbytes()
                     self._refs[key] = weakref.ref(st, functools.partial(self._free, key, nbytes))
                     self.current += nbytes
@@ -189,12 +242,15 @@ class TensorMemory(TorchDispatchMode):
 
 def count_learning_memory(backbone, steps: int = 2, **cfg) -> dict:
     """Peak live-tensor memory (GiB) of ``steps`` learning steps with ``cfg`` (LearnConfig overrides), on top of
-    the model's weights (``weights_gib``) that live before; see :class:`TensorMemory`."""
-    modules = (backbone.unet, backbone.vae, backbone.text_encoder)
-    weights = TensorMemory.storage_bytes([t for m in modules for t in (*m.parameters(), *m.buffers())])
+    the model's weights (``weights_gib``) that live before; see :class:`TensorMemory` (and the module's note on the
+    meta device)."""
+    tensors = [t for m in backbone.modules for t in (*m.parameters(), *m.buffers())]
+    weights = TensorMemory.storage_bytes(tensors)
     config, reference = learning_config(steps, **{"cuda_graphs": "off", **cfg})
     gc.collect()
-    with TensorMemory(weights) as counter:
+    meta = backbone.device.type == "meta"
+    with fused_attention_on_meta(meta), on_values_of(backbone), \
+            TensorMemory(weights, meta=meta, existing=tensors) as counter:
         run_learning(backbone, config, reference)
     return {"peak_gib": round(counter.peak / 2**30, 3), "weights_gib": round(weights / 2**30, 3),
             "config": cfg}

@@ -87,7 +87,8 @@ def learn_reference(backbone, images: list[torch.Tensor], masks: list[torch.Tens
                 for i in range(batch.x_in.shape[0]):    # one UNet pass per branch, the maps from the context pass
                     layers = src.layers if cfg.use_att and i == 0 else []
                     with capture_token_maps(unet, src.positions(noise)[i:i + 1], layers, src.hw) as cap:
-                        preds.append(unet(batch.x_in[i:i + 1], batch.t, text[i:i + 1].to(src.text_dtype)).sample.float())
+                        preds.append(unet(batch.x_in[i:i + 1], batch.t,
+                                          **text[i:i + 1].to(src.text_dtype).unet_kwargs()).sample.float())
                     capture = capture or cap
                 losses = step_losses(torch.cat(preds), capture.maps if cfg.use_att else None, batch, src, cfg)
                 losses[0].backward()

@@ -186,7 +186,7 @@ def _summarise(rows: List[dict], items: List[dict]) -> dict:
 
 def evaluate_toy_model(model_dir, n: int = 200, n_plain: int = 20, seeds_per_prompt: int = 1, steps: int = 50,
                        guidance: float = 6.0, seed: int = 0, out: Optional[str] = None,
-                       detector: Optional[str] = None) -> dict:
+                       detector: Optional[str] = None, device: str = "cpu") -> dict:
     """Generate ``seeds_per_prompt`` images for each of ``n`` patterned and ``n_plain`` plain training prompts
     (:func:`eval_prompts`) and score them with the shipped pattern detector (:func:`score_images`). The same
     scoring on real renders of the same prompts (unseen seeds) is reported as the metric's ceiling."""
@@ -194,7 +194,7 @@ def evaluate_toy_model(model_dir, n: int = 200, n_plain: int = 20, seeds_per_pro
     from .detector import PatternDetector
 
     t0 = time.time()
-    backbone = load_backbone(str(model_dir), device="cpu", dtype="fp32")
+    backbone = load_backbone(str(model_dir), device=device, dtype="fp32")
     det = PatternDetector.load(detector)
     priors = part_priors(size=backbone.resolution)
     items = eval_prompts(n, n_plain, seed)

@@ -299,7 +299,7 @@ def load_vae_weights(vae, path) -> int:
     return steps
 
 
-def evaluate_vae(path, n: int, detector: str = "") -> dict:
+def evaluate_vae(path, n: int, detector: str = "", device: str = "cpu") -> dict:
     """``vae_report`` per pattern on the train and held-out splits, for a pipeline folder's VAE or a --save-vae
     file (whose architecture is the default config's)."""
     from diffusers import AutoencoderKL
@@ -313,7 +313,7 @@ def evaluate_vae(path, n: int, detector: str = "") -> dict:
         vae = build_vae(cfg0)
         load_vae_weights(vae, p)
         size = cfg0.size
-    vae.eval().requires_grad_(False)
+    vae.to(train_device(device)).eval().requires_grad_(False)
     cfg = ToyModelConfig(size=size, detector=detector)
     return {split: vae_report(vae, cfg, n=n, split=split, per_pattern=True) for split in ("train", "heldout")}
 
@@ -370,13 +370,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     if a.evaluate_vae:
         torch.set_num_threads(a.threads or 1)
-        print(json.dumps(evaluate_vae(a.evaluate_vae, a.n_eval, a.detector or ""), indent=1))
+        print(json.dumps(evaluate_vae(a.evaluate_vae, a.n_eval, a.detector or "", a.device or "cpu"), indent=1))
         return 0
     if a.evaluate:
         torch.set_num_threads(a.threads or 1)
         rep = evaluate_toy_model(a.evaluate, n=a.n_eval, n_plain=a.n_plain, seeds_per_prompt=a.seeds_per_prompt,
                                  steps=a.sample_steps, guidance=a.guidance, seed=a.seed or 0, out=a.eval_out,
-                                 detector=a.detector or None)
+                                 detector=a.detector or None, device=a.device or "cpu")
         print(json.dumps(rep, indent=1))
         return 0
     if not a.out:

@@ -105,7 +105,7 @@ def finetune_decoder(vae, images: np.ndarray, latents: torch.Tensor, cfg: ToyMod
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     vae.decoder.train()
     dev = device_of(vae)
-    data = torch.from_numpy(images).permute(0, 3, 1, 2)
+    data = torch.from_numpy(images[:len(latents)]).permute(0, 3, 1, 2)     # a run may encode the dataset's head only
     factor = cfg.size // latents.shape[-1]
     lc = min(latents.shape[-1], max(1, cfg.decoder_crop // factor)) if cfg.decoder_crop else latents.shape[-1]
     start = time.time()
