@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine, in one device-tool call: the speed a user feels in fresh processes (SD1.4 architecture,
+# On a GPU machine without network access, in one command: the speed a user feels in fresh processes (SD1.4 architecture,
 # random init, bf16 frozen weights, 512 px, batch 1), then optionally `clic bench` sections.
 #   here:   bash scripts/device_wheels.sh
-#   device: run(command="bash scripts/device_bench.sh", carry=[".whl"], timeout_s=560)
+#   there:  bash scripts/device_bench.sh      (the working tree and .whl/ copied there; output under $OUT; ~560 s)
 # What it does (~6 minutes on an H100):
 #   1. a smoke test on the tiny model (a broken install fails here, in seconds);
 #   2. `clic make-model sd14-random` into a local folder, bf16 (untimed; the fresh processes load from it);

@@ -38,7 +38,7 @@ def load_bench_backbone(model: str, device=None, dtype="fp32"):
     the memory the weights would take (SDXL's 3.5 B parameters: 14 GB in fp32). On a GPU the weights are made there
     (random init of SDXL on the host takes minutes; their values differ from the CPU's, which timing does not mind)."""
     if model in SPECS:
-        device = pick_device(device)
+        device = torch.device("meta") if device == "meta" else pick_device(device)
         pipe = build_pipeline(model, device=device if device.type in ("meta", "cuda") else None)
         return backbone_from_pipeline(model, pipe, device, parse_dtype(dtype))
     return load_backbone(model, device, dtype)

@@ -234,13 +234,13 @@ def generate(backbone, prompts: Sequence[str], seeds: Sequence[int], steps: int 
     """DDIM (eta 0) + classifier-free guidance with a :class:`clic.models.Backbone`; one CPU generator per
     image, seeded with its seed. Returns ``(N, R, R, 3)`` uint8."""
     out = []
-    uncond = backbone.encode_text(backbone.tokenize([""]))
+    uncond = backbone.encode_text(backbone.tokenize([""])).hidden      # SD layout: the hidden states
     shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
     for i in range(0, len(prompts), batch_size):
         ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
         sched = backbone.sampling_scheduler("ddim")
         sched.set_timesteps(steps)
-        cond = backbone.encode_text(backbone.tokenize(ps))
+        cond = backbone.encode_text(backbone.tokenize(ps)).hidden
         ctx = torch.cat([uncond.expand(len(ps), -1, -1), cond]).to(backbone.unet.dtype)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in ss])
         x = x.to(backbone.device) * sched.init_noise_sigma

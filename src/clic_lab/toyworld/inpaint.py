@@ -70,8 +70,8 @@ def inpaint_batch(backbone, unet, pixels, masks, prompts, steps: int = 30, guida
     mask_lat, masked = _conditioning(backbone, pixels, masks, x0.shape[-2:])
     sched = backbone.sampling_scheduler("ddim")
     sched.set_timesteps(steps)
-    text = backbone.encode_text(backbone.tokenize(list(prompts)))
-    uncond = backbone.encode_text(backbone.tokenize([""] * len(prompts)))
+    text = backbone.encode_text(backbone.tokenize(list(prompts))).hidden
+    uncond = backbone.encode_text(backbone.tokenize([""] * len(prompts))).hidden
     ctx = torch.cat([uncond, text])
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(x0.shape, generator=gen).to(dev) * sched.init_noise_sigma
@@ -130,9 +130,9 @@ def train_inpainting(model_dir, out_dir, minutes: float = 20.0, max_steps: int =
     latents = torch.cat([_encode(backbone, to_pixels(images[k:k + 256]).to(dev))
                          for k in range(0, len(images), 256)])
     with torch.no_grad():
-        texts = torch.cat([backbone.encode_text(backbone.tokenize(captions[k:k + 256]))
+        texts = torch.cat([backbone.encode_text(backbone.tokenize(captions[k:k + 256])).hidden
                            for k in range(0, len(captions), 256)])
-        empty_text = backbone.encode_text(backbone.tokenize([""]))[0]
+        empty_text = backbone.encode_text(backbone.tokenize([""])).hidden[0]
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod.float()
     snr = (acp / (1 - acp)).to(dev)
