@@ -54,6 +54,20 @@ def _is_io_error(exc: SafetensorError) -> bool:
 
 
 @contextlib.contextmanager
+def _writes_to(path) -> Iterator[None]:
+    """A failed write in the body (an OSError, or safetensors' I/O error) as one :class:`OutputError` naming
+    ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
+    except SafetensorError as exc:
+        if _is_io_error(exc):
+            raise _write_failed(path, exc) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
 
@@ -67,15 +81,10 @@ def atomic_path(path) -> Iterator[str]:
     except OSError as exc:
         raise _write_failed(path, exc) from exc
     try:
-        yield tmp
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_failed(path, exc) from exc
-    except SafetensorError as exc:
-        if _is_io_error(exc):
-            raise _write_failed(path, exc) from exc
-        raise
+        with _writes_to(path):
+            yield tmp
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -93,22 +102,17 @@ def staged_folder(path) -> Iterator[Path]:
     except OSError as exc:
         raise _write_failed(path, exc) from exc
     try:
-        yield tmp
-        os.chmod(tmp, _FOLDER_MODE)
-        try:
-            os.rename(tmp, path)             # the common case, a new folder: one atomic rename
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
-                raise
-            _merge(tmp, path)
+        with _writes_to(path):
+            yield tmp
+            os.chmod(tmp, _FOLDER_MODE)
+            try:
+                os.rename(tmp, path)             # the common case, a new folder: one atomic rename
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    raise
+                _merge(tmp, path)
     except OutputError as exc:          # a file inside: named by its place in the folder, not the temporary one
         raise OutputError(str(exc).replace(str(tmp), str(path), 1)) from exc
-    except OSError as exc:
-        raise _write_failed(path, exc) from exc
-    except SafetensorError as exc:
-        if _is_io_error(exc):
-            raise _write_failed(path, exc) from exc
-        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
