@@ -130,6 +130,16 @@ def test_train_toy_model_tiny(tmp_path):
     b2 = load_backbone(str(tmp_path / "run2" / "pipeline"), device="cpu")
     for (name, w), w2 in zip(b.vae.state_dict().items(), b2.vae.state_dict().values()):
         assert torch.equal(w, w2), name
+    # the VAE's report per pattern, on both splits: every scene counted once, every miss named
+    from clic_lab.toyworld.train import evaluate_vae
+
+    rep = evaluate_vae(tmp_path / "run" / "pipeline", 8)
+    for split in ("train", "heldout"):
+        rows = rep[split]["per_pattern"]
+        assert rep[split]["n"] == 8 and sum(r["n"] for r in rows.values()) == 8
+        for r in rows.values():
+            assert sum(r["misread_as"].values()) == round(r["n"] * (1 - r["reconstructions"]))
+            assert r["ci95"][0] <= r["reconstructions"] <= r["ci95"][1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -177,7 +178,8 @@ def vae_report(vae, cfg: ToyModelConfig, n: int = 500, split: str = "train", per
     masks = [s.pattern_mask for s in scenes]
     truth = [s.pattern for s in scenes]
     hit_o = [p == t for p, t in zip(det.predict_batch(list(orig), masks), truth)]
-    hit_r = [p == t for p, t in zip(det.predict_batch(list(rec), masks), truth)]
+    read_r = det.predict_batch(list(rec), masks)
+    hit_r = [p == t for p, t in zip(read_r, truth)]
     out = {"psnr_db": round(psnr(orig, rec), 2), "n": n, "split": split,
            "detector_acc_originals": round(float(np.mean(hit_o)), 4),
            "detector_acc_reconstructions": round(float(np.mean(hit_r)), 4)}
@@ -187,7 +189,9 @@ def vae_report(vae, cfg: ToyModelConfig, n: int = 500, split: str = "train", per
             idx = [i for i, t in enumerate(truth) if t == pat]
             k_o, k_r = sum(hit_o[i] for i in idx), sum(hit_r[i] for i in idx)
             lo, hi = wilson_interval(k_r, len(idx))
+            wrong = Counter(read_r[i] for i in idx if not hit_r[i])
             rows[pat] = {"n": len(idx), "originals": round(k_o / len(idx), 4),
-                         "reconstructions": round(k_r / len(idx), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+                         "reconstructions": round(k_r / len(idx), 4), "ci95": [round(lo, 4), round(hi, 4)],
+                         "misread_as": dict(wrong.most_common())}
         out["per_pattern"] = rows
     return out
