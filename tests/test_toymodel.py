@@ -130,6 +130,14 @@ def test_train_toy_model_tiny(tmp_path):
     b2 = load_backbone(str(tmp_path / "run2" / "pipeline"), device="cpu")
     for (name, w), w2 in zip(b.vae.state_dict().items(), b2.vae.state_dict().values()):
         assert torch.equal(w, w2), name
+    # a run continued elsewhere from the committed pipeline: its steps counted on, its weights the starting point
+    cfg3 = dataclasses.replace(cfg, init_vae=str(vae_file), init_diffusion=str(pipe), unet_steps=2)
+    report3 = train_toy_model(tmp_path / "run3", cfg3)
+    assert report3["unet_steps"] == 2                     # the pipeline's 2 steps; none more asked for
+    b3 = load_backbone(str(tmp_path / "run3" / "pipeline"), device="cpu")
+    for mod, mod3 in ((b.unet, b3.unet), (b.text_encoder, b3.text_encoder)):
+        for (name, w), w3 in zip(mod.state_dict().items(), mod3.state_dict().values()):
+            assert torch.equal(w, w3), name
     # the VAE's report per pattern, on both splits: every scene counted once, every miss named
     from clic_lab.toyworld.train import evaluate_vae
 

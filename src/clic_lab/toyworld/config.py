@@ -45,6 +45,10 @@ class ToyModelConfig:
     text_layers: int = _opt(3, "CLIPTextModel layers")
     text_heads: int = _opt(4, "CLIPTextModel attention heads")
     # UNet
+    init_diffusion: str = _opt("", "start the UNet and text encoder (weights and EMA) from a pipeline folder this "
+                                   "trainer wrote (e.g. the shipped toy model) and count steps from its "
+                                   "training.json: a run continues on another machine from committed weights (a "
+                                   "fresh optimiser, warmed up again); ignored when OUT/work has a checkpoint")
     unet_channels: Tuple[int, ...] = _opt((32, 64, 128, 192), "UNet block_out_channels (32, 16, 8, 4 latent px)")
     unet_cross_levels: int = _opt(2, "UNet levels with cross-attention, counted from the lowest resolution (2: the "
                                      "8x8 and 4x4 levels and the mid-block; the 16x16 level's self-attention would "

@@ -23,7 +23,7 @@ from .data import autocast, device_of, read_threads_file, to_uint8
 log = logging.getLogger("clic_lab.toyworld.train")
 
 __all__ = ["SCHEDULER_CONFIG", "GRID_PROMPTS", "build_text_encoder", "build_unet", "n_params", "EMA", "ema_copy",
-           "save_checkpoint", "train_diffusion", "save_pipeline", "generate", "sample_grid"]
+           "save_checkpoint", "train_diffusion", "load_diffusion_weights", "save_pipeline", "generate", "sample_grid"]
 
 
 SCHEDULER_CONFIG = dict(
@@ -135,6 +135,12 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
         step = state["step"]
         history[:] = state["history"]
         log.info("resumed diffusion training at step %d", step)
+    elif cfg.init_diffusion:
+        step = load_diffusion_weights(unet, text_encoder, cfg.init_diffusion)
+        for s, p in zip(ema.shadow, ema.params):
+            s.copy_(p.detach())
+        log.info("diffusion weights from %s (step %d); fresh optimiser", cfg.init_diffusion, step)
+    warm_from = 0 if ckpt.is_file() or not cfg.init_diffusion else step
     unet.train()
     text_encoder.train()
     n = len(latents)
@@ -142,7 +148,7 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
     start, start_step = time.time(), step
     while step < cfg.unet_steps and time.time() < deadline:
         for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.unet_lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen).to(dev)
         x0 = latents[idx]
         ids = input_ids[idx].clone()
@@ -186,6 +192,28 @@ def train_diffusion(unet, text_encoder, latents: torch.Tensor, input_ids: torch.
     unet.eval()
     text_encoder.eval()
     return ema, step
+
+
+def load_diffusion_weights(unet, text_encoder, folder) -> int:
+    """Load the UNet and text encoder of a pipeline folder written by :func:`save_pipeline` (any dtype on disk) into
+    ``unet`` / ``text_encoder`` (same architecture); returns the UNet steps its ``training.json`` records (0 when
+    it has none). Only safetensors are read."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for module, sub in ((unet, "unet"), (text_encoder, "text_encoder")):
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{folder / sub}: expected one .safetensors file, found {len(files)}")
+        state = load_file(str(files[0]))
+        own = module.state_dict()
+        missing = sorted(set(own) - set(state))
+        shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if missing or shapes:
+            raise ValueError(f"{files[0]}: not this architecture (missing {missing[:3]}, other shapes {shapes[:3]})")
+        module.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=False)
+    meta = folder / "training.json"
+    return int(json.loads(meta.read_text()).get("unet_steps", 0)) if meta.is_file() else 0
 
 
 # ------------------------------------------------------------------------------------------------ saving
