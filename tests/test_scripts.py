@@ -36,3 +36,28 @@ def test_sdxl_gpu_bench_runs_dry_on_the_cpu(tmp_path):
     assert result["sampling"]["steps"] == 4 and result["sampling"]["transfer_guided_s"] > 0
     report = (tmp_path / "bench.md").read_text()
     assert "Measured: 3 learning steps in one run" in report and "transfer (guided)" in report
+
+
+def test_toymodel_cpu_install_swaps_only_a_measured_run(tmp_path):
+    """``toymodel_cpu.sh --install RUN`` refuses a run without its measurement and leaves the bundled model as it
+    was; a measured run replaces it whole (pipeline, evaluation, grids)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "toymodel_cpu.sh"
+    bundled = tmp_path / "toymodel"
+    bundled.mkdir()
+    (bundled / "model_index.json").write_text("old")
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "pipeline" / "model_index.json").write_text("new")
+    env = {**os.environ, "TOY_BUNDLED": str(bundled)}
+    done = subprocess.run(["bash", str(script), "--install", str(run)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "no measured pipeline" in done.stderr
+    assert (bundled / "model_index.json").read_text() == "old"
+    (run / "eval").mkdir()
+    for name in ("eval.json", "samples.png", "loss.png", "eval/eval_sheet.png"):
+        (run / name).write_text(name)
+    done = subprocess.run(["bash", str(script), "--install", str(run)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (bundled / "model_index.json").read_text() == "new"
+    assert sorted(p.name for p in bundled.iterdir()) == ["eval.json", "eval_sheet.png", "loss.png", "model_index.json",
+                                                        "samples.png"]
+    assert not any(p.name.startswith("toymodel.") for p in tmp_path.iterdir())      # no staging left behind

@@ -33,6 +33,7 @@ from clic.models import bundled_model, load_backbone
 from clic.transfer import transfer
 
 from .toyworld.detector import PatternDetector
+from .toyworld.evaluate import foreground_mask, part_priors, part_region
 from .toyworld.examples import DEMO_PART, DEMO_SOURCE
 
 EXAMPLE = {"source": "toy_source.png", "source_mask": "toy_source_mask.png",
@@ -118,8 +119,6 @@ def run_demo(out_dir, model: str | None = None, steps: int | None = None, sample
 def _detect(moved, target_mask, gen) -> dict:
     """What the toy world's pattern detector sees in the edited region and on the back of each generated chair
     (the back's expected region within the object's foreground, from the world's part priors)."""
-    from .toyworld.evaluate import foreground_mask, part_priors, part_region
-
     det = PatternDetector.load()
     image = np.asarray(to_pil(moved.images[0]))
     label, _ = det.predict(image, target_mask[0].cpu().numpy() > 0.5)

@@ -168,17 +168,23 @@ def score_images(images: Sequence[np.ndarray], items: Sequence[dict], det, prior
 def _summarise(rows: List[dict], items: List[dict]) -> dict:
     pat = [r["pattern_ok"] for r, it in zip(rows, items) if it["pattern"]]
     plain = [r["plain_ok"] for r, it in zip(rows, items) if not it["pattern"]]
-    per_pattern = {}
+    from ..stats import wilson_interval
+
+    per_pattern, per_pattern_ci = {}, {}
     for p in TRAIN_PATTERNS:
         v = [r["pattern_ok"] for r, it in zip(rows, items) if it["pattern"] == p]
         if v:
             per_pattern[p] = round(float(np.mean(v)), 3)
+            per_pattern_ci[p] = [round(x, 3) for x in wilson_interval(int(sum(v)), len(v))]
+    colour = [r["colour_ok"] for r in rows]
     fg = np.array([r["fg_frac"] for r in rows])
     return {
         "pattern_accuracy": round(float(np.mean(pat)), 4) if pat else None, "n_patterned": len(pat),
+        "pattern_accuracy_ci95": [round(x, 4) for x in wilson_interval(int(sum(pat)), len(pat))] if pat else None,
         "plain_accuracy": round(float(np.mean(plain)), 4) if plain else None, "n_plain": len(plain),
-        "colour_accuracy": round(float(np.mean([r["colour_ok"] for r in rows])), 4),
-        "per_pattern": per_pattern,
+        "colour_accuracy": round(float(np.mean(colour)), 4),
+        "colour_accuracy_ci95": [round(x, 4) for x in wilson_interval(int(sum(colour)), len(colour))],
+        "per_pattern": per_pattern, "per_pattern_ci95": per_pattern_ci,
         "foreground_fraction": {"mean": round(float(fg.mean()), 3), "min": round(float(fg.min()), 3),
                                 "max": round(float(fg.max()), 3)},
     }

@@ -247,8 +247,11 @@ def train_toy_model(out_dir, cfg: Optional[ToyModelConfig] = None, resume: bool 
         "samples": str(grid),
         "loss_curve": str(curve),
     }
-    if resume and (out / "training.json").is_file():  # keep what the earlier run(s) of this folder did
-        prev = json.loads((out / "training.json").read_text())
+    earlier = out / "training.json"
+    if not (resume and earlier.is_file()) and cfg.init_diffusion:       # the sittings of the model it continues
+        earlier = Path(cfg.init_diffusion) / "training.json"
+    if (resume or cfg.init_diffusion) and earlier.is_file():  # keep what the earlier run(s) did
+        prev = json.loads(earlier.read_text())
         report["previous_runs"] = prev.pop("previous_runs", []) + [
             {k: prev.get(k) for k in ("command", "wall_time_min", "timings_s", "vae_steps", "unet_steps")}]
     (out / "training.json").write_text(json.dumps(report, indent=1))
