@@ -8,7 +8,8 @@
 #   2. `clic make-model sd14-random` into a local folder, bf16 (untimed; the fresh processes load from it);
 #   3. for each --cuda-graphs value of BENCH_FRESH (default: capture off auto), one fresh process of
 #      scripts/fresh_process.py: import, model load (split), time to the first step, capture, 500 steps to the saved
-#      concept, the steady step, peak memory, and (capture only) two guided transfers (50 DDIM steps, 30 guided).
+#      concept, the steady step, peak memory, and (capture only) two guided transfers (50 DDIM steps, 30 guided)
+#      through the captured loop, then one through the plain loop (its time; the largest latent difference).
 #      $OUT/fresh-<value>.json each; the same seed gives each the same draws, so their loss_first / loss_last
 #      compare the paths (capture vs off: the eager fp32-master path);
 #   4. BENCH_ARGS, if given: `clic bench` with them ($OUT/bench.json, $OUT/bench.md), e.g.

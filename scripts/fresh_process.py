@@ -19,7 +19,10 @@ What it reports (seconds unless named otherwise):
   (the step time over the reads after the first replays), ``wall_s``: from the first step's start to the saved
   concept, every step, warm-up, capture or compile and the save included; ``save_s``; the first and last loss;
 - ``transfer``: the first guided transfer of the process (``--transfer-steps`` DDIM steps, the first
-  ``--guided`` guided) and a second one;
+  ``--guided`` guided) and a second one; under ``--cuda-graphs capture`` both run the captured denoising loop
+  (``clic.transfer.StaticTransferStep``: guided and unguided steps, each kind recorded as a CUDA graph after two eager
+  steps), with the host's recording time and the graphs' count of each, and then the plain loop once more on the
+  same draws: its time and the largest difference of its final latents from the captured ones;
 - the peak memory (GPU: ``max_memory_allocated``; CPU: the process's peak RSS).
 
 Every number comes from one run in this process: start a new process for each configuration.
@@ -32,6 +35,7 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -70,6 +74,7 @@ def main(argv=None) -> dict:
     import torch
     t1 = clock()
     import clic.learn
+    import clic.transfer
     from clic.capture import StepGraph
     from clic.concept import Concept
     from clic.config import TransferConfig, learn_config
@@ -154,16 +159,39 @@ def main(argv=None) -> dict:
     out["peak_memory_gib"] = {"learning": _peak_gib(torch, device)}
 
     if args.transfer:
-        tcfg = TransferConfig(steps=args.transfer_steps, t_start=0, guidance_range=(0, args.guided), eta=1.0)
-        times = []
-        for _ in range(2):
+        # the capture process's transfers run the captured loop (its graphs counted and timed as learning's are)
+        graphs_of = "capture" if args.cuda_graphs == "capture" else "off"
+        tcfg = TransferConfig(steps=args.transfer_steps, t_start=0, guidance_range=(0, args.guided), eta=1.0,
+                              cuda_graphs=graphs_of)
+        recorded: list = []
+
+        class RecordedTransfer(StepGraph):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                recorded.append(self)
+
+        clic.transfer.StepGraph = RecordedTransfer
+
+        def timed_transfer(cfg):
+            recorded.clear()
             sync()
             t = clock()
-            transfer(backbone, result.concept, image, mask, tcfg, progress=False)
+            res = transfer(backbone, result.concept, image, mask, cfg, progress=False)
             sync()
-            times.append(round(clock() - t, 3))
-        out["transfer"] = {"steps": args.transfer_steps, "guided": args.guided, "first_s": times[0],
-                           "second_s": times[1]}
+            return res, round(clock() - t, 3), {"capture_s": round(sum(g.capture_s for g in recorded), 3),
+                                               "captures": sum(g.captures for g in recorded)}
+
+        first, first_s, first_graphs = timed_transfer(tcfg)
+        _, second_s, second_graphs = timed_transfer(tcfg)
+        out["transfer"] = {"steps": args.transfer_steps, "guided": args.guided, "cuda_graphs": graphs_of,
+                           "first_s": first_s, "second_s": second_s}
+        if graphs_of == "capture":
+            plain, plain_s, _ = timed_transfer(dataclasses.replace(tcfg, cuda_graphs="off"))
+            out["transfer"].update({
+                "first_capture_s": first_graphs["capture_s"], "first_captures": first_graphs["captures"],
+                "second_capture_s": second_graphs["capture_s"], "plain_s": plain_s,
+                "latents_max_abs_diff_vs_plain": float((first.latents - plain.latents).abs().max()),
+                "latents_max_abs": float(plain.latents.abs().max())})
         out["peak_memory_gib"]["with_transfer"] = _peak_gib(torch, device)
 
     from safetensors.torch import load_file

@@ -176,6 +176,18 @@ class FiniteWatch:
             self.first = torch.zeros((), dtype=torch.long, device=x.device)
         self.first = torch.where((self.first == 0) & bad, step + 1, self.first)
 
+    def on(self, device) -> "FiniteWatch":
+        """The flag allocated on ``device`` now: before a step that updates it is recorded as a CUDA graph (a flag
+        made inside the recording would be reset by every replay)."""
+        if self.first is None:
+            self.first = torch.zeros((), dtype=torch.long, device=device)
+        return self
+
+    def see_recorded(self, x: torch.Tensor, step: torch.Tensor) -> None:
+        """:meth:`see` inside a step recorded as a CUDA graph (after :meth:`on`): ``step`` is a 0-d device tensor
+        that holds the step number at each replay, and the flag is updated in place."""
+        self.first.copy_(torch.where((self.first == 0) & _any_bad(x), step + 1, self.first))
+
     def check(self) -> None:
         first = int(self.first.cpu()) if self.first is not None else 0     # the one read
         if first:

@@ -25,7 +25,7 @@ from .checks import check_options
 from .errors import InputError
 from .fileio import read_document
 from .models import DEFAULT_INPAINT_MODEL, DEFAULT_MODEL, SCHEDULERS
-from .speed import COMPILE_MODES, CUDA_GRAPHS, GPU_SYNC_EVERY, compiles, sets_graph_options
+from .speed import COMPILE_MODES, CUDA_GRAPHS, GPU_SYNC_EVERY, SAMPLING_GRAPHS, compiles, sets_graph_options
 
 SPEED = "speed"                 # metadata group of the speed options
 
@@ -328,6 +328,27 @@ class SamplingConfig:
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def check_capture(self) -> None:
+        """``--cuda-graphs capture`` (a field of the configs whose loops record their step): DDIM only, no
+        compiling."""
+        if self.cuda_graphs != "capture":
+            return
+        if self.compile_unet:
+            raise InputError("--cuda-graphs capture records the whole step itself: it does not go with --compile-unet")
+        if self.scheduler != "ddim":
+            raise InputError(f"--cuda-graphs capture runs DDIM's update on the device: it needs --scheduler ddim, not "
+                             f"{self.scheduler}")
+
+
+def sampling_graphs_option(what: str, kinds: str):
+    """The ``--cuda-graphs`` field of a sampling job whose loop can record its step (``what`` it computes; the
+    ``kinds`` of step, each its own graph)."""
+    return option("off", f"capture: the denoising step ({what}) over fixed tensors, recorded as a CUDA graph after "
+                         f"two eager steps and replayed, one graph per kind of step ({kinds}); no tracing, DDIM only, "
+                         "each batch of seeds records its own. The host then launches one graph a step instead of "
+                         "each kernel. off: the plain loop. Same images up to float rounding",
+                  choices=SAMPLING_GRAPHS, group=SPEED)
+
 
 START_OPTIONS = ("t_start", "replace_steps", "strength")
 #: --feather, in model pixels (the default is 8 at 512 px); a photo's own size scales it, up to ~14x
@@ -390,6 +411,8 @@ class TransferConfig(SamplingConfig):
     feather: int | None = option(None, "width in pixels of the composite's soft edge outside M_tg (default: "
                                        "resolution / 64, i.e. 8 px at 512 px; 0: hard edge)")
     mask_threshold: float = option(0.5, "a non-binary target mask is thresholded at this value")
+    cuda_graphs: str = sampling_graphs_option("blend, guidance, CFG pass, DDIM update", "guided or not, blended or "
+                                                                                            "not")
     recipe: str = option("paper", "the recipe the other values were preset from (see clic.config.RECIPES)",
                          choices=LEARN_RECIPES)
 
@@ -441,6 +464,7 @@ class TransferConfig(SamplingConfig):
         unknown = set(self.attn_blocks) - set(BLOCKS)
         if unknown or not self.attn_blocks:
             raise InputError(f"--attn-blocks takes some of {', '.join(BLOCKS)}, got {self.attn_blocks}")
+        self.check_capture()
         self.start_step()
 
 
@@ -477,6 +501,7 @@ class GenerateConfig(SamplingConfig):
                                           "plain generation with the concept (default: the paper's 5 of 50, scaled "
                                           "with --steps)")
     batch_size: int = option(4, "images per UNet batch (results do not depend on it beyond float rounding)")
+    cuda_graphs: str = sampling_graphs_option("CFG pass, DDIM update", "the base stage and the concept stage")
 
     @property
     def t_s(self) -> int:
@@ -484,6 +509,7 @@ class GenerateConfig(SamplingConfig):
 
     def check(self) -> None:
         self.check_sampling()
+        self.check_capture()
         if not 0 <= self.t_s <= self.steps:
             raise InputError(f"--base-steps {self.t_s} is outside the {self.steps}-step schedule (0..{self.steps})")
 

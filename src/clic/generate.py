@@ -20,7 +20,8 @@ from .attention import swapped_processors
 from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import GenerateConfig
-from .sampling import check_prompt, decode_batches, denoise, encode_prompt, sampling_speedups, seed_batches
+from .sampling import (DeviceDDIM, check_prompt, decode_batches, denoise, denoise_captured, encode_prompt,
+                       sampling_speedups, seed_batches)
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,22 @@ def generate(backbone, concept, cfg: GenerateConfig | None = None, progress: boo
             # 4. Denoising loop: the base stage with the concept's processors swapped out, then the concept stage
             x, batch = b.latents, len(b.seeds)
             watch = FiniteWatch("the generated latents", GUIDANCE_HINT)
+            ddim = DeviceDDIM(b.scheduler, cfg.ddim_eta, backbone.device) if cfg.cuda_graphs == "capture" else None
+
+            def stage(x, steps, text, info):
+                """A stage's steps: the plain loop, or (--cuda-graphs capture) the step recorded as a CUDA graph."""
+                if ddim is not None:
+                    return denoise_captured(backbone, b.scheduler, ddim, x, steps, text, cfg, b.generators, b.bar,
+                                            callback, info, watch)
+                return denoise(backbone, b.scheduler, x, steps, text, cfg, b.extra, b.bar, callback, info,
+                               watch=watch)[0]
+
             if cfg.t_s:
                 with swapped_processors(backbone.unet, base_procs):
-                    x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s), base_text.repeat_interleave(batch),
-                                   cfg, b.extra, b.bar, callback, {"stage": "base", "seeds": b.seeds}, watch=watch)
-            x, _ = denoise(backbone, b.scheduler, x, range(cfg.t_s, cfg.steps), text.repeat_interleave(batch),
-                           cfg, b.extra, b.bar, callback, {"stage": "concept", "seeds": b.seeds}, watch=watch)
+                    x = stage(x, range(cfg.t_s), base_text.repeat_interleave(batch),
+                              {"stage": "base", "seeds": b.seeds})
+            x = stage(x, range(cfg.t_s, cfg.steps), text.repeat_interleave(batch),
+                      {"stage": "concept", "seeds": b.seeds})
             watch.check()
             latents.append(x)
         latents = torch.cat(latents)

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .attention import capture_token_maps, text_kv_cached
+from .capture import StepGraph
 from .checks import FiniteWatch, check_finite
 from .config import SamplingConfig
 from .errors import InputError
@@ -79,6 +80,77 @@ def initial_noise(backbone, generators: list[torch.Generator], batch: int | None
     shape = (n, backbone.latent_channels, backbone.latent_size, backbone.latent_size)
     return randn_tensor(shape, generator=generators if len(generators) > 1 else generators[0],
                         device=backbone.device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ DDIM on the device
+
+
+def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
+                alpha_prod_t_prev: torch.Tensor, eta: float = 0.0, prediction_type: str = "epsilon",
+                clip_range: float | None = None, variance_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x_{t-1} of DDIM (eq. 12 and 16 of the DDIM paper) from the model output at x_t = ``sample``: diffusers'
+    ``DDIMScheduler.step`` (``use_clipped_model_output`` off, no dynamic thresholding), operation for operation, with
+    the cumulative alphas of t and of the previous timestep given as tensors instead of looked up by a host number.
+    ``clip_range``: clip the predicted x_0 to [-r, r] (``clip_sample``); ``variance_noise``: the noise of eta > 0."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+    elif prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"unknown prediction type {prediction_type!r} (epsilon | sample | v_prediction)")
+    if clip_range is not None:
+        pred_original_sample = pred_original_sample.clamp(-clip_range, clip_range)
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** (0.5)
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
+    prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+    if eta > 0:
+        prev_sample = prev_sample + std_dev_t * variance_noise
+    return prev_sample
+
+
+class DeviceDDIM:
+    """DDIM's update for a step recorded as a CUDA graph (``--cuda-graphs capture``): the step is a device index
+    into the schedule, not a host number.
+
+    ``scheduler.step`` takes the timestep as a Python number and looks the alphas up with it on the host, which a
+    recorded graph would freeze at the recorded step. Here the cumulative alphas of every step's timestep and of its
+    previous timestep (as diffusers finds it: t - T / N, or ``final_alpha_cumprod`` below 0, which
+    ``set_alpha_to_one`` and ``steps_offset`` decide) are tables on the device, gathered by the step index inside
+    the step; :func:`ddim_update` is the rest of ``scheduler.step``, the same numbers to the bit."""
+
+    def __init__(self, scheduler, eta: float, device):
+        config = scheduler.config
+        if type(scheduler).__name__ != "DDIMScheduler":
+            raise InputError(f"--cuda-graphs capture runs DDIM's update (--scheduler ddim), not "
+                             f"{type(scheduler).__name__}")
+        if config.get("thresholding"):
+            raise InputError("--cuda-graphs capture does not run DDIM's dynamic thresholding, which the model's "
+                             "scheduler config sets: use --cuda-graphs off")
+        timesteps = host_timesteps(scheduler)
+        alphas = scheduler.alphas_cumprod.cpu()
+        prev = timesteps - config.num_train_timesteps // scheduler.num_inference_steps
+        alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], scheduler.final_alpha_cumprod.cpu())
+        self.alpha_t = to_device(alphas[timesteps], device)            # (N,): step i's cumulative alpha
+        self.alpha_prev = to_device(alpha_prev, device)                  # (N,): its previous timestep's
+        self.eta = eta
+        self.prediction_type = config.prediction_type
+        self.clip_range = config.clip_sample_range if config.clip_sample else None
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor, index: torch.Tensor,
+             variance_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_{t-1} at the schedule's step ``index`` (a ``(1,)`` long tensor on the device)."""
+        alpha_t = self.alpha_t.index_select(0, index).squeeze(0)
+        alpha_prev = self.alpha_prev.index_select(0, index).squeeze(0)
+        return ddim_update(model_output, sample, alpha_t, alpha_prev, self.eta, self.prediction_type,
+                           self.clip_range, variance_noise)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -170,6 +242,51 @@ def denoise(backbone, scheduler, x: torch.Tensor, steps: range, text: TextCondit
         if callback is not None:
             callback({**(info or {}), "step": i, "timestep": int(on_host[i]), "latents": x})
     return x, maps
+
+
+def denoise_captured(backbone, scheduler, ddim: DeviceDDIM, x: torch.Tensor, steps: range, text: TextConditioning,
+                     cfg: SamplingConfig, generators: list[torch.Generator], bar, callback=None,
+                     info: dict | None = None, watch: FiniteWatch | None = None) -> torch.Tensor:
+    """:func:`denoise` with its step recorded as one CUDA graph (``--cuda-graphs capture``, :mod:`clic.capture`):
+    the latent in a fixed tensor that the step reads and overwrites, the step index (and DDIM's noise for eta > 0,
+    drawn on the host from the seeds' generators as ``scheduler.step`` draws it) copied in with one copy a step, the
+    update by :class:`DeviceDDIM`. The first steps run eagerly, then the step is recorded and replayed; a stretch of
+    fewer steps runs eagerly throughout. Returns the latents (the same as :func:`denoise`'s to the bit on the CPU).
+
+    ``callback`` gets a copy of the latents (one device copy a step; the graph overwrites its own)."""
+    on_host = host_timesteps(scheduler)
+    device, shape = x.device, tuple(x.shape)
+    stochastic = ddim.eta > 0
+    latent = x.clone()                                              # the fixed latent
+    inputs = torch.zeros(1 + (latent.numel() if stochastic else 0), device=device)
+    if watch is not None:
+        watch.on(device)
+
+    def step() -> None:
+        index = inputs[:1].long()
+        t = scheduler.timesteps.index_select(0, index)
+        noise_pred, _ = predict_noise(backbone, scheduler, latent, t, text, cfg.guidance_scale)
+        x_next = ddim.step(noise_pred, latent, index, inputs[1:].view(shape) if stochastic else None)
+        if watch is not None:
+            watch.see_recorded(x_next, index[0])
+        latent.copy_(x_next)
+
+    graph = StepGraph(device)
+    generator = generators if len(generators) > 1 else generators[0]
+    try:
+        for i in steps:
+            parts = [torch.tensor([float(i)])]
+            if stochastic:       # the numbers DDIM's step draws from the generators (randn_tensor on the CPU)
+                parts.append(randn_tensor(shape, generator=generator, device=torch.device("cpu"),
+                                          dtype=torch.float32).flatten())
+            inputs.copy_(to_device(torch.cat(parts), device))
+            graph(step, lambda: None)
+            bar.update(1)
+            if callback is not None:
+                callback({**(info or {}), "step": i, "timestep": int(on_host[i]), "latents": latent.clone()})
+    finally:
+        graph.close()
+    return latent
 
 
 @contextlib.contextmanager

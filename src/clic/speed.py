@@ -36,6 +36,9 @@ GPU_SYNC_EVERY = 10
 #: ``--cuda-graphs`` values (``auto``: on for a CUDA device, see :func:`with_cuda_graphs`; ``capture``: the whole
 #: learning step, update included, recorded as one CUDA graph, see :mod:`clic.capture`)
 CUDA_GRAPHS = ("auto", "on", "off", "capture")
+#: ``--cuda-graphs`` values of transfer and generation (``capture``: each denoising step recorded as a CUDA graph,
+#: see :class:`clic.sampling.DeviceDDIM` and :mod:`clic.capture`)
+SAMPLING_GRAPHS = ("off", "capture")
 #: what ``--cuda-graphs on`` sets: the UNet and the text encoder's layers traced by torch's ``cudagraphs`` backend and
 #: replayed as CUDA graphs, the UNet channels-last (of the levers ready in seconds, the fastest measured: BENCHMARKS.md)
 GRAPH_OPTIONS = {"compile_unet": True, "compile_text": True, "compile_mode": "cudagraphs", "channels_last": True}

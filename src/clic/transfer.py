@@ -20,6 +20,10 @@ Every random number (the start noise, the blending noise, DDIM's noise, a poster
 of the seed's :class:`clic.draws.Draws` (default: seeded with the seed), which a caller can replace
 (``transfer(..., draws=...)``) to feed two transfers the same draws.
 
+With ``--cuda-graphs capture`` (DDIM) the same steps run over fixed tensors and each kind of step (guided or not,
+blended or not) is recorded once as a CUDA graph and replayed (:class:`StaticTransferStep`, :mod:`clic.capture`):
+the host launches one graph a step instead of the ~2,100 operators of a guided step (BENCHMARKS.md).
+
 The start of the edit can be given in the three ways in use (exactly one, or none for the default):
 
 - ``t_start`` (paper): the first t_start of the N steps are skipped ("we add T - t_start levels of noise to
@@ -34,6 +38,7 @@ The start of the edit can be given in the three ways in use (exactly one, or non
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import attention_outputs_detached, cross_attention_layers
+from .capture import StepGraph
 from .checks import FiniteWatch
 from .concept import applied_concept
 from .config import TransferConfig
@@ -51,11 +57,13 @@ from .draws import Draws, SeededDraws
 from .errors import InputError
 from .imaging import center_crop_box, check_mask, chessboard_distance, pil_resize, resize_mask
 from .models import TextConditioning
-from .sampling import (check_prompt, chunks, decode_batches, encode_prompt, host_timesteps, make_scheduler,
-                       predict_noise, progress_bar, sampling_speedups, step_kwargs, token_index)
+from .sampling import (DeviceDDIM, check_prompt, chunks, decode_batches, encode_prompt, host_timesteps,
+                       make_scheduler, predict_noise, progress_bar, sampling_speedups, step_kwargs, token_index)
 from .speed import mark_step, to_device
 
 log = logging.getLogger(__name__)
+
+GUIDANCE_HINT = "try a smaller --eta or --guidance-scale"
 
 
 # ---------------------------------------------------------------------------------------------- the equations
@@ -93,21 +101,55 @@ def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tenso
 
     Returns ``(x''_t, CA(v*, x'_t) (B, T, h, w), loss per image (B,))``.
     """
-    with torch.enable_grad(), attention_outputs_detached(backbone.unet, not attention_grad):
-        x = x.detach().float().requires_grad_(True)
-        _, ca = predict_noise(backbone, scheduler, x, t, text_cond, 1.0, layers, index)
-        loss = guidance_loss(ca, target_map, reduction)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
+    x, grad, ca, loss = guidance_gradient(backbone, scheduler, x, t, text_cond, index, layers, target_map, reduction,
+                                          attention_grad)
     if optimizer == "sgd":
-        guided = x.detach() - eta * grad
+        guided = x - eta * grad
     elif optimizer == "adam":
-        param = torch.nn.Parameter(x.detach().clone())
+        param = torch.nn.Parameter(x.clone())
         param.grad = grad
         torch.optim.Adam([param], lr=eta).step()
         guided = param.detach()
     else:
         raise ValueError(f"unknown guidance optimizer {optimizer!r} (sgd | adam)")
-    return guided, ca.detach(), loss.detach()
+    return guided, ca, loss
+
+
+def guidance_gradient(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: TextConditioning,
+                      index: torch.Tensor, layers: list[str], target_map: torch.Tensor, reduction: str = "sum",
+                      attention_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of eq. 7: ``(x'_t in fp32, grad_x ||CA(v*, x'_t) - M||^2, CA(v*, x'_t), loss per image)``, from
+    one UNet forward and backward on the conditional rows (see :func:`attention_guidance_step`)."""
+    with torch.enable_grad(), attention_outputs_detached(backbone.unet, not attention_grad):
+        x = x.detach().float().requires_grad_(True)
+        _, ca = predict_noise(backbone, scheduler, x, t, text_cond, 1.0, layers, index)
+        loss = guidance_loss(ca, target_map, reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return x.detach(), grad, ca.detach(), loss.detach()
+
+
+def fresh_adam_step(x: torch.Tensor, grad: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.Tensor:
+    """``x`` after the first step of a fresh ``torch.optim.Adam([x], lr)`` with gradient ``grad`` (the guidance's
+    Adam variant, eq. 7 in the official code), in closed form on the device: the moments start at zero and the step
+    count is 1, so nothing is read back or kept between steps (a recorded step cannot hold an optimiser whose step
+    count lives on the host). The operations of torch's single-tensor Adam, in its order: the same numbers."""
+    beta1, beta2 = betas
+    exp_avg = torch.zeros_like(grad).lerp_(grad, 1 - beta1)
+    exp_avg_sq = torch.zeros_like(grad).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1, bias_correction2 = 1 - beta1**1.0, 1 - beta2**1.0
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    return x.clone().addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def guided_latent(x: torch.Tensor, grad: torch.Tensor, eta: float, optimizer: str = "sgd") -> torch.Tensor:
+    """Eq. 7's update in closed form: ``x - eta * grad`` (sgd), or a fresh Adam's first step (:func:`fresh_adam_step`,
+    adam)."""
+    if optimizer == "sgd":
+        return x - eta * grad
+    if optimizer == "adam":
+        return fresh_adam_step(x, grad, eta)
+    raise ValueError(f"unknown guidance optimizer {optimizer!r} (sgd | adam)")
 
 
 def latent_mask(mask: torch.Tensor, hw: tuple[int, int], mode: str = "any") -> torch.Tensor:
@@ -230,7 +272,9 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
             :func:`clic.imaging.load_latent_mask`); default: from ``mask`` by ``cfg.blend_mask``.
         callback: called after every denoising step with a dict: ``step``, ``timestep``, ``seeds``, ``latents``
             (after the step), ``blended`` (x'_t, or None), ``target_noised`` (noised(x_tg, t), or None), ``guided``
-            (x''_t, or None), ``maps`` (CA(v*, x''_t), ``(B, T, h, w)``), ``guidance_loss``.
+            (x''_t, or None), ``maps`` (CA(v*, x''_t), ``(B, T, h, w)``), ``guidance_loss``. Under
+            ``--cuda-graphs capture`` the same tensors, copied out of the recorded step's buffers (a few device
+            copies a step; nothing is read back unless the callback reads it).
     """
     cfg = cfg or TransferConfig()
 
@@ -289,17 +333,23 @@ def transfer(backbone, concept, target: torch.Tensor, mask: torch.Tensor, cfg: T
     )
 
 
-def _normal(sources: list[Draws], name: str, backbone) -> torch.Tensor:
-    """``(B, C, h, w)``: one latent-shaped Gaussian draw ``name`` per seed, on the device (as diffusers' randn_tensor
+def _host_normal(sources: list[Draws], name: str, backbone) -> torch.Tensor:
+    """``(B, C, h, w)``: one latent-shaped Gaussian draw ``name`` per seed, on the host (as diffusers' randn_tensor
     draws a batch from per-image generators)."""
     shape = (1, backbone.latent_channels, backbone.latent_size, backbone.latent_size)
-    return to_device(torch.cat([d.normal(name, shape) for d in sources]), backbone.device)
+    return torch.cat([d.normal(name, shape) for d in sources])
+
+
+def _normal(sources: list[Draws], name: str, backbone) -> torch.Tensor:
+    """:func:`_host_normal` on the device."""
+    return to_device(_host_normal(sources, name, backbone), backbone.device)
 
 
 def _denoise(backbone, cfg: TransferConfig, seeds: list[int], sources: list[Draws], x_tg, m_blend: torch.Tensor,
              target_map: torch.Tensor, text: TextConditioning, index: torch.Tensor, layers: list[str], start: int,
              progress: bool, callback) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step. ``x_tg``: the target's latent
+    """The denoising loop for one batch of seeds: blend (eq. 6), guide (eq. 7), step (``--cuda-graphs capture``:
+    the same steps recorded as CUDA graphs, :func:`_denoise_captured`). ``x_tg``: the target's latent
     ``(1, C, h, w)``, or its posterior (mean, std) to draw one per seed. Returns final latents, the maps
     ``(S, B, T, h, w)`` and guidance losses ``(S, B)`` per step, and the timesteps that ran."""
     batch = len(seeds)
@@ -325,48 +375,177 @@ def _denoise(backbone, cfg: TransferConfig, seeds: list[int], sources: list[Draw
         x_tg = x_tg.expand(batch, -1, -1, -1)
     fresh = cfg.blend_noise == "fresh"
 
-    def blend_noise(i: int) -> torch.Tensor:
-        return _normal(sources, f"{i}/blend", backbone) if fresh else noise
+    def blend_draw(i: int) -> torch.Tensor | None:
+        """Step i's blending noise on the host (``blend_noise fresh``); None: ``noise``, the same at every step."""
+        return _host_normal(sources, f"{i}/blend", backbone) if fresh else None
 
+    def blend_noise(draw: torch.Tensor | None) -> torch.Tensor:
+        return noise if draw is None else to_device(draw, backbone.device)
+
+    # the official script overwrites the latent with the noised target at the steps before its start: the last of
+    # them is this one, with its own blending noise (also the start step's, if it is blended)
+    start_draw = blend_draw(start) if cfg.blended(start) or not cfg.starts_from_noise else None
+    step_noise = blend_noise(start_draw)
     if cfg.starts_from_noise:
         x = noise * scheduler.init_noise_sigma
-        step_noise = blend_noise(start) if cfg.blended(start) else None
     else:
-        # the official script overwrites the latent with the noised target at the steps before its start: the last
-        # of them is this one, with its own blending noise
-        step_noise = blend_noise(start)
         x = scheduler.add_noise(x_tg, step_noise, timesteps[start:start + 1].expand(batch))
 
     # 4b. Denoising loop
-    maps, losses = [], []
-    watch = FiniteWatch("the transfer's latents", "try a smaller --eta or --guidance-scale")
     bar = progress_bar(len(timesteps) - start, f"transfer (seed {seeds[0]}{'...' if batch > 1 else ''})", progress)
-    for i in range(start, len(timesteps)):
-        mark_step(cfg)
-        t = timesteps[i]
-        blended = target_noised = guided = loss = None
-        if cfg.blended(i):
-            eps = step_noise if i == start else blend_noise(i)
-            target_noised = scheduler.add_noise(x_tg, eps, t.expand(batch))
-            x = blended = blend(x, target_noised, m_blend)
-        if cfg.guided(i):
-            x, _, loss = attention_guidance_step(backbone, scheduler, x, t, text_cond, index, layers, target_map,
-                                                 cfg.eta, cfg.guidance_optimizer, cfg.guidance_reduction,
-                                                 cfg.guidance_attention_grad)
-            guided = x
-        noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
-        if variance:
-            extra["variance_noise"] = _normal(sources, f"{i}/variance", backbone)
-        x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
-        watch.see(x, i)
-        maps.append(ca)                      # kept on the device: no wait for it at every step
-        losses.append(loss if loss is not None else torch.full((batch,), float("nan"), device=x.device))
-        bar.update(1)
-        if callback is not None:
-            callback({"step": i, "timestep": int(on_host[i]), "seeds": seeds, "latents": x, "blended": blended,
-                      "target_noised": target_noised, "guided": guided, "maps": ca, "guidance_loss": loss})
+    if cfg.cuda_graphs == "capture":
+        static = StaticTransferStep(backbone, cfg, scheduler, x, x_tg, noise, m_blend, target_map, text, text_cond,
+                                    index, layers, start)
+        _denoise_captured(static, sources, start_draw, blend_draw, seeds, on_host, bar, callback)
+        x, maps, losses = static.x, static.maps, static.losses
+        watch = static.watch
+    else:
+        maps, losses = [], []
+        watch = FiniteWatch("the transfer's latents", GUIDANCE_HINT)
+        for i in range(start, len(timesteps)):
+            mark_step(cfg)
+            t = timesteps[i]
+            blended = target_noised = guided = loss = None
+            if cfg.blended(i):
+                eps = step_noise if i == start else blend_noise(blend_draw(i))
+                target_noised = scheduler.add_noise(x_tg, eps, t.expand(batch))
+                x = blended = blend(x, target_noised, m_blend)
+            if cfg.guided(i):
+                x, _, loss = attention_guidance_step(backbone, scheduler, x, t, text_cond, index, layers, target_map,
+                                                     cfg.eta, cfg.guidance_optimizer, cfg.guidance_reduction,
+                                                     cfg.guidance_attention_grad)
+                guided = x
+            noise_pred, ca = predict_noise(backbone, scheduler, x, t, text, cfg.guidance_scale, layers, index)
+            if variance:
+                extra["variance_noise"] = _normal(sources, f"{i}/variance", backbone)
+            x = scheduler.step(noise_pred, on_host[i], x, **extra).prev_sample.float()
+            watch.see(x, i)
+            maps.append(ca)                      # kept on the device: no wait for it at every step
+            losses.append(loss if loss is not None else torch.full((batch,), float("nan"), device=x.device))
+            bar.update(1)
+            if callback is not None:
+                callback({"step": i, "timestep": int(on_host[i]), "seeds": seeds, "latents": x, "blended": blended,
+                          "target_noised": target_noised, "guided": guided, "maps": ca, "guidance_loss": loss})
+        maps, losses = torch.stack(maps), torch.stack(losses)
     bar.close()
     watch.check()
     if cfg.blended(len(timesteps)):
         x = blend(x, x_tg, m_blend)                            # eq. 6 at t = 0: noised(x_tg, 0) = x_tg
-    return x, torch.stack(maps).cpu(), torch.stack(losses).cpu(), on_host[start:].tolist()
+    return x, maps.cpu(), losses.cpu(), on_host[start:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- the step as a graph
+
+
+class StaticTransferStep:
+    """One step of the transfer's denoising loop over fixed tensors (``--cuda-graphs capture``, :mod:`clic.capture`):
+    the plain loop's blend (eq. 6), guidance (eq. 7), classifier-free pass and DDIM update, written so that the step
+    can be recorded once as a CUDA graph and replayed at every later step of its kind.
+
+    - the latent lives in :attr:`x`, which the step reads and overwrites with the next latent;
+    - :meth:`load` copies the step's values into one fixed device tensor (one copy from the host): the step index
+      (the timestep and DDIM's alphas are gathered from device tables by it, :class:`clic.sampling.DeviceDDIM`), the
+      step's row in the outputs, the fresh blending noise and DDIM's noise (eta > 0), drawn on the host as the plain
+      loop draws them;
+    - the guidance's update is in closed form (:func:`guided_latent`: sgd, or a fresh Adam's first step);
+    - CA(v*) and the guidance loss go into the step's row of :attr:`maps` ``(S, B, T, h, w)`` and :attr:`losses`
+      ``(S, B)`` (nan where unguided), preallocated; the NaN watch keeps its flag on the device.
+
+    Nothing in :meth:`run` reads a device value or copies from the host."""
+
+    def __init__(self, backbone, cfg: TransferConfig, scheduler, x: torch.Tensor, x_tg: torch.Tensor,
+                 noise: torch.Tensor, m_blend: torch.Tensor, target_map: torch.Tensor, text: TextConditioning,
+                 text_cond: TextConditioning, index: torch.Tensor, layers: list[str], start: int):
+        self.backbone, self.cfg, self.scheduler, self.start = backbone, cfg, scheduler, start
+        self.x_tg, self.noise, self.m_blend, self.target_map = x_tg, noise, m_blend, target_map
+        self.text, self.text_cond, self.index, self.layers = text, text_cond, index, layers
+        device, batch = x.device, len(x)
+        self.ddim = DeviceDDIM(scheduler, cfg.ddim_eta, device)
+        self.x = x.clone()                                          # the fixed latent
+        self.fresh, self.stochastic = cfg.blend_noise == "fresh", cfg.ddim_eta > 0
+        sizes = {"step": 1, "row": 1, "blend": x.numel() if self.fresh else 0,
+                 "variance": x.numel() if self.stochastic else 0}
+        self.slices, at = {}, 0
+        for name, size in sizes.items():
+            self.slices[name] = slice(at, at + size)
+            at += size
+        self.inputs = torch.zeros(at, device=device)
+        rows = cfg.steps - start
+        self.maps = torch.zeros(rows, batch, index.shape[-1], *x.shape[-2:], device=device)
+        self.losses = torch.full((rows, batch), float("nan"), device=device)
+        self.watch = FiniteWatch("the transfer's latents", GUIDANCE_HINT).on(device)
+        self.outputs: dict[tuple[bool, bool], dict] = {}         # per kind of step: its x'_t, noised(x_tg, t), x''_t
+
+    def load(self, i: int, blend_noise: torch.Tensor | None, variance_noise: torch.Tensor | None) -> None:
+        """Step ``i``'s values (the noise tensors on the host, None where the step needs none) into the fixed input
+        tensor, in one copy (integers as fp32: exact below 2^24)."""
+        values = {"step": torch.tensor([float(i)]), "row": torch.tensor([float(i - self.start)]),
+                  "blend": blend_noise, "variance": variance_noise}
+        parts = [values[name].flatten() if values[name] is not None else torch.zeros(sl.stop - sl.start)
+                 for name, sl in self.slices.items()]
+        self.inputs.copy_(to_device(torch.cat(parts), self.inputs.device))
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.inputs[self.slices[name]]
+
+    def run(self, guided: bool, blended: bool) -> None:
+        """The loaded step (of the kind ``guided``, ``blended``): :attr:`x` becomes the next latent."""
+        cfg, backbone, scheduler = self.cfg, self.backbone, self.scheduler
+        step, row = self.view("step").long(), self.view("row").long()             # (1,) each
+        t = scheduler.timesteps.index_select(0, step)                               # (1,): t_i on the device
+        x, out = self.x, {}
+        if blended:
+            eps = self.view("blend").view_as(x) if self.fresh else self.noise
+            out["target_noised"] = scheduler.add_noise(self.x_tg, eps, t.expand(len(x)))
+            x = out["blended"] = blend(x, out["target_noised"], self.m_blend)
+        if guided:
+            x, grad, _, loss = guidance_gradient(backbone, scheduler, x, t, self.text_cond, self.index, self.layers,
+                                                 self.target_map, cfg.guidance_reduction, cfg.guidance_attention_grad)
+            x = out["guided"] = guided_latent(x, grad, cfg.eta, cfg.guidance_optimizer)
+            self.losses.index_copy_(0, row, loss[None])
+        noise_pred, ca = predict_noise(backbone, scheduler, x, t, self.text, cfg.guidance_scale, self.layers,
+                                       self.index)
+        x_next = self.ddim.step(noise_pred, x, step, self.view("variance").view_as(x) if self.stochastic else None)
+        self.watch.see_recorded(x_next, step[0])
+        self.maps.index_copy_(0, row, ca[None])
+        self.x.copy_(x_next)
+        self.outputs[(guided, blended)] = out
+
+    def info(self, i: int, kind: tuple[bool, bool], seeds: list[int], timestep: int) -> dict:
+        """The callback's dict of step ``i`` (as the plain loop's): copies of the step's tensors that the next
+        replay overwrites (a few device copies, no read), views of its rows of the outputs."""
+        out, row = self.outputs[kind], i - self.start
+        copied = {k: out[k].clone() if k in out else None for k in ("blended", "target_noised", "guided")}
+        return {"step": i, "timestep": timestep, "seeds": seeds, "latents": self.x.clone(), **copied,
+                "maps": self.maps[row], "guidance_loss": self.losses[row] if kind[0] else None}
+
+
+def _denoise_captured(static: StaticTransferStep, sources: list[Draws], start_draw: torch.Tensor | None,
+                      blend_draw: Callable[[int], torch.Tensor | None], seeds: list[int], on_host: torch.Tensor, bar,
+                      callback) -> None:
+    """The denoising loop with each kind of step (guided or not, blended or not) recorded as a CUDA graph after
+    :data:`clic.capture.WARMUP_STEPS` eager steps of its kind and replayed: the same draws in the same order as the
+    plain loop (the step's blending noise, then DDIM's), one copy to the device a step. The results are left in
+    ``static``."""
+    cfg, backbone = static.cfg, static.backbone
+    graphs: dict[tuple[bool, bool], StepGraph] = {}
+    try:
+        for i in range(static.start, cfg.steps):
+            kind = (cfg.guided(i), cfg.blended(i))
+            blend_noise = (start_draw if i == static.start else blend_draw(i)) if kind[1] else None
+            variance_noise = _host_normal(sources, f"{i}/variance", backbone) if static.stochastic else None
+            static.load(i, blend_noise, variance_noise)
+            if kind not in graphs:
+                graphs[kind] = StepGraph(static.x.device)
+            graphs[kind](functools.partial(static.run, *kind), _nothing)
+            bar.update(1)
+            if callback is not None:
+                callback(static.info(i, kind, seeds, int(on_host[i])))
+    finally:
+        for graph in graphs.values():
+            graph.close()
+
+
+def _nothing() -> None:
+    """What runs before a transfer step's recording and eager steps: nothing (no gradient accumulates in a
+    parameter: the guidance's gradient is returned by ``torch.autograd.grad``)."""
