@@ -9,6 +9,8 @@ no device value and no copy from the host (models on the meta device), one copy 
 transfer records.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import DeviceReads, on_meta, random_image, shared_backbone, square_mask
@@ -120,8 +122,6 @@ CASES = {
 def test_captured_transfer_is_the_plain_transfer(tiny_model_dir, concept, monkeypatch, name):
     """The captured loop gives the plain loop's images, latents, maps CA(v*) and guidance losses to the bit, and its
     callback the same tensors at every step; each kind of step warms up, is recorded once and replayed."""
-    from dataclasses import replace
-
     backbone, (cfg, kinds) = shared_backbone(tiny_model_dir), CASES[name]
     target, mask = random_image(seed=1), square_mask()
     runs, seen = {}, {"off": [], "capture": []}
@@ -154,8 +154,6 @@ def test_every_batch_of_seeds_records_its_own(backbone, concept, monkeypatch):
                          cuda_graphs="capture")
     together = transfer(backbone, concept, random_image(), square_mask(), cfg, progress=False)
     assert [g.captures for g in graphs] == [1, 1, 1, 1]
-    from dataclasses import replace
-
     alone = transfer(backbone, concept, random_image(), square_mask(), replace(cfg, seeds=(3,)), progress=False)
     torch.testing.assert_close(together.latents[2:], alone.latents, rtol=1e-5, atol=1e-6)
 

@@ -22,6 +22,11 @@ What a graph needs, and how the step provides it (:class:`clic.learn.StaticStep`
 A phase is a stretch of steps with the same trained set and learning rates: Break-A-Scene's token warm-up starts a
 second phase (:meth:`StepGraph.reset`), which warms up and records again.
 
+Transfer and generation record their denoising steps the same way (``clic transfer / generate --cuda-graphs
+capture``: :class:`clic.transfer.StaticTransferStep`, :func:`clic.sampling.denoise_captured`): one :class:`StepGraph`
+per kind of step (guided or not, blended or not; a generation stage), the step index and the step's noise copied in,
+DDIM's update gathered from device tables by the index (:class:`clic.sampling.DeviceDDIM`).
+
 Without a GPU the same control flow runs with :class:`EagerGraph`, an honest stand-in: "recording" keeps the step
 function and a replay calls it, so the CPU tests run every step of the static-buffer step, count the captures, and
 check (on the meta device) that the recorded step neither reads a device value nor copies from the host.
