@@ -37,7 +37,8 @@ def toy_inpaint_dir(tmp_path_factory):
     from clic.models import bundled_model
 
     out = tmp_path_factory.mktemp("toyinpaint")
-    report = train_inpainting(bundled_model(), out, minutes=5, max_steps=2, n_scenes=16, batch=4)
+    report = train_inpainting(bundled_model(), out, minutes=5, max_steps=2, n_scenes=16, batch=4, n_held=2,
+                              held_steps=4)
     assert report["steps"] == 2 and set(report["held_out_in_mask_psnr_db"]) == {"parent_blended", "inpainting"}
     return out / "pipeline"
 
