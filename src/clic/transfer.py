@@ -103,16 +103,7 @@ def attention_guidance_step(backbone, scheduler, x: torch.Tensor, t: torch.Tenso
     """
     x, grad, ca, loss = guidance_gradient(backbone, scheduler, x, t, text_cond, index, layers, target_map, reduction,
                                           attention_grad)
-    if optimizer == "sgd":
-        guided = x - eta * grad
-    elif optimizer == "adam":
-        param = torch.nn.Parameter(x.clone())
-        param.grad = grad
-        torch.optim.Adam([param], lr=eta).step()
-        guided = param.detach()
-    else:
-        raise ValueError(f"unknown guidance optimizer {optimizer!r} (sgd | adam)")
-    return guided, ca, loss
+    return guided_latent(x, grad, eta, optimizer), ca, loss
 
 
 def guidance_gradient(backbone, scheduler, x: torch.Tensor, t: torch.Tensor, text_cond: TextConditioning,
